@@ -1,0 +1,69 @@
+# bpsim: two commands for a newcomer.
+#   make lab    set up .venv (if needed) and open the course in JupyterLab
+#   make test   set up .venv (if needed) and run every test
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.bpsim-installed
+# CPU wheel of torch unless this machine has an NVIDIA driver (see README).
+TORCH_CPU ?= torch==2.13.0
+NBVAL_FLAGS := --nbval-lax --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg -p no:randomly
+
+.PHONY: setup lab test test-unit test-notebooks test-browser notebooks check bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+	  echo "nvidia-smi found: installing the default (CUDA) build of torch"; \
+	  $(BIN)/python -m pip install --quiet torch; \
+	else \
+	  echo "no nvidia-smi: installing the CPU build of torch"; \
+	  $(BIN)/python -m pip install --quiet "$(TORCH_CPU)" || \
+	  $(BIN)/python -m pip install --quiet torch --index-url https://download.pytorch.org/whl/cpu; \
+	fi
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m ipykernel install --sys-prefix --name bpsim --display-name "Python (bpsim)" >/dev/null
+	@touch $(STAMP)
+
+lab: $(STAMP)
+	@if [ -n "$$DISPLAY" ] || [ "$$(uname)" = Darwin ]; then open=""; else open="--no-browser"; fi; \
+	echo "Opening the course; if no browser opens, paste the http://127.0.0.1 URL printed below."; \
+	$(BIN)/jupyter lab $$open --ip=127.0.0.1 notebooks/00-start-here.ipynb
+
+test: $(STAMP)
+	@total=$$SECONDS; \
+	t=$$SECONDS; $(MAKE) --no-print-directory test-unit || exit 1; \
+	echo "== unit tests: $$((SECONDS - t)) s"; \
+	t=$$SECONDS; $(MAKE) --no-print-directory test-notebooks || exit 1; \
+	echo "== notebooks (nbval): $$((SECONDS - t)) s"; \
+	t=$$SECONDS; $(MAKE) --no-print-directory check || exit 1; \
+	echo "== course check: $$((SECONDS - t)) s"; \
+	echo "== make test total: $$((SECONDS - total)) s"
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest tests -q
+
+test-notebooks: $(STAMP)
+	BPSIM_FAST=1 $(BIN)/python -m pytest $(NBVAL_FLAGS) notebooks -q
+
+check: $(STAMP)
+	$(BIN)/bpsim course check
+
+test-browser: $(STAMP)
+	$(BIN)/python -m pip install --quiet playwright
+	@command -v chromium >/dev/null 2>&1 || (apt-get install -y chromium >/dev/null 2>&1 || (apt-get update >/dev/null && apt-get install -y chromium >/dev/null))
+	BPSIM_BROWSER=1 $(BIN)/python -m pytest tests/browser -q
+
+notebooks: $(STAMP)
+	BPSIM_FAST=1 $(BIN)/bpsim course build
+
+bench: $(STAMP)
+	@for s in benchmarks/*.py; do echo "== $$s"; $(BIN)/python $$s --quick || exit 1; done
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .hypothesis
+	find . -name __pycache__ -not -path './$(VENV)/*' -prune -exec rm -rf {} +

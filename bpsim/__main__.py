@@ -1,0 +1,5 @@
+"""``python -m bpsim`` runs the command line."""
+
+from bpsim.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,392 @@
+"""The Trainer protocol shared by every method, and the training History.
+
+A trainer owns a ``BlockNet`` and one SGD optimizer per block (plus one for
+a separate output layer), so the same per-block update can run in one
+process or on the rank that holds the block. Subclasses implement only
+``train_step(x, y, idx)``; ``fit`` supplies the rest:
+
+* repeatable runs: the order of examples in epoch ``e`` depends only on
+  ``(seed, e)``, so a run resumed from a checkpoint sees exactly the batches
+  an uninterrupted run would;
+* optimizer settings: SGD with momentum, weight decay, per-block learning
+  rates, a step schedule (``milestones``, ``gamma``);
+* a tqdm progress bar that switches itself off when stderr is not a terminal;
+* a checkpoint per epoch (written atomically, loaded with
+  ``weights_only=True``) and ``fit(..., resume=True)``;
+* divergence checks: a non-finite loss stops training with an error.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from bpsim.nets import BlockNet
+
+__all__ = ["Trainer", "History", "EpochRecord", "StepResult", "DivergenceError", "evaluate", "head_accuracies"]
+
+
+class DivergenceError(ValueError):
+    """Training produced NaN or inf; the message says where and what to try."""
+
+
+@dataclass
+class StepResult:
+    """What one training step reports: the global loss and per-block local losses."""
+
+    loss: float
+    local_losses: list[float] | None = None
+
+
+@dataclass
+class EpochRecord:
+    """One epoch of a ``History``."""
+
+    epoch: int
+    train_loss: float
+    test_accuracy: float | None
+    test_loss: float | None
+    local_losses: list[float] | None
+    wall_time: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class History:
+    """Per-epoch records of a run; the lists below are views over ``records``."""
+
+    records: list[EpochRecord] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def train_loss(self) -> list[float]:
+        return [r.train_loss for r in self.records]
+
+    @property
+    def test_accuracy(self) -> list[float | None]:
+        return [r.test_accuracy for r in self.records]
+
+    @property
+    def local_losses(self) -> list[list[float] | None]:
+        return [r.local_losses for r in self.records]
+
+    @property
+    def wall_time(self) -> list[float]:
+        return [r.wall_time for r in self.records]
+
+    @property
+    def final_accuracy(self) -> float | None:
+        return self.records[-1].test_accuracy if self.records else None
+
+    def to_dict(self) -> dict[str, list]:
+        """Column-wise dict (JSON-friendly, and safe for ``torch.load(weights_only=True)``)."""
+        cols: dict[str, list] = {k: [] for k in EpochRecord.__dataclass_fields__}
+        for r in self.records:
+            for k, v in asdict(r).items():
+                cols[k].append(v)
+        return cols
+
+    @classmethod
+    def from_dict(cls, cols: dict[str, list]) -> History:
+        n = len(cols.get("epoch", []))
+        return cls([EpochRecord(**{k: cols[k][i] for k in cols}) for i in range(n)])
+
+    def same_as(self, other: History) -> bool:
+        """Equal up to wall-clock time (what an exact resume guarantees)."""
+        a, b = self.to_dict(), other.to_dict()
+        a.pop("wall_time"), b.pop("wall_time")
+        return a == b
+
+
+def _finite(v: float) -> bool:
+    return not (math.isnan(v) or math.isinf(v))
+
+
+@torch.no_grad()
+def evaluate(model: Callable[[torch.Tensor], torch.Tensor], data: TensorDataset, task: str = "classification",
+             batch_size: int = 1000) -> tuple[float | None, float]:
+    """``(accuracy, mean loss)`` of ``model`` on ``data`` (accuracy is None for regression)."""
+    x_all, y_all = data.tensors[0], data.tensors[1]
+    correct, loss_sum = 0, 0.0
+    for i in range(0, len(x_all), batch_size):
+        x, y = x_all[i : i + batch_size], y_all[i : i + batch_size]
+        out = model(x)
+        if task == "classification":
+            loss_sum += nn.functional.cross_entropy(out, y, reduction="sum").item()
+            correct += (out.argmax(1) == y).sum().item()
+        else:
+            loss_sum += nn.functional.mse_loss(out, y, reduction="sum").item() / max(1, y[0].numel())
+    n = len(x_all)
+    return (correct / n if task == "classification" else None), loss_sum / n
+
+
+@torch.no_grad()
+def head_accuracies(net: BlockNet, data: TensorDataset, batch_size: int = 1000) -> list[float]:
+    """Test accuracy of every block's head (the last block's own output where it has none)."""
+    was = net.training
+    net.eval()
+    x_all, y_all = data.tensors[0], data.tensors[1]
+    correct = [0] * len(net)
+    for i in range(0, len(x_all), batch_size):
+        h, y = x_all[i : i + batch_size], y_all[i : i + batch_size]
+        for k, b in enumerate(net.blocks):
+            h = b(h)
+            head = net.heads[k] if net.heads is not None else nn.Identity()
+            out = head(h)
+            if k == len(net) - 1 and net.output is not None and net.heads is None:
+                out = net.output(h)
+            if out.dim() == 2:
+                correct[k] += (out.argmax(1) == y).sum().item()
+    net.train(was)
+    return [c / len(x_all) for c in correct]
+
+
+def _per_block(value: float | Sequence[float], k: int, what: str) -> list[float]:
+    vals = [float(value)] * k if isinstance(value, (int, float)) else [float(v) for v in value]
+    if len(vals) != k:
+        raise ValueError(f"{what} needs one value or {k} values (one per block), got {len(vals)}")
+    return vals
+
+
+class Trainer:
+    """Base of every training method (see the module docstring).
+
+    Parameters
+    ----------
+    net : the ``BlockNet`` to train (modified in place).
+    lr : SGD learning rate, or one per block (and one more for ``net.output``).
+    momentum, weight_decay : SGD settings.
+    batch_size : examples per mini-batch.
+    milestones, gamma : multiply every learning rate by ``gamma`` at these epochs.
+    seed : seeds the order of examples (and any randomness inside a step).
+    task : ``classification`` (cross-entropy) or ``regression`` (MSE).
+    checkpoint_dir : write ``last.pt`` there after every epoch.
+    progress : show a progress bar; ``None`` = only when stderr is a terminal.
+    """
+
+    name = "base"
+    #: how ``bpsim train`` builds a net for this method: default auxiliary head
+    #: kind (None: no heads) and whether the output layer is kept separate.
+    aux_default: str | None = None
+    output_layer: bool = False
+    #: learning rate ``bpsim train`` uses when ``--lr`` is not given.
+    default_lr: float = 0.05
+    #: method-specific constructor keywords the CLI may pass (argparse dests).
+    options: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        net: BlockNet,
+        *,
+        lr: float | Sequence[float] = 0.05,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        batch_size: int = 64,
+        milestones: Sequence[int] = (),
+        gamma: float = 0.1,
+        seed: int = 0,
+        task: str = "classification",
+        checkpoint_dir: str | os.PathLike | None = None,
+        progress: bool | None = None,
+    ) -> None:
+        n_opt = len(net) + (net.output is not None)
+        self.lrs = _per_block(lr, n_opt, "lr")
+        if any(v <= 0 or not _finite(v) for v in self.lrs):
+            raise ValueError(f"learning rates must be > 0, got {self.lrs}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if task not in ("classification", "regression"):
+            raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
+        self.net = net
+        self.momentum, self.weight_decay = momentum, weight_decay
+        self.batch_size, self.seed, self.task = batch_size, seed, task
+        self.milestones, self.gamma = list(milestones), gamma
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.progress = progress
+        self.optimizers = self.make_optimizers()
+        self.schedulers = [torch.optim.lr_scheduler.MultiStepLR(o, self.milestones, gamma) for o in self.optimizers]
+        self.epoch = 0
+        self.history = History()
+
+    # ------------------------------------------------------------ to override
+    def make_optimizers(self) -> list[torch.optim.Optimizer]:
+        """One SGD per block (block + head), then one for ``net.output`` if any."""
+        groups = [self.net.block_parameters(k) for k in range(len(self.net))]
+        if self.net.output is not None:
+            groups.append(list(self.net.output.parameters()))
+        return [
+            torch.optim.SGD(p, lr=lr, momentum=self.momentum, weight_decay=self.weight_decay)
+            for p, lr in zip(groups, self.lrs)
+        ]
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> StepResult:
+        """One update on a mini-batch; ``idx`` are the examples' dataset indices."""
+        raise NotImplementedError(f"{type(self).__name__} must implement train_step")
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Network output used for evaluation."""
+        return self.net(x)
+
+    def epoch_extra(self) -> dict[str, Any]:
+        """Method-specific numbers stored with each epoch (e.g. cache staleness)."""
+        return {}
+
+    def extra_state(self) -> dict[str, Any]:
+        """Method-specific state saved in checkpoints (tensors, numbers, lists)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what ``extra_state`` saved."""
+
+    # ---------------------------------------------------------------- helpers
+    def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The task loss: cross-entropy, or MSE for regression (batch means)."""
+        if self.task == "classification":
+            return nn.functional.cross_entropy(out, y)
+        return nn.functional.mse_loss(out, y)
+
+    def zero_grad(self) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=True)
+
+    def evaluate(self, data: TensorDataset) -> tuple[float | None, float]:
+        """``(accuracy, loss)`` on ``data`` in eval mode."""
+        was = self.net.training
+        self.net.eval()
+        try:
+            return evaluate(self.predict, data, self.task)
+        finally:
+            self.net.train(was)
+
+    def _batches(self, n: int, epoch: int) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        perm = torch.randperm(n, generator=g)
+        return [perm[i : i + self.batch_size] for i in range(0, n, self.batch_size)]
+
+    # -------------------------------------------------------------------- fit
+    def fit(
+        self,
+        train: TensorDataset,
+        epochs: int,
+        test: TensorDataset | None = None,
+        callbacks: Sequence[Callable[[Trainer, EpochRecord], None]] = (),
+        resume: bool = False,
+    ) -> History:
+        """Train until ``epochs`` epochs in total have run; return the History.
+
+        With ``resume=True`` and a checkpoint in ``checkpoint_dir`` the run
+        continues from it and ends exactly as an uninterrupted run would.
+        """
+        if not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+        if resume:
+            if self.checkpoint_dir is None:
+                raise ValueError("resume=True needs checkpoint_dir")
+            if (self.checkpoint_dir / "last.pt").exists():
+                self.load_checkpoint(self.checkpoint_dir / "last.pt")
+        from tqdm.auto import tqdm
+
+        x_all, y_all = train.tensors[0], train.tensors[1]
+        show = self.progress if self.progress is not None else sys.stderr.isatty()
+        for epoch in range(self.epoch, epochs):
+            batches = self._batches(len(x_all), epoch)
+            torch.manual_seed(self.seed * 1_000_003 + epoch + 7)  # randomness inside steps
+            self.net.train()
+            t0 = time.perf_counter()
+            loss_sum, local_sum, count = 0.0, None, 0
+            bar = tqdm(batches, desc=f"{self.name} epoch {epoch + 1}/{epochs}", disable=not show, leave=False)
+            for step, idx in enumerate(bar):
+                r = self.train_step(x_all[idx], y_all[idx], idx)
+                if not _finite(r.loss):
+                    raise DivergenceError(
+                        f"{self.name} diverged at epoch {epoch + 1}, step {step + 1}: the loss is {r.loss}; "
+                        f"lower the learning rate (lr={self.lrs})"
+                    )
+                n = len(idx)
+                loss_sum += r.loss * n
+                count += n
+                if r.local_losses is not None:
+                    local_sum = [0.0] * len(r.local_losses) if local_sum is None else local_sum
+                    local_sum = [a + b * n for a, b in zip(local_sum, r.local_losses)]
+            for s in self.schedulers:
+                s.step()
+            wall = time.perf_counter() - t0
+            acc, tloss = self.evaluate(test) if test is not None else (None, None)
+            rec = EpochRecord(
+                epoch=epoch + 1,
+                train_loss=loss_sum / count,
+                test_accuracy=acc,
+                test_loss=tloss,
+                local_losses=[v / count for v in local_sum] if local_sum is not None else None,
+                wall_time=wall,
+                extra=self.epoch_extra(),
+            )
+            self.history.records.append(rec)
+            self.epoch = epoch + 1
+            for cb in callbacks:
+                cb(self, rec)
+            if self.checkpoint_dir is not None:
+                self.save_checkpoint(self.checkpoint_dir / "last.pt")
+        return self.history
+
+    # ------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "algorithm": self.name,
+            "epoch": self.epoch,
+            "net": self.net.state_dict(),
+            "optimizers": [o.state_dict() for o in self.optimizers],
+            "schedulers": [s.state_dict() for s in self.schedulers],
+            "history": self.history.to_dict(),
+            "extra": self.extra_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("algorithm") != self.name:
+            raise ValueError(f"checkpoint is for {state.get('algorithm')!r}, not {self.name!r}")
+        self.net.load_state_dict(state["net"])
+        for o, s in zip(self.optimizers, state["optimizers"]):
+            o.load_state_dict(s)
+        for sch, s in zip(self.schedulers, state["schedulers"]):
+            sch.load_state_dict(s)
+        self.epoch = int(state["epoch"])
+        self.history = History.from_dict(state["history"])
+        self.load_extra_state(state["extra"])
+
+    def save_checkpoint(self, path: str | os.PathLike) -> None:
+        """Write a checkpoint atomically (temp file in the same folder, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save(self.state_dict(), tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Restore a checkpoint written by ``save_checkpoint`` (``weights_only=True``)."""
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a truncated or foreign file
+            raise ValueError(f"cannot read checkpoint {path}: {e}; delete it to start afresh") from None
+        self.load_state_dict(state)

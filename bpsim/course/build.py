@@ -1,0 +1,145 @@
+"""Build lessons into executed notebooks, check them, and write student versions.
+
+``lessons/NN-title.py`` (jupytext py:percent) is the single source of lesson
+NN; ``notebooks/NN-title.ipynb`` is generated from it by executing every cell
+top to bottom in a fresh kernel (nbdev / d2l style: one source, generated
+artifacts). ``check`` is the hygiene gate: a notebook whose cell sources
+differ from its lesson, or whose execution counts are not 1..n, was not
+rebuilt from the current source.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+
+__all__ = ["lessons", "build", "check", "student", "read_lesson"]
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+_LESSON = re.compile(r"^(\d\d)-[a-z0-9-]+\.py$")
+_SOLUTION = re.compile(r"^([ \t]*)# BEGIN SOLUTION\n.*?^[ \t]*# END SOLUTION[^\n]*\n?", re.S | re.M)
+
+
+def lessons(lessons_dir: Path | None = None, only: list[str] | None = None) -> list[Path]:
+    """Lesson sources in order; ``only`` keeps the ones whose number is listed."""
+    d = Path(lessons_dir or ROOT / "lessons")
+    found = sorted(p for p in d.glob("*.py") if _LESSON.match(p.name))
+    if only:
+        wanted = {o.zfill(2) for o in only}
+        found = [p for p in found if p.name[:2] in wanted]
+        missing = wanted - {p.name[:2] for p in found}
+        if missing:
+            raise ValueError(f"no lesson numbered {', '.join(sorted(missing))} in {d}")
+    return found
+
+
+def read_lesson(path: Path):
+    """The lesson as an (unexecuted) nbformat notebook."""
+    import jupytext
+
+    nb = jupytext.read(path)
+    nb.metadata.pop("jupytext", None)
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    return nb
+
+
+def _write_atomic(nb, path: Path) -> None:
+    import nbformat
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        nbformat.write(nb, f)
+    os.replace(tmp, path)
+
+
+def _strip_volatile(nb) -> None:
+    """Drop per-run metadata so rebuilding an unchanged lesson changes nothing but outputs."""
+    for cell in nb.cells:
+        cell.metadata.pop("execution", None)
+        cell.pop("id", None)
+    nb.metadata.pop("widgets", None)
+    nb.nbformat_minor = max(nb.nbformat_minor, 5)
+    import nbformat
+
+    # give cells stable ids (derived from their position) so diffs stay small
+    for i, cell in enumerate(nb.cells):
+        cell["id"] = f"cell-{i:03d}"
+    nbformat.validate(nb)
+
+
+def build(only: list[str] | None = None, lessons_dir: Path | None = None, out_dir: Path | None = None,
+          timeout: int = 900, log=print) -> dict[str, float]:
+    """Execute lessons into notebooks; return seconds per notebook."""
+    from nbclient import NotebookClient
+
+    out = Path(out_dir or ROOT / "notebooks")
+    times: dict[str, float] = {}
+    env_static = os.environ.setdefault("BPSIM_STATIC", "1")  # explorers render their static fallback
+    try:
+        for src in lessons(lessons_dir, only):
+            nb = read_lesson(src)
+            t0 = time.perf_counter()
+            client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                                    resources={"metadata": {"path": str(out)}})
+            client.execute()
+            _strip_volatile(nb)
+            dest = out / (src.stem + ".ipynb")
+            _write_atomic(nb, dest)
+            times[dest.name] = time.perf_counter() - t0
+            log(f"built {dest.relative_to(out.parent) if out.parent in dest.parents else dest} "
+                f"in {times[dest.name]:.1f} s")
+    finally:
+        if env_static == "1" and os.environ.get("BPSIM_STATIC") == "1":
+            os.environ.pop("BPSIM_STATIC", None)
+    return times
+
+
+def check(lessons_dir: Path | None = None, out_dir: Path | None = None) -> list[str]:
+    """Problems found (empty when every notebook matches its lesson and ran in order)."""
+    import nbformat
+
+    out = Path(out_dir or ROOT / "notebooks")
+    problems: list[str] = []
+    srcs = lessons(lessons_dir)
+    if not srcs:
+        problems.append("no lessons found in lessons/")
+    names = {s.stem for s in srcs}
+    for extra in sorted(p for p in out.glob("*.ipynb") if p.stem not in names):
+        problems.append(f"{extra.name} has no lesson source in lessons/")
+    for src in srcs:
+        path = out / (src.stem + ".ipynb")
+        if not path.exists():
+            problems.append(f"{path.name} is missing: run `bpsim course build {src.name[:2]}`")
+            continue
+        nb = nbformat.read(path, as_version=4)
+        want = [(c.cell_type, c.source) for c in read_lesson(src).cells]
+        got = [(c.cell_type, c.source) for c in nb.cells]
+        if want != got:
+            problems.append(f"{path.name} differs from {src.name}: rebuild it with `bpsim course build {src.name[:2]}`")
+            continue
+        counts = [c.get("execution_count") for c in nb.cells if c.cell_type == "code"]
+        if counts != list(range(1, len(counts) + 1)):
+            problems.append(f"{path.name}: execution counts {counts} are not 1..{len(counts)}; it was not run top to bottom")
+    return problems
+
+
+def student(out_dir: Path | None = None, lessons_dir: Path | None = None) -> list[Path]:
+    """Write student notebooks: code between ``# BEGIN SOLUTION`` and ``# END SOLUTION``
+    is replaced by ``raise NotImplementedError``, outputs are cleared."""
+    out = Path(out_dir or ROOT / "student")
+    written = []
+    for src in lessons(lessons_dir):
+        nb = read_lesson(src)
+        for cell in nb.cells:
+            if cell.cell_type == "code" and "# BEGIN SOLUTION" in cell.source:
+                cell.source = _SOLUTION.sub(
+                    lambda m: f"{m.group(1)}# YOUR CODE HERE\n{m.group(1)}raise NotImplementedError\n", cell.source)
+        _strip_volatile(nb)
+        dest = out / (src.stem + ".ipynb")
+        _write_atomic(nb, dest)
+        written.append(dest)
+    return written
