@@ -1,0 +1,345 @@
+"""Cost models: how long each op of each block takes in the simulator.
+
+Costs are per block and per minibatch (per micro-batch for ``gpipe``), in
+any time unit (seconds when calibrated from a measured run). A message
+between devices costs ``comm`` (latency) plus ``bytes / bandwidth``
+(transfer). Three ways to build them (issue 5, item 3):
+
+* uniform, from the CLI string ``"fwd=1,bwd=2,aux=0.2,update=0.1,comm=0.05"``
+  with per-block overrides ``"fwd@2=3"``: :meth:`Costs.parse`;
+* from a FLOP model: :meth:`Costs.from_flops` (plain lists of numbers, so the
+  simulator never imports torch; the caller counts a BlockNet's FLOPs);
+* from a measured trace: :meth:`Costs.from_trace` (median per op and block,
+  lognormal spread, latency and bandwidth fitted from send/recv pairs).
+
+Every cost is either fixed (``spread=0``) or drawn per op from a lognormal
+whose median is the cost and whose log-standard-deviation is ``spread``.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bpsim.trace import Trace
+
+__all__ = ["Costs", "COMPUTE_OPS", "CostTable"]
+
+COMPUTE_OPS = ("fwd", "bwd", "aux", "update", "hstep")
+_LINK_KEYS = ("comm", "bandwidth", "bytes")
+_KEYS = COMPUTE_OPS + _LINK_KEYS + ("spread",)
+_ALIASES = {"latency": "comm", "bw": "bandwidth", "activation_bytes": "bytes"}
+
+
+def _number(key: str, value: Any) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"cost {key!r} must be a number, got {value!r}") from None
+    if math.isnan(x) or x < 0:
+        raise ValueError(f"cost {key!r} must be >= 0, got {value!r}")
+    if key == "bandwidth" and x == 0:
+        raise ValueError("bandwidth must be > 0 (bytes per time unit); leave it out for "
+                         "an infinitely fast link")
+    if math.isinf(x) and key != "bandwidth":
+        raise ValueError(f"cost {key!r} must be finite, got {value!r}")
+    return x
+
+
+@dataclass
+class Costs:
+    """Per-block op costs and link parameters.
+
+    Parameters
+    ----------
+    fwd, bwd, aux, update : float
+        Default cost of a block's forward, backward, auxiliary head
+        (forward + backward) and parameter update.
+    hstep : float or None
+        One BlockProp h-step iteration on one block; ``None`` means
+        ``fwd + bwd`` (a gradient step on ``h_k`` runs block k forward and
+        backward, BlockProp Alg. 1 lines 7-16 and Appendix A).
+    comm : float
+        Latency of one message between two devices.
+    bandwidth : float
+        Bytes per time unit; ``inf`` makes transfers instantaneous.
+    bytes : float
+        Bytes of one activation (or gradient, or ``h*``) message.
+    spread : float
+        Log-standard-deviation of lognormal draws; 0 for fixed costs.
+    per_block : dict
+        ``{block: {key: value}}`` overrides, blocks 1-based.
+    """
+
+    fwd: float = 1.0
+    bwd: float = 2.0
+    aux: float = 0.0
+    update: float = 0.0
+    hstep: float | None = None
+    comm: float = 0.0
+    bandwidth: float = math.inf
+    bytes: float = 0.0
+    spread: float = 0.0
+    per_block: dict[int, dict[str, float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for k in _KEYS:
+            v = getattr(self, k)
+            if v is not None:
+                setattr(self, k, _number(k, v))
+        clean: dict[int, dict[str, float]] = {}
+        for b, over in dict(self.per_block).items():
+            if isinstance(b, bool) or int(b) != b or int(b) < 1:
+                raise ValueError(f"per-block cost override needs a block number >= 1, got {b!r}")
+            clean[int(b)] = {}
+            for k, v in over.items():
+                k = _ALIASES.get(k, k)
+                if k not in COMPUTE_OPS + ("bytes",):
+                    raise ValueError(f"per-block override of {k!r} is not supported; "
+                                     f"use one of {COMPUTE_OPS + ('bytes',)}")
+                clean[int(b)][k] = _number(k, v)
+        self.per_block = clean
+
+    # ------------------------------------------------------------- builders
+    @classmethod
+    def parse(cls, text: str, base: "Costs | None" = None) -> "Costs":
+        """Build costs from ``"fwd=1,bwd=2,aux=0.2,update=0.1,comm=0.05"``.
+
+        Keys: ``fwd bwd aux update hstep comm bandwidth bytes spread``
+        (``latency`` and ``bw`` are aliases); ``KEY@J=V`` overrides block J.
+        Keys not given keep the value of ``base`` (or the defaults).
+        """
+        out = base if base is not None else cls()
+        top: dict[str, float] = {}
+        per: dict[int, dict[str, float]] = {b: dict(v) for b, v in out.per_block.items()}
+        for part in [p.strip() for p in str(text).split(",") if p.strip()]:
+            if "=" not in part:
+                raise ValueError(f"cost item {part!r} has no '='; write e.g. "
+                                 "fwd=1,bwd=2,aux=0.2,update=0.1,comm=0.05")
+            key, value = (s.strip() for s in part.split("=", 1))
+            block = None
+            if "@" in key:
+                key, b = key.split("@", 1)
+                try:
+                    block = int(b)
+                except ValueError:
+                    raise ValueError(f"in {part!r}: block after '@' must be an integer, "
+                                     f"e.g. fwd@2=3") from None
+            key = _ALIASES.get(key, key)
+            if key not in _KEYS:
+                raise ValueError(f"unknown cost key {key!r} in {part!r}; use one of "
+                                 f"{', '.join(_KEYS)} (optionally KEY@BLOCK=VALUE)")
+            if block is not None:
+                per.setdefault(block, {})[key] = float(_number(key, value))
+            else:
+                top[key] = _number(key, value)
+        return replace(out, **top, per_block=per)
+
+    @classmethod
+    def coerce(cls, costs: "Costs | str | Mapping[str, Any] | None") -> "Costs":
+        """Accept a Costs, a CLI string, a dict of keyword arguments, or None."""
+        if costs is None:
+            return cls()
+        if isinstance(costs, Costs):
+            return costs
+        if isinstance(costs, str):
+            return cls.parse(costs)
+        if isinstance(costs, Mapping):
+            kw = {_ALIASES.get(k, k): v for k, v in costs.items()}
+            if "per_block" in kw:
+                kw["per_block"] = {int(b): v for b, v in kw["per_block"].items()}
+            return cls(**kw)
+        raise ValueError(f"costs must be a Costs, a string like 'fwd=1,bwd=2' or a dict, "
+                         f"got {type(costs).__name__}")
+
+    @classmethod
+    def from_flops(cls, block_flops: Sequence[float], aux_flops: Sequence[float] | float,
+                   flop_rate: float, *, bwd_ratio: float = 2.0,
+                   update_flops: Sequence[float] | None = None,
+                   activation_bytes: Sequence[float] | None = None,
+                   comm: float = 0.0, bandwidth: float = math.inf,
+                   spread: float = 0.0) -> "Costs":
+        """Costs from forward FLOPs per block and a measured FLOP rate.
+
+        Parameters
+        ----------
+        block_flops : list of float
+            Forward FLOPs of each block for one minibatch.
+        aux_flops : list of float or float
+            Forward FLOPs of each block's auxiliary head (one number for all).
+        flop_rate : float
+            Sustained FLOP/s of one device (measure it; peak is optimistic).
+        bwd_ratio : float
+            Backward FLOPs per forward FLOP. The usual estimate is 2 (one
+            product for the input gradient, one for the weight gradient),
+            the same count BlockProp Appendix A uses for its cost model.
+        update_flops : list of float, optional
+            FLOPs of each block's optimizer step (e.g. a few per parameter).
+        activation_bytes : list of float, optional
+            Bytes each block sends downstream per minibatch.
+        """
+        if flop_rate <= 0:
+            raise ValueError(f"flop_rate must be > 0 FLOP/s, got {flop_rate!r}")
+        k = len(block_flops)
+        if k < 1:
+            raise ValueError("block_flops needs one number per block, got an empty list")
+        aux = [float(aux_flops)] * k if isinstance(aux_flops, (int, float)) else list(aux_flops)
+        for name, seq in (("aux_flops", aux), ("update_flops", update_flops),
+                          ("activation_bytes", activation_bytes)):
+            if seq is not None and len(seq) != k:
+                raise ValueError(f"{name} has {len(seq)} entries, block_flops has {k}; "
+                                 "give one per block")
+        per: dict[int, dict[str, float]] = {}
+        for j in range(k):
+            f = block_flops[j] / flop_rate
+            d = {"fwd": f, "bwd": bwd_ratio * f, "aux": (1 + bwd_ratio) * aux[j] / flop_rate}
+            if update_flops is not None:
+                d["update"] = update_flops[j] / flop_rate
+            if activation_bytes is not None:
+                d["bytes"] = float(activation_bytes[j])
+            per[j + 1] = d
+        return cls(fwd=0.0, bwd=0.0, aux=0.0, update=0.0, comm=comm, bandwidth=bandwidth,
+                   spread=spread, per_block=per)
+
+    @classmethod
+    def from_trace(cls, trace: "Trace") -> "Costs":
+        """Calibrate costs on a measured trace.
+
+        Each compute op's cost per block is the median of its spans; the
+        spread is the pooled standard deviation of log durations around
+        those medians. For messages, the one-way time of a send/recv pair
+        is ``recv.t1 - send.t0``; with sizes in ``trace.meta["bytes"]`` (a
+        number, or ``{block: bytes}``) latency and bandwidth come from a
+        least-squares line through (bytes, time), else the median time is
+        taken as pure latency.
+        """
+        by: dict[tuple[str, int], list[float]] = defaultdict(list)
+        sends: dict[Any, tuple] = {}
+        recvs: dict[Any, tuple] = {}
+        for r in trace.rows:
+            op = r[2]
+            if r[1] == "compute" and op in COMPUTE_OPS:
+                by[(op, r[3])].append(r[7] - r[6])
+            elif op == "send" and r[8] is not None:
+                sends[r[8]] = r
+            elif op == "recv" and r[8] is not None:
+                recvs[r[8]] = r
+        if not by:
+            raise ValueError("the trace has no compute spans (fwd/bwd/aux/update/hstep) to "
+                             "calibrate on; record a run with `bpsim run ... --trace`")
+        per: dict[int, dict[str, float]] = defaultdict(dict)
+        logdev: list[float] = []
+        for (op, block), ds in sorted(by.items()):
+            med = statistics.median(ds)
+            per[block][op] = med
+            if med > 0:
+                logdev += [math.log(d / med) for d in ds if d > 0]
+        spread = statistics.pstdev(logdev) if len(logdev) > 1 else 0.0
+        meta_bytes = trace.meta.get("bytes")
+        pts: list[tuple[float | None, float]] = []
+        for msg, s in sends.items():
+            rv = recvs.get(msg)
+            if rv is None:
+                continue
+            b = None
+            if isinstance(meta_bytes, (int, float)):
+                b = float(meta_bytes)
+            elif isinstance(meta_bytes, Mapping):
+                v = meta_bytes.get(str(s[3]), meta_bytes.get(s[3]))
+                b = None if v is None else float(v)
+            pts.append((b, max(rv[7] - s[6], 0.0)))
+        comm, bandwidth = 0.0, math.inf
+        if pts:
+            sizes = [b for b, _ in pts]
+            times = [t for _, t in pts]
+            if all(b is not None for b in sizes) and len(set(sizes)) > 1:
+                mb, mt = statistics.fmean(sizes), statistics.fmean(times)
+                sxx = sum((b - mb) ** 2 for b in sizes)
+                slope = sum((b - mb) * (t - mt) for b, t in pts) / sxx
+                if slope > 0:
+                    bandwidth = 1.0 / slope
+                    comm = max(mt - slope * mb, 0.0)
+                else:
+                    comm = statistics.median(times)
+            else:
+                comm = statistics.median(times)
+        if isinstance(meta_bytes, Mapping):
+            for k, v in meta_bytes.items():
+                per[int(k)]["bytes"] = float(v)
+        # An op a block never ran (e.g. aux in bp) costs nothing: defaults are 0.
+        # Bandwidth stays infinite unless fitted, so latency then absorbs the
+        # transfer time of the (fixed-size) messages.
+        return cls(fwd=0.0, bwd=0.0, aux=0.0, update=0.0, comm=comm, bandwidth=bandwidth,
+                   bytes=float(meta_bytes) if isinstance(meta_bytes, (int, float)) else 0.0,
+                   spread=spread, per_block=dict(per))
+
+    # ---------------------------------------------------------------- query
+    def get(self, key: str, block: int) -> float:
+        """The (median) cost ``key`` of ``block`` (1-based), overrides applied."""
+        over = self.per_block.get(block)
+        if over is not None and key in over:
+            return over[key]
+        if key == "hstep":
+            if self.hstep is not None:
+                return self.hstep
+            return self.get("fwd", block) + self.get("bwd", block)
+        return getattr(self, key)
+
+    def transfer(self, block: int) -> float:
+        """Transfer time of one message sent by ``block`` (without latency)."""
+        b = self.get("bytes", block)
+        return 0.0 if b == 0 or math.isinf(self.bandwidth) else b / self.bandwidth
+
+    def table(self, blocks: int, slowdown: Mapping[int, float] | None = None) -> "CostTable":
+        """Resolve the costs of ``blocks`` blocks, block J's compute scaled by
+        ``slowdown[J]``."""
+        return CostTable(self, blocks, dict(slowdown or {}))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in _KEYS}
+        if math.isinf(d["bandwidth"]):
+            d["bandwidth"] = "inf"
+        d["per_block"] = {str(b): dict(v) for b, v in self.per_block.items()}
+        return d
+
+    def __str__(self) -> str:
+        parts = [f"{k}={getattr(self, k):g}" for k in _KEYS
+                 if getattr(self, k) is not None and not (k == "bandwidth"
+                                                          and math.isinf(self.bandwidth))]
+        for b, over in sorted(self.per_block.items()):
+            parts += [f"{k}@{b}={v:g}" for k, v in over.items()]
+        return ",".join(parts)
+
+
+class CostTable:
+    """Costs resolved for K blocks: ``table[op][j]`` for block j (1-based,
+    index 0 unused), plus per-block transfer times ``xfer[j]``."""
+
+    def __init__(self, costs: Costs, blocks: int, slowdown: dict[int, float]) -> None:
+        for j, s in slowdown.items():
+            if not 1 <= j <= blocks:
+                raise ValueError(f"slowdown names block {j}, but blocks are 1..{blocks}")
+            if not s > 0 or math.isinf(s):
+                raise ValueError(f"slowdown factor of block {j} must be > 0, got {s!r}")
+        for b in costs.per_block:
+            if b > blocks:
+                raise ValueError(f"cost override for block {b}, but there are only "
+                                 f"{blocks} blocks")
+        self.costs = costs
+        self.blocks = blocks
+        self.spread = costs.spread
+        self.latency = costs.comm
+        self.ops: dict[str, list[float]] = {}
+        for op in COMPUTE_OPS:
+            self.ops[op] = [0.0] + [costs.get(op, j) * slowdown.get(j, 1.0)
+                                    for j in range(1, blocks + 1)]
+        # BWBPF's global output layer is a head like the others: cost of aux.
+        self.ops["loss"] = list(self.ops["aux"])
+        self.xfer = [0.0] + [costs.transfer(j) for j in range(1, blocks + 1)]
+
+    def __getitem__(self, op: str) -> list[float]:
+        return self.ops[op]

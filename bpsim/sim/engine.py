@@ -1,0 +1,338 @@
+"""The discrete-event engine: devices, lanes, links and :func:`simulate`.
+
+A *device* (a rank) has a ``compute`` lane and a ``comm`` lane. A placement
+maps blocks 1..K to devices; blocks placed on one device share its compute
+lane through a SimPy resource (K ranks on fewer cores or GPUs), blocks on
+their own device skip that resource, which keeps the common case fast.
+
+A message from block ``i`` to block ``j`` on another device occupies the
+sender's comm lane for its transfer time ``o = bytes / bandwidth`` (a
+``send`` span), travels for the latency ``c``, and occupies the receiver's
+comm lane for ``o`` (a ``recv`` span ending when the data has arrived).
+Lanes are reserved first-come-first-served, so comm spans never overlap.
+Blocks on one device exchange data in memory: no comm spans, no delay.
+
+Determinism: SimPy orders simultaneous events by scheduling order, the
+schedules create processes in block order, and every random draw comes
+from one ``random.Random(seed)`` in event order -- so equal seeds give
+identical traces.
+
+Spans are recorded as plain tuples (see :mod:`bpsim.trace`) and
+consecutive ops with no dependency between them share one SimPy timeout;
+both keep the per-span overhead small (``benchmarks/simspeed.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import deque
+from typing import Any, Generator, Mapping, Sequence
+
+import simpy
+
+from bpsim.replay import ReplayBuffer
+from bpsim.sim.costs import Costs, CostTable
+
+__all__ = ["Engine", "simulate", "ALGORITHMS", "ALIASES", "parse_placement"]
+
+ALIASES = {"dgl-sync": "dgl", "backprop": "bp"}
+IDLE_CAUSES = ("input", "gradient", "buffer", "device")
+
+
+class _Box:
+    """Mailbox of one (block, kind): messages as (arrival time, payload)."""
+
+    __slots__ = ("q", "waiter")
+
+    def __init__(self) -> None:
+        self.q: deque = deque()
+        self.waiter: simpy.Event | None = None
+
+
+class _Buf:
+    """A replay buffer with the messages still on the wire towards it."""
+
+    __slots__ = ("rb", "pending", "waiter")
+
+    def __init__(self, capacity: int, max_reuse: int | None) -> None:
+        self.rb = ReplayBuffer(capacity, max_reuse)
+        self.pending: deque = deque()
+        self.waiter: simpy.Event | None = None
+
+
+class Engine:
+    """Shared state of one simulation; schedules drive it from SimPy processes.
+
+    Parameters
+    ----------
+    blocks : int
+        Number of blocks K.
+    table : CostTable
+        Resolved per-block costs.
+    placement : list of int
+        Device index of each block (``placement[j-1]`` for block j).
+    seed : int
+        Seed of the lognormal cost draws.
+    """
+
+    def __init__(self, blocks: int, table: CostTable, placement: Sequence[int],
+                 seed: int = 0) -> None:
+        self.env = simpy.Environment()
+        self.K = blocks
+        self.table = table
+        self.ops = table.ops
+        self.xfer = table.xfer
+        self.latency = table.latency
+        self.spread = table.spread
+        self.rng = random.Random(seed)
+        self.dev = [-1] + [int(d) for d in placement]
+        counts: dict[int, int] = {}
+        for d in placement:
+            counts[d] = counts.get(d, 0) + 1
+        res = {d: simpy.Resource(self.env, capacity=1) for d, n in counts.items() if n > 1}
+        self.res = [None] + [res.get(d) for d in placement]
+        self.comm_free = {d: 0.0 for d in counts}
+        self.rows: list[tuple] = []
+        self.updates = [0] * (blocks + 1)
+        self.idle = [dict.fromkeys(IDLE_CAUSES, 0.0) for _ in range(blocks + 1)]
+        self.boxes: dict[tuple[int, str], _Box] = {}
+        self.bufs: dict[int, _Buf] = {}
+        self.n_msgs = 0
+
+    # ------------------------------------------------------------ compute
+    def run(self, j: int, ops: Sequence[str], step: int,
+            mb: int = 0) -> Generator[simpy.Event, Any, None]:
+        """Run ``ops`` back to back on block j's device (one timeout)."""
+        env = self.env
+        res = self.res[j]
+        req = None
+        if res is not None:
+            t_req = env.now
+            req = res.request()
+            yield req
+            self.idle[j]["device"] += env.now - t_req
+        now = t = env.now
+        rows = self.rows
+        dev = self.dev[j]
+        spread = self.spread
+        for op in ops:
+            d = self.ops[op][j]
+            if spread and d > 0:
+                d *= math.exp(spread * self.rng.gauss(0.0, 1.0))
+            rows.append((dev, "compute", op, j, step, mb, t, t + d, None))
+            t += d
+        yield env.timeout(t - now)
+        if req is not None:
+            res.release(req)
+
+    # ------------------------------------------------------------ messages
+    def _transmit(self, src: int, dst: int, step: int, mb: int) -> float:
+        """Record the send/recv spans of one message; return its arrival time."""
+        now = self.env.now
+        ds, dd = self.dev[src], self.dev[dst]
+        if ds == dd:
+            return now
+        o = self.xfer[src]
+        c = self.latency
+        msg = self.n_msgs
+        self.n_msgs = msg + 1
+        if o > 0:
+            free = self.comm_free
+            s = now if now > free[ds] else free[ds]
+            free[ds] = s + o
+            r = s + c if s + c > free[dd] else free[dd]
+            free[dd] = r + o
+        else:
+            s = now
+            r = now + c
+        self.rows.append((ds, "comm", "send", src, step, mb, s, s + o, msg))
+        self.rows.append((dd, "comm", "recv", dst, step, mb, r, r + o, msg))
+        return r + o
+
+    def send(self, src: int, dst: int, kind: str, step: int, mb: int = 0,
+             payload: Any = None) -> None:
+        """Send a message of ``kind`` ('act', 'grad', 'target') from src to dst."""
+        arrival = self._transmit(src, dst, step, mb)
+        box = self.boxes.get((dst, kind))
+        if box is None:
+            box = self.boxes[(dst, kind)] = _Box()
+        box.q.append((arrival, payload))
+        if box.waiter is not None:
+            w, box.waiter = box.waiter, None
+            w.succeed()
+
+    def recv(self, j: int, kind: str, cause: str) -> Generator[simpy.Event, Any, Any]:
+        """Wait for the next message of ``kind`` to block j; idle time goes to ``cause``."""
+        env = self.env
+        t = env.now
+        box = self.boxes.get((j, kind))
+        if box is None:
+            box = self.boxes[(j, kind)] = _Box()
+        if not box.q:
+            box.waiter = env.event()
+            yield box.waiter
+        arrival, payload = box.q.popleft()
+        if arrival > env.now:
+            yield env.timeout(arrival - env.now)
+        if env.now > t:
+            self.idle[j][cause] += env.now - t
+        return payload
+
+    # ------------------------------------------------------ replay buffers
+    def make_buffers(self, capacity: int, max_reuse: int | None) -> None:
+        for j in range(1, self.K):
+            self.bufs[j] = _Buf(capacity, max_reuse)
+
+    def put(self, j: int, step: int) -> None:
+        """Block j writes its output of ``step`` into buffer j (held by block j+1)."""
+        arrival = self._transmit(j, j + 1, step, 0)
+        b = self.bufs[j]
+        b.pending.append((arrival, step))
+        if b.waiter is not None:
+            w, b.waiter = b.waiter, None
+            w.succeed()
+
+    def take(self, j: int) -> Generator[simpy.Event, Any, Any]:
+        """Block j reads buffer j-1 (DGL Alg. 2 line 7); waits while it serves nothing."""
+        env = self.env
+        t = env.now
+        b = self.bufs[j - 1]
+        while True:
+            now = env.now
+            pending = b.pending
+            # An arrival equal to now up to rounding counts as arrived, so exact
+            # ties (equal periods) do not hinge on floating-point noise.
+            horizon = now + 1e-12 * (now if now > 1.0 else 1.0)
+            while pending and pending[0][0] <= horizon:
+                _, s = pending.popleft()
+                b.rb.put(s, step=s)
+            got = b.rb.get(with_staleness=True, now=self.updates[j - 1])
+            if got is not None:
+                break
+            if pending:
+                yield env.timeout(pending[0][0] - now)
+            else:
+                b.waiter = env.event()
+                yield b.waiter
+        if env.now > t:
+            self.idle[j]["buffer"] += env.now - t
+        return got
+
+
+def parse_placement(placement: Any, blocks: int) -> list[int]:
+    """Device of each block from None (one device each), a list of device
+    indices, a string ``"0,0,1,1"``, or an int D (blocks packed in order onto
+    D devices)."""
+    if placement is None:
+        return list(range(blocks))
+    if isinstance(placement, str):
+        text = placement.strip()
+        if "," not in text and text.isdigit():
+            placement = int(text)
+        else:
+            try:
+                placement = [int(p) for p in text.split(",") if p.strip()]
+            except ValueError:
+                raise ValueError(f"placement {text!r} must be D (a device count) or one "
+                                 f"device index per block, e.g. 0,0,1,1") from None
+    if isinstance(placement, int) and not isinstance(placement, bool):
+        if not 1 <= placement <= blocks:
+            raise ValueError(f"placement onto {placement} devices: need 1..{blocks} devices "
+                             f"for {blocks} blocks")
+        return [(j * placement) // blocks for j in range(blocks)]
+    out = [int(d) for d in placement]
+    if len(out) != blocks or any(d < 0 for d in out):
+        raise ValueError(f"placement needs one device index >= 0 per block ({blocks}), "
+                         f"got {list(placement)!r}")
+    return out
+
+
+ALGORITHMS = ("bp", "gpipe", "dgl", "dgl-async", "greedy", "blockprop", "blockprop-cached",
+              "bwbpf")
+
+
+def _positive_int(name: str, v: Any, lo: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+    return v
+
+
+def simulate(algo: str, blocks: int = 4, steps: int = 100,
+             costs: "Costs | str | Mapping[str, Any] | None" = None, *,
+             microbatches: int = 1, buffer: int = 50,
+             slowdown: Mapping[int, float] | None = None, nh: int = 1,
+             cache_every: int = 1, epochs_steps: int | None = None,
+             placement: Any = None, seed: int = 0,
+             max_reuse: int | None = None) -> "SimResult":
+    """Simulate the device timeline of one training regime.
+
+    Parameters
+    ----------
+    algo : str
+        One of ``bp gpipe dgl dgl-async greedy blockprop blockprop-cached
+        bwbpf`` (``dgl-sync`` is an alias of ``dgl``).
+    blocks : int
+        K, the number of blocks (>= 1; >= 2 for the BlockProp variants).
+    steps : int
+        N, minibatch steps (for ``dgl-async``: updates per block; for
+        ``greedy``: steps per block, the stages run one after the other).
+    costs : Costs, str or dict
+        Per-block costs (:class:`bpsim.sim.Costs`); a string is parsed
+        like ``--cost``. Default: fwd=1, bwd=2, everything else 0.
+    microbatches : int
+        m, micro-batches per step for ``gpipe`` (costs are per micro-batch).
+    buffer : int
+        M, replay buffer size for ``dgl-async``.
+    slowdown : dict
+        ``{J: S}`` multiplies block J's compute costs by S (1-based J).
+    nh : int
+        BlockProp h-step iterations per gluing variable (N_h, Alg. 1).
+    cache_every : int
+        E of ``blockprop-cached``: the h-step runs in epochs 0, E, 2E, ...
+    epochs_steps : int or None
+        Steps per epoch for ``blockprop-cached`` (default: all steps).
+    placement : None, int, str or list of int
+        Device of each block (see :func:`parse_placement`).
+    seed : int
+        Seed of the cost draws (only used when ``costs.spread > 0``).
+    max_reuse : int or None
+        Reuse cap of the ``dgl-async`` buffers.
+
+    Returns
+    -------
+    SimResult
+    """
+    from bpsim.sim import schedules
+    from bpsim.sim.results import SimResult
+
+    name = ALIASES.get(str(algo).lower(), str(algo).lower())
+    if name not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algo!r}; choose one of {', '.join(ALGORITHMS)} "
+                         "(or dgl-sync)")
+    _positive_int("blocks", blocks)
+    _positive_int("steps", steps)
+    _positive_int("microbatches", microbatches)
+    _positive_int("buffer", buffer)
+    _positive_int("nh", nh, lo=0)
+    _positive_int("cache_every", cache_every)
+    if epochs_steps is not None:
+        _positive_int("epochs_steps", epochs_steps)
+    if max_reuse is not None:
+        _positive_int("max_reuse", max_reuse)
+    if name.startswith("blockprop") and blocks < 2:
+        raise ValueError(f"{name} needs at least 2 blocks (gluing variables h_2..h_K), "
+                         f"got blocks={blocks}")
+    cost = Costs.coerce(costs)
+    slow = {int(k): float(v) for k, v in (slowdown or {}).items()}
+    table = cost.table(blocks, slow)
+    place = parse_placement(placement, blocks)
+    eng = Engine(blocks, table, place, seed=seed)
+    params = dict(microbatches=microbatches, buffer=buffer, nh=nh, cache_every=cache_every,
+                  epochs_steps=epochs_steps or steps, max_reuse=max_reuse)
+    schedules.SCHEDULES[name](eng, steps, **params)
+    eng.env.run()
+    meta = {"source": "bpsim.sim", "algo": name, "blocks": blocks, "steps": steps,
+            "costs": cost.to_dict(), "slowdown": {str(k): v for k, v in slow.items()},
+            "placement": place, "seed": seed, **params}
+    return SimResult.from_engine(eng, name, steps, meta)

@@ -1,0 +1,281 @@
+"""Training schedules as SimPy processes, one process per block.
+
+Each schedule is a function ``schedule(engine, steps, **params)`` that starts
+one process per block on ``engine.env``. The ASCII diagram in each docstring
+is the specification: rows are blocks (one device each), columns are time,
+letters are ops -- ``F`` fwd, ``B`` bwd, ``A`` aux, ``U`` update, ``H``
+h-step, ``L`` loss, ``.`` idle -- drawn for K = 3, one step, fwd = 1,
+bwd = 2 time units, aux = update = 1, no latency.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Generator
+
+from bpsim.sim.engine import Engine
+
+__all__ = ["SCHEDULES", "bp", "gpipe", "dgl", "dgl_async", "greedy", "blockprop",
+           "blockprop_cached", "bwbpf"]
+
+_AUX_BWD_UPD = ("aux", "bwd", "update")
+_WSTEP = ("fwd", "bwd", "update")
+
+
+def _start(eng: Engine, proc: Callable[..., Generator], *args: Any) -> None:
+    for j in range(1, eng.K + 1):
+        eng.env.process(proc(eng, j, *args))
+
+
+# --------------------------------------------------------------------- bp
+def bp(eng: Engine, steps: int, **_: Any) -> None:
+    """Backprop, fully locked: forward 1 -> K, backward K -> 1, then update.
+
+    Every block waits for its input going forward and for its gradient going
+    back; a block updates right after its own backward, so one update lies
+    on the critical path. Per step: ``K (F + B) + 2 (K - 1) c + U``::
+
+        block 1 |F......BBU
+        block 2 |.F...BBU..
+        block 3 |..FBBU....
+                 0123456789
+    """
+    _start(eng, _bp_block, steps)
+
+
+def _forward(e: Engine, j: int, t: int) -> Generator:
+    """Block j's forward of step t: wait for its input (j > 1), run, send the output on."""
+    if j > 1:
+        yield from e.recv(j, "act", "input")
+    yield from e.run(j, ("fwd",), t)
+    if j < e.K:
+        e.send(j, j + 1, "act", t)
+
+
+def _bp_block(e: Engine, j: int, steps: int) -> Generator:
+    K = e.K
+    for t in range(steps):
+        yield from _forward(e, j, t)
+        if j < K:
+            yield from e.recv(j, "grad", "gradient")
+        if j > 1:
+            yield from e.run(j, ("bwd",), t)
+            e.send(j, j - 1, "grad", t)
+            yield from e.run(j, ("update",), t)
+        else:
+            yield from e.run(j, ("bwd", "update"), t)
+        e.updates[j] += 1
+
+
+# ------------------------------------------------------------------ gpipe
+def gpipe(eng: Engine, steps: int, microbatches: int = 1, **_: Any) -> None:
+    """GPipe: m micro-batches pipelined forward, then backward, then flush.
+
+    Block k runs the forward of micro-batch i at clock ``i + k`` (as
+    torchgpipe's ``clock_cycles``), all forwards before any backward, the
+    backwards in reverse micro-batch order, one update per step after the
+    last backward. With c = 0 and per-micro-batch costs a step takes
+    ``(m + K - 1)(F + B) + U``. For m = 2 (digits are micro-batches)::
+
+        block 1 |01......1100U
+        block 2 |.01...1100U..
+        block 3 |..011100U....
+                 forward  backward (2 units per micro-batch), U
+    """
+    _start(eng, _gpipe_block, steps, microbatches)
+
+
+def _gpipe_block(e: Engine, j: int, steps: int, m: int) -> Generator:
+    K = e.K
+    for t in range(steps):
+        for i in range(m):
+            if j > 1:
+                yield from e.recv(j, "act", "input")
+            yield from e.run(j, ("fwd",), t, i)
+            if j < K:
+                e.send(j, j + 1, "act", t, i)
+        for i in reversed(range(m)):
+            if j < K:
+                yield from e.recv(j, "grad", "gradient")
+            yield from e.run(j, ("bwd",), t, i)
+            if j > 1:
+                e.send(j, j - 1, "grad", t, i)
+        yield from e.run(j, ("update",), t)
+        e.updates[j] += 1
+
+
+# -------------------------------------------------------------------- dgl
+def dgl(eng: Engine, steps: int, **_: Any) -> None:
+    """Synchronous DGL (DGL Alg. 1; parallel form Alg. 3): update unlocking.
+
+    A block sends its output on as soon as its forward is done, then trains
+    on its own auxiliary loss (aux, local backward, update) while the next
+    block already computes. Blocks pipeline with period ``F + A + B + U``;
+    the last block starts after ``(K - 1)(F + c)``, so the makespan is
+    ``(K - 1)(F + c) + N (F + A + B + U)``. Two steps::
+
+        block 1 |FABBUFABBU..
+        block 2 |.FABBUFABBU.
+        block 3 |..FABBUFABBU
+    """
+    _start(eng, _dgl_block, steps, False)
+
+
+def _dgl_block(e: Engine, j: int, steps: int, bwbpf_head: bool) -> Generator:
+    K = e.K
+    tail = ("aux", "loss", "bwd", "update") if (bwbpf_head and j == K) else _AUX_BWD_UPD
+    for t in range(steps):
+        yield from _forward(e, j, t)
+        yield from e.run(j, tail, t)
+        e.updates[j] += 1
+
+
+def bwbpf(eng: Engine, steps: int, **_: Any) -> None:
+    """BWBPF: block-wise training with a dense head and local loss per block.
+
+    As DGL: detached inputs, each block sends right after its forward and
+    then trains on its local head (``A``). In addition the last block feeds
+    its detached output to the network's output layer, which alone learns
+    from the global loss (``L``, costed like a head). Two steps::
+
+        block 1 |FABBUFABBU....
+        block 2 |.FABBUFABBU...
+        block 3 |..FALBBUFALBBU
+    """
+    _start(eng, _dgl_block, steps, True)
+
+
+# -------------------------------------------------------------- dgl-async
+def dgl_async(eng: Engine, steps: int, buffer: int = 50, max_reuse: int | None = None,
+              **_: Any) -> None:
+    """Asynchronous DGL with replay (DGL Alg. 2; parallel form Alg. 4).
+
+    Blocks run free: block 1 reads the data stream, block j > 1 reads buffer
+    j - 1 (least-reused entry, newest first; :class:`bpsim.replay.ReplayBuffer`)
+    and writes its output to buffer j after the forward. A block waits only
+    while its input buffer is empty (or used up under ``max_reuse``). Every
+    block performs ``steps`` updates. With block 2 twice as slow (``S = 2``),
+    block 3 reads each entry of buffer 2 about twice (``r`` = reuse)::
+
+        block 1 |FABBUFABBU
+        block 2 |.FFAABBBBUUFFAABBBBUU
+        block 3 |...FABBUFABBU
+                    r=1  r=2   (reads of block 2's first output)
+    """
+    eng.make_buffers(buffer, max_reuse)
+    _start(eng, _async_block, steps)
+
+
+def _async_block(e: Engine, j: int, steps: int) -> Generator:
+    K = e.K
+    for t in range(steps):
+        if j > 1:
+            yield from e.take(j)
+        yield from e.run(j, ("fwd",), t)
+        if j < K:
+            e.put(j, t)
+        yield from e.run(j, _AUX_BWD_UPD, t)
+        e.updates[j] += 1
+
+
+# ----------------------------------------------------------------- greedy
+def greedy(eng: Engine, steps: int, **_: Any) -> None:
+    """Sequential greedy training: block j is trained to the end (N steps)
+    before block j + 1 starts (DGL Sec. 2.2, the sequential baseline).
+
+    In stage s only block s trains; blocks 1..s-1 are frozen and just
+    forward. Steps are numbered globally, ``(s - 1) N + t``. K = 2, N = 2::
+
+        block 1 |FABBUFABBUFF.........
+        block 2 |...........FABBUFABBU
+                 stage 1   |stage 2
+    """
+    _start(eng, _greedy_block, steps)
+
+
+def _greedy_block(e: Engine, j: int, steps: int) -> Generator:
+    K = e.K
+    for stage in range(j, K + 1):
+        for t in range(steps):
+            g = (stage - 1) * steps + t
+            if j > 1:
+                yield from e.recv(j, "act", "input")
+            if stage == j:
+                yield from e.run(j, ("fwd",) + _AUX_BWD_UPD, g)
+                e.updates[j] += 1
+            else:
+                yield from e.run(j, ("fwd",), g)
+                e.send(j, j + 1, "act", g)
+
+
+# -------------------------------------------------------------- blockprop
+def blockprop(eng: Engine, steps: int, nh: int = 1, **_: Any) -> None:
+    """BlockProp (Alg. 1): forward init, h-step K -> 2, parallel W-step.
+
+    Lines 5-6: the forward pass initialises ``h_2..h_K`` (block K's forward
+    is part of its h-step). Lines 7-16: for k = K down to 2, block k takes
+    ``nh`` gradient steps on ``h_k`` (each one forward and backward through
+    block k, cost ``hstep`` = F + B by default) and sends ``h*_k`` back to
+    block k - 1. Line 20: block k's W-step (fwd, bwd, update on ``J_k``,
+    eq. 7) starts as soon as it holds ``h*_k`` and ``h*_{k+1}``. Each extra
+    h-step adds ``(K - 1)(F + B)`` per step. nh = 1::
+
+        block 1 |F.......FBBU
+        block 2 |.F...HHHFBBU
+        block 3 |..HHHFBBU...
+    """
+    _start(eng, _blockprop_block, steps, nh, None, 1)
+
+
+def blockprop_cached(eng: Engine, steps: int, nh: int = 1, cache_every: int = 1,
+                     epochs_steps: int | None = None, **_: Any) -> None:
+    """BlockProp with an ``h*`` cache (BlockProp Appendix C, Alg. 2).
+
+    ``h*`` is cached per example; the h-step runs only in epochs 0, E, 2E...
+    In epoch 0 the cache is empty and a step is as in :func:`blockprop`. In
+    later h-step epochs ``h`` starts from the cache, so every block computes
+    its forward on its cached input at once (no forward chain) before the
+    h-step chain. In the other epochs every block runs its W-step on cached
+    ``h*`` independently: no messages, period ``F + B + U``. An epoch
+    without h-step::
+
+        block 1 |FBBUFBBU
+        block 2 |FBBUFBBU
+        block 3 |FBBUFBBU
+    """
+    _start(eng, _blockprop_block, steps, nh, epochs_steps or steps, cache_every)
+
+
+def _blockprop_block(e: Engine, j: int, steps: int, nh: int, epoch_steps: int | None,
+                     every: int) -> Generator:
+    K = e.K
+    hops = ("hstep",) * nh
+    for t in range(steps):
+        epoch = t // epoch_steps if epoch_steps else 0
+        if epoch % every:
+            yield from e.run(j, _WSTEP, t)          # W-step on cached h*
+            e.updates[j] += 1
+            continue
+        cached = epoch > 0
+        # forward: initialise h_{j+1} = b_j(h_j) (chained, or from the cache)
+        if j > 1 and not cached:
+            yield from e.recv(j, "act", "input")
+        if j < K:
+            yield from e.run(j, ("fwd",), t)
+            e.send(j, j + 1, "act", t)
+        if j > 1 and cached:
+            yield from e.recv(j, "act", "input")
+        # h-step on h_j needs h*_{j+1} from block j + 1 (k runs K -> 2)
+        if j < K:
+            yield from e.recv(j, "target", "gradient")
+        if j > 1:
+            if hops:
+                yield from e.run(j, hops, t)
+            e.send(j, j - 1, "target", t)
+        yield from e.run(j, _WSTEP, t)
+        e.updates[j] += 1
+
+
+SCHEDULES: dict[str, Callable[..., None]] = {
+    "bp": bp, "gpipe": gpipe, "dgl": dgl, "dgl-async": dgl_async, "greedy": greedy,
+    "blockprop": blockprop, "blockprop-cached": blockprop_cached, "bwbpf": bwbpf,
+}

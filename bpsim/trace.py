@@ -1,0 +1,381 @@
+"""Timelines of training runs: spans, traces, Chrome-trace export and import.
+
+One schema serves the measured runtime and the SimPy simulator, so a
+predicted and a measured run compare field by field and open together in
+Perfetto (https://ui.perfetto.dev) or ``chrome://tracing``.
+
+A :class:`Span` is one interval of work ``(rank, lane, op, block, step,
+microbatch, t0, t1)``; ``lane`` is ``"compute"`` or ``"comm"`` and times are
+seconds (any unit for simulated runs; exported as microseconds). A ``send``
+and its ``recv`` share a message id ``msg``. The op vocabulary is that of
+DESIGN.md: ``fwd bwd aux update hstep send recv wait loss``.
+
+This module never imports torch: the runtime records into a
+:class:`Recorder` from its workers, the simulator appends raw rows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import astuple, dataclass, field
+from typing import Any, Iterable, Iterator, Sequence
+
+__all__ = ["OPS", "LANES", "Span", "Trace", "Recorder", "merge", "atomic_write_text"]
+
+OPS = ("fwd", "bwd", "aux", "update", "hstep", "send", "recv", "wait", "loss")
+LANES = ("compute", "comm")
+_LANE_INDEX = {"compute": 0, "comm": 1}
+_US = 1e6
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """One interval of work on one lane of one rank.
+
+    ``t0``/``t1`` (seconds) and ``msg`` are keyword-only:
+    ``Span(0, "compute", "fwd", 1, 0, t0=0.0, t1=1.0)``.
+    """
+
+    rank: int
+    lane: str
+    op: str
+    block: int
+    step: int
+    microbatch: int = 0
+    t0: float = field(kw_only=True)
+    t1: float = field(kw_only=True)
+    msg: int | None = field(default=None, kw_only=True)
+
+    @property
+    def duration(self) -> float:
+        return self.t1 - self.t0
+
+
+# A row is the plain tuple form of a Span, in field order:
+# (rank, lane, op, block, step, microbatch, t0, t1, msg).
+Row = tuple
+
+
+def _as_row(s: Any) -> Row:
+    if isinstance(s, Span):
+        return astuple(s)
+    row = tuple(s)
+    if len(row) == 8:
+        row = row + (None,)
+    if len(row) != 9:
+        raise ValueError(
+            "a span row must be (rank, lane, op, block, step, microbatch, t0, t1[, msg]), "
+            f"got {len(row)} fields: {row!r}")
+    return row
+
+
+class Trace:
+    """A list of spans plus run metadata.
+
+    Parameters
+    ----------
+    spans : iterable of Span or rows
+        Spans, or tuples in Span field order (rows are what the simulator
+        records; :class:`Span` objects are built only when asked for).
+    meta : dict
+        Free-form, JSON-serialisable run description (algorithm, K, costs...).
+    """
+
+    def __init__(self, spans: Iterable[Any] = (), meta: dict[str, Any] | None = None) -> None:
+        self._rows: list[Row] = [_as_row(s) for s in spans]
+        self.meta: dict[str, Any] = dict(meta or {})
+        self._spans: list[Span] | None = None
+
+    @classmethod
+    def from_rows(cls, rows: list[Row], meta: dict[str, Any] | None = None) -> "Trace":
+        """Wrap a list of 9-tuples without copying or validating it."""
+        t = cls.__new__(cls)
+        t._rows = rows
+        t.meta = dict(meta or {})
+        t._spans = None
+        return t
+
+    # -------------------------------------------------------------- access
+    @property
+    def rows(self) -> list[Row]:
+        """The spans as plain tuples (fast; do not mutate)."""
+        return self._rows
+
+    @property
+    def spans(self) -> list[Span]:
+        """The spans as :class:`Span` objects, built on first access."""
+        if self._spans is None or len(self._spans) != len(self._rows):
+            self._spans = [Span(r[0], r[1], r[2], r[3], r[4], r[5], t0=r[6], t1=r[7], msg=r[8])
+                           for r in self._rows]
+        return self._spans
+
+    def append(self, span: Span | Sequence[Any]) -> None:
+        self._rows.append(_as_row(span))
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __iter__(self) -> Iterator[Span]:
+        return iter(self.spans)
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, Trace) and self._rows == other._rows
+                and self.meta == other.meta)
+
+    def __repr__(self) -> str:
+        return f"Trace({len(self)} spans, ranks={self.ranks}, makespan={self.makespan:.6g})"
+
+    # --------------------------------------------------------- statistics
+    @property
+    def ranks(self) -> list[int]:
+        return sorted({r[0] for r in self._rows})
+
+    @property
+    def start(self) -> float:
+        return min((r[6] for r in self._rows), default=0.0)
+
+    @property
+    def end(self) -> float:
+        return max((r[7] for r in self._rows), default=0.0)
+
+    @property
+    def makespan(self) -> float:
+        """Time from the first span's start to the last span's end."""
+        return self.end - self.start if self._rows else 0.0
+
+    def busy(self, rank: int, lane: str = "compute") -> float:
+        """Total span time on one lane of ``rank`` (``wait`` spans excluded)."""
+        return sum(r[7] - r[6] for r in self._rows
+                   if r[0] == rank and r[1] == lane and r[2] != "wait")
+
+    def busy_fraction(self, lane: str = "compute") -> dict[int, float]:
+        """``busy(rank) / makespan`` for every rank."""
+        tot: dict[int, float] = defaultdict(float)
+        for r in self._rows:
+            if r[1] == lane and r[2] != "wait":
+                tot[r[0]] += r[7] - r[6]
+        span = self.makespan
+        return {k: (tot[k] / span if span > 0 else 0.0) for k in self.ranks}
+
+    def steps(self) -> list[int]:
+        return sorted({r[4] for r in self._rows})
+
+    # -------------------------------------------------------------- checks
+    def check(self, tol: float = 1e-9) -> "Trace":
+        """Validate the trace and return it.
+
+        Raises ``ValueError`` when two spans overlap on one (rank, lane)
+        (zero-length marker spans never count as overlapping), when a span
+        ends before it starts, or when a ``recv`` ends before its ``send``
+        starts.
+        """
+        lanes: dict[tuple[int, str], list[tuple[float, float, str, int, int]]] = defaultdict(list)
+        sends: dict[Any, Row] = {}
+        recvs: list[Row] = []
+        for r in self._rows:
+            if r[1] not in _LANE_INDEX:
+                raise ValueError(f"span lane must be one of {LANES}, got {r[1]!r} in {r!r}")
+            if r[7] < r[6] - tol:
+                raise ValueError(f"span ends before it starts: {r!r}")
+            if r[7] - r[6] > tol:
+                lanes[(r[0], r[1])].append((r[6], r[7], r[2], r[3], r[4]))
+            if r[8] is not None:
+                if r[2] == "send":
+                    sends[r[8]] = r
+                elif r[2] == "recv":
+                    recvs.append(r)
+        for (rank, lane), items in lanes.items():
+            items.sort()
+            for a, b in zip(items, items[1:]):
+                if b[0] < a[1] - tol:
+                    raise ValueError(
+                        f"overlapping spans on rank {rank} lane {lane!r}: {a[2]} of block "
+                        f"{a[3]} step {a[4]} [{a[0]:.9g}, {a[1]:.9g}] and {b[2]} of block "
+                        f"{b[3]} step {b[4]} [{b[0]:.9g}, {b[1]:.9g}]")
+        for r in recvs:
+            s = sends.get(r[8])
+            if s is not None and r[7] < s[6] - tol:
+                raise ValueError(
+                    f"recv of message {r[8]} ends at {r[7]:.9g}, before its send starts "
+                    f"at {s[6]:.9g}")
+        return self
+
+    # ------------------------------------------------------ chrome format
+    def to_chrome(self, pid: int = 0, name: str | None = None) -> dict[str, Any]:
+        """Chrome trace-event JSON (Perfetto opens it).
+
+        One ``pid`` for the run, one ``tid`` per (rank, lane) with a
+        ``thread_name``, an ``X`` event per span (exact seconds kept in
+        ``args`` so :meth:`from_chrome` round-trips), and an ``s``/``f`` flow
+        pair from every send to its recv.
+        """
+        label = name or str(self.meta.get("name") or self.meta.get("algo") or "bpsim run")
+        events: list[dict[str, Any]] = [
+            {"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "args": {"name": label}}]
+        for rank, lane in sorted({(r[0], r[1]) for r in self._rows},
+                                 key=lambda k: (k[0], _LANE_INDEX.get(k[1], 9))):
+            tid = _tid(rank, lane)
+            events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": tid,
+                           "args": {"name": f"rank {rank} {lane}"}})
+            events.append({"ph": "M", "name": "thread_sort_index", "pid": pid, "tid": tid,
+                           "args": {"sort_index": tid}})
+        sends: dict[Any, Row] = {}
+        recvs: dict[Any, Row] = {}
+        for r in self._rows:
+            rank, lane, op, block, step, mb, t0, t1, msg = r
+            args = {"rank": rank, "lane": lane, "block": block, "step": step,
+                    "microbatch": mb, "t0": t0, "t1": t1}
+            if msg is not None:
+                args["msg"] = msg
+                (sends if op == "send" else recvs)[msg] = r
+            events.append({"ph": "X", "name": op, "cat": lane, "pid": pid, "tid": _tid(rank, lane),
+                           "ts": t0 * _US, "dur": (t1 - t0) * _US, "args": args})
+        for msg, s in sends.items():
+            rv = recvs.get(msg)
+            if rv is None:
+                continue
+            events.append({"ph": "s", "name": "msg", "cat": "msg", "id": msg, "pid": pid,
+                           "tid": _tid(s[0], s[1]), "ts": s[6] * _US})
+            events.append({"ph": "f", "bp": "e", "name": "msg", "cat": "msg", "id": msg,
+                           "pid": pid, "tid": _tid(rv[0], rv[1]), "ts": rv[6] * _US})
+        return {"traceEvents": events, "displayTimeUnit": "ms",
+                "otherData": {"bpsim_meta": _jsonable(self.meta), "bpsim_version": 1}}
+
+    @classmethod
+    def from_chrome(cls, obj: dict[str, Any] | list[Any]) -> "Trace":
+        """Read back what :meth:`to_chrome` wrote (exactly), or any Chrome
+        trace whose ``X`` events carry ``rank``/``block``/``step`` args."""
+        if isinstance(obj, list):
+            events, meta = obj, {}
+        elif isinstance(obj, dict) and "traceEvents" in obj:
+            events = obj["traceEvents"]
+            meta = dict((obj.get("otherData") or {}).get("bpsim_meta") or {})
+        else:
+            raise ValueError("not a Chrome trace: expected a dict with 'traceEvents' or a list "
+                             "of events (write one with Trace.save or bpsim simulate --trace)")
+        rows: list[Row] = []
+        for ev in events:
+            if ev.get("ph") != "X":
+                continue
+            a = ev.get("args") or {}
+            tid = int(ev.get("tid", 0))
+            t0 = a["t0"] if "t0" in a else ev["ts"] / _US
+            t1 = a["t1"] if "t1" in a else (ev["ts"] + ev.get("dur", 0)) / _US
+            rows.append((int(a.get("rank", tid // 2)),
+                         a.get("lane", ev.get("cat") if ev.get("cat") in _LANE_INDEX
+                               else LANES[tid % 2]),
+                         ev["name"], int(a.get("block", 0)), int(a.get("step", 0)),
+                         int(a.get("microbatch", 0)), float(t0), float(t1), a.get("msg")))
+        return cls.from_rows(rows, meta)
+
+    def save(self, path: str | os.PathLike[str], pid: int = 0) -> None:
+        """Write Chrome-trace JSON atomically (temp file, then ``os.replace``)."""
+        atomic_write_text(path, json.dumps(self.to_chrome(pid=pid), allow_nan=False))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "Trace":
+        """Read a trace written by :meth:`save` (or by the runtime)."""
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"trace file {path!r} does not exist; write one with "
+                                    "`bpsim run ... --trace` or `bpsim simulate ... --trace`")
+        with open(path, encoding="utf-8") as fh:
+            try:
+                obj = json.load(fh)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path!r} is not JSON ({e}); expected a Chrome trace") from None
+        return cls.from_chrome(obj)
+
+
+def _tid(rank: int, lane: str) -> int:
+    return 2 * int(rank) + _LANE_INDEX.get(lane, 1)
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    return str(x)
+
+
+def merge(traces: Sequence[Trace], meta: dict[str, Any] | None = None) -> Trace:
+    """Concatenate traces, e.g. the per-rank traces of one run.
+
+    Message ids must already be unique across the inputs (the runtime uses
+    per-run ids); ``meta`` defaults to the first trace's meta.
+    """
+    rows: list[Row] = []
+    for t in traces:
+        rows.extend(t.rows)
+    rows.sort(key=lambda r: (r[6], r[0], _LANE_INDEX.get(r[1], 9)))
+    base = meta if meta is not None else (dict(traces[0].meta) if traces else {})
+    return Trace.from_rows(rows, base)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file in the same folder and ``os.replace``."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)          # mkstemp makes 0600 files; traces are shared
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+class Recorder:
+    """Cheap span recorder for one rank, for real (measured) runs.
+
+    >>> rec = Recorder(rank=0)
+    >>> with rec.span("fwd", block=1, step=0):
+    ...     pass
+    >>> rec.trace().spans[0].op
+    'fwd'
+
+    Times come from ``time.perf_counter`` (seconds); the recorder stores
+    plain tuples, so a span costs two clock reads and one list append.
+    """
+
+    def __init__(self, rank: int = 0, meta: dict[str, Any] | None = None,
+                 clock: Any = time.perf_counter) -> None:
+        self.rank = rank
+        self.meta = dict(meta or {})
+        self.rows: list[Row] = []
+        self._clock = clock
+
+    @contextmanager
+    def span(self, op: str, *, block: int, step: int, lane: str = "compute",
+             microbatch: int = 0, msg: int | None = None) -> Iterator[None]:
+        clock = self._clock
+        t0 = clock()
+        try:
+            yield
+        finally:
+            self.rows.append((self.rank, lane, op, block, step, microbatch, t0, clock(), msg))
+
+    def add(self, op: str, t0: float, t1: float, *, block: int, step: int,
+            lane: str = "compute", microbatch: int = 0, msg: int | None = None) -> None:
+        """Record a span whose times were taken elsewhere."""
+        self.rows.append((self.rank, lane, op, block, step, microbatch, t0, t1, msg))
+
+    def trace(self) -> Trace:
+        return Trace.from_rows(list(self.rows), self.meta)

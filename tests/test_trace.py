@@ -1,0 +1,116 @@
+"""Trace schema: statistics, checks, Chrome export/import, atomic save, Recorder."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from bpsim.trace import Recorder, Span, Trace, merge
+
+
+def small() -> Trace:
+    return Trace([
+        Span(0, "compute", "fwd", 1, 0, t0=0.0, t1=1.0),
+        Span(0, "comm", "send", 1, 0, t0=1.0, t1=1.25, msg=7),
+        Span(1, "comm", "recv", 2, 0, t0=1.1, t1=1.35, msg=7),
+        Span(1, "compute", "fwd", 2, 0, t0=1.35, t1=2.35),
+        Span(0, "compute", "aux", 1, 0, t0=1.0, t1=1.2),
+        Span(1, "compute", "wait", 2, 1, t0=2.35, t1=3.0),
+    ], meta={"algo": "dgl", "blocks": 2})
+
+
+def test_span_fields_and_defaults():
+    s = Span(2, "compute", "bwd", 3, 5, t0=1.5, t1=2.0)
+    assert s.microbatch == 0 and s.msg is None and s.duration == 0.5
+    with pytest.raises(Exception):
+        s.t0 = 0.0                       # frozen
+
+
+def test_statistics():
+    t = small()
+    assert t.makespan == 3.0
+    assert t.busy(0) == pytest.approx(1.2)
+    assert t.busy(1) == pytest.approx(1.0)            # wait excluded
+    assert t.busy_fraction() == pytest.approx({0: 0.4, 1: 1 / 3})
+    assert t.ranks == [0, 1] and len(t) == 6
+
+
+def test_check_accepts_valid_and_rejects_overlap():
+    small().check()
+    bad = Trace([Span(0, "compute", "fwd", 1, 0, t0=0.0, t1=1.0),
+                 Span(0, "compute", "bwd", 1, 0, t0=0.5, t1=2.0)])
+    with pytest.raises(ValueError, match="overlapping spans on rank 0"):
+        bad.check()
+    # the same times on different lanes or ranks are fine; zero-length markers too
+    Trace([Span(0, "compute", "fwd", 1, 0, t0=0.0, t1=1.0),
+           Span(0, "comm", "send", 1, 0, t0=0.5, t1=0.5),
+           Span(1, "compute", "fwd", 2, 0, t0=0.0, t1=1.0)]).check()
+
+
+def test_check_rejects_recv_before_send():
+    t = Trace([Span(0, "comm", "send", 1, 0, t0=2.0, t1=2.5, msg=1),
+               Span(1, "comm", "recv", 2, 0, t0=0.0, t1=1.0, msg=1)])
+    with pytest.raises(ValueError, match="before its send"):
+        t.check()
+
+
+def test_chrome_export_structure():
+    obj = small().to_chrome(pid=3)
+    ev = obj["traceEvents"]
+    names = {e["args"]["name"] for e in ev if e.get("name") == "thread_name"}
+    assert names == {"rank 0 compute", "rank 0 comm", "rank 1 compute", "rank 1 comm"}
+    xs = [e for e in ev if e["ph"] == "X"]
+    assert len(xs) == 6 and all(e["pid"] == 3 for e in ev)
+    fwd = next(e for e in xs if e["name"] == "fwd" and e["args"]["block"] == 2)
+    assert fwd["ts"] == pytest.approx(1.35e6) and fwd["dur"] == pytest.approx(1e6)
+    tids = {(e["args"]["rank"], e["args"]["lane"]): e["tid"] for e in xs}
+    assert len(set(tids.values())) == len(tids)
+    s = [e for e in ev if e["ph"] == "s"]
+    f = [e for e in ev if e["ph"] == "f"]
+    assert len(s) == len(f) == 1 and s[0]["id"] == f[0]["id"] == 7
+    assert s[0]["tid"] == tids[(0, "comm")] and f[0]["tid"] == tids[(1, "comm")]
+    json.dumps(obj, allow_nan=False)
+
+
+def test_round_trip_is_exact(tmp_path):
+    t = small()
+    t.append(Span(1, "compute", "bwd", 2, 0, 3, t0=0.1 + 0.2, t1=1 / 3))  # awkward floats
+    back = Trace.from_chrome(json.loads(json.dumps(t.to_chrome())))
+    assert back.spans == t.spans and back.meta == t.meta
+    p = tmp_path / "sub" / "t.json"
+    t.save(p)
+    assert Trace.load(p) == t
+    assert not [f for f in os.listdir(p.parent) if f.startswith(".tmp")]
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Trace.load(tmp_path / "missing.json")
+    (tmp_path / "x.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not JSON"):
+        Trace.load(tmp_path / "x.json")
+    with pytest.raises(ValueError, match="not a Chrome trace"):
+        Trace.from_chrome({"foo": 1})
+
+
+def test_merge_and_recorder():
+    r0, r1 = Recorder(rank=0, meta={"algo": "dgl"}), Recorder(rank=1)
+    with r0.span("fwd", block=1, step=0):
+        pass
+    with r0.span("send", block=1, step=0, lane="comm", msg=0):
+        pass
+    r1.add("recv", 0.0, 1.0, block=2, step=0, lane="comm", msg=0)
+    t = merge([r0.trace(), r1.trace()])
+    assert len(t) == 3 and t.meta == {"algo": "dgl"}
+    assert {s.op for s in t} == {"fwd", "send", "recv"}
+    s = t.spans[[x.op for x in t.spans].index("fwd")]
+    assert s.t1 >= s.t0 and s.lane == "compute" and s.rank == 0
+
+
+def test_from_rows_is_lazy():
+    rows = [(0, "compute", "fwd", 1, i, 0, float(i), i + 0.5, None) for i in range(10)]
+    t = Trace.from_rows(rows)
+    assert t.rows is rows and t._spans is None
+    assert t.spans[3] == Span(0, "compute", "fwd", 1, 3, t0=3.0, t1=3.5)
