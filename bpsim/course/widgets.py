@@ -1,7 +1,7 @@
 """Interactive explorers that degrade gracefully.
 
 ``explorer(fn, params)`` shows sliders and a plotly figure. In a live
-Jupyter kernel it is a ``FigureWidget`` that redraws when a slider moves; in
+Jupyter kernel the figure redraws when a slider moves; in
 a static context (``BPSIM_STATIC=1`` as set by ``bpsim course build``, or no
 kernel at all) it is a plain plotly figure whose slider steps through frames
 precomputed over the grid of parameter values -- so a notebook read on
@@ -79,9 +79,13 @@ def explorer(
     live = live_mode() if live is None else live
 
     if live:
+        # An Output widget re-displaying a plain plotly figure: plotly 6's
+        # FigureWidget (anywidget) can render empty inside an ipywidgets box
+        # (plotly.py issue #4998), while a displayed figure always renders.
         import ipywidgets as w
+        from IPython.display import display
 
-        fig = go.FigureWidget(data=cached(*(start[k] for k in names)), layout=layout)
+        out = w.Output()
         sliders = {
             k: w.SelectionSlider(options=grids[k], value=start[k], description=k, continuous_update=False,
                                  layout=w.Layout(width="420px"), style={"description_width": "80px"})
@@ -89,14 +93,15 @@ def explorer(
         }
 
         def redraw(_change=None) -> None:
-            traces = cached(*(sliders[k].value for k in names))
-            with fig.batch_update():
-                for old, new in zip(fig.data, traces):
-                    old.update(new.to_plotly_json() if hasattr(new, "to_plotly_json") else new)
+            fig = go.Figure(data=cached(*(sliders[k].value for k in names)), layout=layout)
+            with out:
+                out.clear_output(wait=True)
+                display(fig)
 
         for s in sliders.values():
             s.observe(redraw, names="value")
-        return w.VBox([*sliders.values(), fig])
+        redraw()
+        return w.VBox([*sliders.values(), out])
 
     combos = list(itertools.product(*(grids[k] for k in names)))
     if len(combos) > max_frames:

@@ -73,13 +73,18 @@ def lab(tmp_path):
             proc.kill()
 
 
+#: the first explorer: the widget box holding both a slider and a plotly figure
+EXPLORER = ".widget-vbox:has(.widget-slider):has(.js-plotly-plot)"
+
+#: JavaScript: the drawn traces (SVG paths and points) of the first explorer's figure
+_PLOT_JS = f"""() => {{ const box = document.querySelector({EXPLORER!r});
+    const p = box && box.querySelector('.js-plotly-plot'); if (!p) return '';
+    return Array.from(p.querySelectorAll('.scatterlayer path, .barlayer path, .point'))
+                .map(e => e.getAttribute('d') || '').join('|'); }}"""
+
+
 def _plot_state(page) -> str:
-    """The drawn traces of the last plotly figure (SVG paths and points)."""
-    return page.evaluate(
-        """() => { const plots = document.querySelectorAll('.js-plotly-plot');
-                   const p = plots[plots.length - 1]; if (!p) return '';
-                   return Array.from(p.querySelectorAll('.scatterlayer path, .barlayer path, .point'))
-                               .map(e => e.getAttribute('d') || '').join('|'); }""")
+    return page.evaluate(_PLOT_JS)
 
 
 def test_slider_redraws_figure(lab):
@@ -97,34 +102,39 @@ def test_slider_redraws_figure(lab):
             page.wait_for_selector(".jp-Notebook", timeout=90_000)
             page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle'], .jp-Toolbar-kernelStatus",
                                    timeout=90_000)
-            page.click("text=Run", timeout=30_000)
-            page.click("text=Run All Cells", timeout=30_000)
-            slider = page.wait_for_selector(".widget-slider", timeout=300_000)
-            page.wait_for_function(
-                "() => document.querySelectorAll('.widget-slider').length > 0 && "
-                "document.querySelectorAll('.jp-OutputArea .js-plotly-plot').length > 0", timeout=300_000)
-            slider.scroll_into_view_if_needed()
+            # JupyterLab may ask which kernel to start (several are installed): take the default
+            dialog = page.locator(".jp-Dialog .jp-Dialog-button.jp-mod-accept")
+            try:
+                dialog.wait_for(timeout=10_000)
+                dialog.click()
+            except Exception:  # no dialog: the notebook's kernel started by itself
+                pass
+            page.click(".lm-MenuBar-itemLabel:text-is('Run')", timeout=30_000)
+            page.click(".lm-Menu-itemLabel:text-is('Run All Cells')", timeout=30_000)
+            box = page.wait_for_selector(EXPLORER, timeout=int(os.environ.get("BPSIM_BROWSER_TIMEOUT", "300")) * 1000)
+            box.scroll_into_view_if_needed()
             time.sleep(2)
-            readout = page.locator(".widget-readout").first
+            readout = page.locator(f"{EXPLORER} .widget-readout").first
             before_value, before_plot = readout.inner_text(), _plot_state(page)
+            assert before_plot, "the explorer's figure drew no traces"
             page.screenshot(path=str(SHOTS / "before.png"))
-            handle = page.locator(".widget-slider .noUi-handle").first
-            box = handle.bounding_box()
-            page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+            handle = page.locator(f"{EXPLORER} .widget-slider .noUi-handle").first
+            hb = handle.bounding_box()
+            page.mouse.move(hb["x"] + hb["width"] / 2, hb["y"] + hb["height"] / 2)
             page.mouse.down()
-            page.mouse.move(box["x"] + 250, box["y"] + box["height"] / 2, steps=12)
+            page.mouse.move(hb["x"] + 250, hb["y"] + hb["height"] / 2, steps=12)
             page.mouse.up()
-            page.wait_for_function("v => document.querySelector('.widget-readout').innerText !== v",
-                                   arg=before_value, timeout=30_000)
+            readout.page.wait_for_function(
+                f"v => document.querySelector({EXPLORER!r} + ' .widget-readout').innerText !== v",
+                arg=before_value, timeout=30_000)
             after_value = readout.inner_text()
-            page.wait_for_function(
-                """before => { const plots = document.querySelectorAll('.js-plotly-plot');
-                      const p = plots[plots.length - 1];
-                      const now = Array.from(p.querySelectorAll('.scatterlayer path, .barlayer path, .point'))
-                                      .map(e => e.getAttribute('d') || '').join('|');
-                      return now !== before; }""", arg=before_plot, timeout=120_000)
+            page.wait_for_function(f"before => ({_PLOT_JS})() !== before", arg=before_plot, timeout=120_000)
             page.screenshot(path=str(SHOTS / "after.png"))
             assert after_value != before_value
             assert _plot_state(page) != before_plot
+        except BaseException:
+            page.screenshot(path=str(SHOTS / "failure.png"))
+            (SHOTS / "failure.html").write_text(page.content())
+            raise
         finally:
             browser.close()
