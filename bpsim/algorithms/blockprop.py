@@ -1,0 +1,479 @@
+"""BlockProp: backprop as constrained optimization (Gotmare et al., Alg. 1 and 2).
+
+The network is cut into K blocks glued by variables ``h_2..h_K`` (indices as
+in :mod:`bpsim.objectives`). One training step on a mini-batch is
+
+1. **h-step** (Alg. 1, lines 5-16): start every ``h_k`` at the forward
+   activations, then for ``k = K`` down to ``2`` take ``N_h`` gradient steps
+   on the block Lagrangian ``L_k(h_k)`` (eq. 5), using the ``h*_{k+1}`` that
+   was just found above it;
+2. **W-step** (Alg. 1, line 20): every block takes an SGD step on its own
+   objective ``J_k`` (eq. 7), which needs only ``h*_k`` (its input) and
+   ``h*_{k+1}`` (its target), so the K updates are independent.
+
+For K = 3::
+
+    x --b_1--> h_2 --b_2--> h_3 --b_3--> loss(., y)
+    springs: lam_1 ||h_2 - b_1(x)||^2,  lam_2 ||h_3 - b_2(h_2)||^2
+    h-step:  h_3 first (pulled by b_2(h_2) and by the loss),
+             then h_2 (pulled by b_1(x) and by the new h*_3)
+    W-step:  J_1: x -> h*_2 | J_2: h*_2 -> h*_3 | J_3: h*_3 -> y   (in parallel)
+
+Per-block functions come first: :func:`h_update` and :func:`w_loss` are the
+work of *one* block and are what a process holding a single block calls
+(the multi-process runtime); :func:`h_step` and :func:`w_grads` chain them
+over a whole ``BlockNet`` in one process; the trainers drive them in ``fit``.
+
+Step size of the h-step
+    ``lr_h`` is a **per-example** step: the h-step of a mini-batch moves each
+    example's ``h`` exactly as the paper's online algorithm would for that
+    example alone. The objectives are batch means, so the per-example
+    gradient is the batch gradient times the batch size.
+
+    When ``lr_h`` is not given, ``h_k`` uses ``1 / (4 lam)`` with ``lam`` the
+    largest penalty weight acting on ``h_k`` (``lambda_{k-1}``, and
+    ``lambda_k`` when ``k < K``). The penalty alone has curvature ``2 lam``,
+    so this step halves the distance to the penalty's minimum at each step
+    and stays stable while the rest of ``L_k`` curves less than ``6 lam``.
+
+Batch normalisation
+    The h-step evaluates block ``k`` in the *same mode* as the W-step (train
+    mode while training, so with batch statistics), because Lemma B.1 needs
+    ``h*`` to minimise the very function whose weight gradient the W-step
+    takes. The running statistics are, however, frozen during the h-step and
+    the forward initialisation (saved and restored), so they move once per
+    step, in the W-step's forward, as they would under backprop. With batch
+    statistics the examples of a mini-batch are coupled, so the
+    "one example at a time" equivalence of the h-step holds exactly only for
+    blocks without batch-dependent layers (MLPs, or BN in eval mode).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from bpsim.algorithms.base import DivergenceError, StepResult, Trainer
+from bpsim.nets import BlockNet
+from bpsim.objectives import Lams, as_lams, block_map, penalty, per_gap, task_loss
+
+__all__ = [
+    "h_update", "w_loss", "h_step", "w_grads", "block_params", "default_lr_h", "frozen_running_stats",
+    "BlockPropTrainer", "CachedBlockPropTrainer",
+]
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# ---------------------------------------------------------------- helpers
+@contextmanager
+def frozen_running_stats(module: nn.Module) -> Iterator[None]:
+    """Run a block of code without changing any BatchNorm running statistics.
+
+    The buffers (``running_mean``, ``running_var``, ``num_batches_tracked``)
+    are copied on entry and written back on exit; normalisation itself is
+    untouched (batch statistics in train mode, running ones in eval mode).
+    """
+    saved = []
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats and m.running_mean is not None:
+            saved.append((m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, mean, var, n in saved:
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(n)
+
+
+def _check_nh(n_h: Any) -> int:
+    if isinstance(n_h, bool) or not isinstance(n_h, numbers.Integral) or n_h < 0:
+        raise ValueError(f"n_h (the number of h-steps N_h) must be an integer >= 0, got {n_h!r}")
+    return int(n_h)
+
+
+def default_lr_h(lams: Lams, K: int) -> list[float]:
+    """The default per-example h-step size for ``h_2..h_K`` (see the module docstring).
+
+    ``h_k`` gets ``1 / (4 max(lambda_{k-1}, lambda_k))`` (only
+    ``lambda_{K-1}`` for ``h_K``).
+    """
+    lam = as_lams(lams, K)
+    out = []
+    for k in range(2, K + 1):
+        m = lam[k - 2] if k == K else max(lam[k - 2], lam[k - 1])
+        out.append(1.0 / (4.0 * m))
+    return out
+
+
+def _lr_h_list(lr_h: float | Sequence[float] | None, lam: list[float], K: int) -> list[float]:
+    if lr_h is None:
+        return default_lr_h(lam, K)
+    vals = per_gap(lr_h, K, "lr_h")
+    for k, v in enumerate(vals, start=2):
+        if not (v >= 0 and math.isfinite(v)):
+            raise ValueError(f"lr_h must be >= 0, got {v} for h_{k}; pass a small positive step such as 0.1")
+    return vals
+
+
+# ------------------------------------------------------ one block's work
+def h_update(
+    block: nn.Module,
+    a: torch.Tensor,
+    target: torch.Tensor,
+    lam_in: float,
+    lam_out: float | None,
+    n_h: int,
+    lr_h: float,
+    loss_fn: LossFn | None = None,
+    h0: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One block's h-step: ``N_h`` gradient steps on its gluing input ``h_k``.
+
+    Minimises (BlockProp eq. 5, Alg. 1 lines 10-14)::
+
+        L_k(h) = lam_in * ||h - a||^2 + lam_out * ||target - block(h)||^2   (k < K)
+        L_K(h) = lam_in * ||h - a||^2 + loss_fn(block(h), target)           (k = K, lam_out None)
+
+    Parameters
+    ----------
+    block : the block ``b_k`` (for the last block, including any output layer).
+    a : ``b_{k-1}(h_{k-1})``, the previous block's output (treated as a constant).
+    target : ``h*_{k+1}`` from the block above, or ``y`` for the last block.
+    lam_in : ``lambda_{k-1}`` (> 0), the weight tying ``h`` to ``a``.
+    lam_out : ``lambda_k`` (> 0), or ``None`` for the last block (task loss).
+    n_h : number of gradient steps ``N_h`` (0 returns the start point).
+    lr_h : per-example step size: each example's ``h`` moves as in the
+        online algorithm, i.e. the step uses the batch-mean gradient times
+        the batch size.
+    loss_fn : the task loss for the last block (default: cross-entropy for
+        integer labels, MSE otherwise).
+    h0 : start point (default ``a``, the forward activation; the cached
+        ``h*`` in Alg. 2).
+
+    Returns
+    -------
+    ``h*``, detached. Only ``torch.autograd.grad`` with respect to ``h`` is
+    used, so no parameter's ``.grad`` is touched; BatchNorm running
+    statistics are left as they were.
+
+    Raises
+    ------
+    DivergenceError : when ``h`` or ``L_k`` stops being finite.
+    """
+    n_h = _check_nh(n_h)
+    if not (lr_h >= 0 and math.isfinite(lr_h)):
+        raise ValueError(f"lr_h must be >= 0, got {lr_h}; pass a small positive step such as 0.1")
+    fn = loss_fn if loss_fn is not None else task_loss
+    a = a.detach()
+    target = target.detach()
+    h = (a if h0 is None else h0.detach()).clone()
+    if h.shape != a.shape:
+        raise ValueError(f"h0 has shape {tuple(h.shape)} but a = b_(k-1)(h_(k-1)) has shape {tuple(a.shape)}")
+    step = lr_h * h.shape[0]  # per-example step = batch-mean gradient x batch size
+    with torch.enable_grad(), frozen_running_stats(block):
+        for _ in range(n_h):
+            h.requires_grad_(True)
+            out = block(h)
+            outer = fn(out, target) if lam_out is None else penalty(target, out, lam_out)
+            L = penalty(h, a, lam_in) + outer
+            (g,) = torch.autograd.grad(L, h)
+            h = (h - step * g).detach()
+    # Checked once, after the loop: a nan or inf in h propagates to the last step
+    # (and the W-step checks every J_k as well).
+    if n_h and not (torch.isfinite(L) and torch.isfinite(h).all()):
+        what = f"L_k = {L.item()}" if not torch.isfinite(L) else "h is no longer finite"
+        raise DivergenceError(
+            f"h diverged in {n_h} h-steps ({what}; lr_h={lr_h}, lam_in={lam_in}, lam_out={lam_out}); "
+            f"use a smaller lr_h (the penalty alone is stable for lr_h < {1 / lam_in:.3g}) or a different lam"
+        )
+    return h
+
+
+def w_loss(
+    block: nn.Module,
+    h_in: torch.Tensor,
+    target: torch.Tensor,
+    lam_out: float | None,
+    loss_fn: LossFn | None = None,
+) -> torch.Tensor:
+    """One block's W-step objective ``J_k`` (BlockProp eq. 7) as a scalar.
+
+    ``lam_out * ||target - block(h_in)||^2`` for ``k < K``, or
+    ``loss_fn(block(h_in), y)`` for the last block (``lam_out=None``).
+    ``h_in`` is ``h*_k`` (``x`` for the first block) and is detached, so
+    ``.backward()`` reaches this block's parameters only (Alg. 1, line 20).
+    """
+    out = block(h_in.detach())
+    if lam_out is None:
+        return (loss_fn if loss_fn is not None else task_loss)(out, target)
+    return penalty(target.detach(), out, lam_out)
+
+
+# --------------------------------------------------- the whole network
+def _forward_init(net: BlockNet, x: torch.Tensor, h0: Sequence[torch.Tensor] | None
+                  ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Start points and ``a_k = b_{k-1}(h_{k-1})`` for ``h_2..h_K`` (Alg. 1 line 5).
+
+    Without ``h0`` the start points are the forward activations and
+    ``a_k`` equals them. With ``h0`` (a cache, Alg. 2) each block computes
+    its output on its cached input, which needs no forward chain.
+    """
+    K = len(net)
+    with torch.no_grad(), frozen_running_stats(net):
+        if h0 is None:
+            acts, h = [], x
+            for k in range(1, K):
+                h = net.blocks[k - 1](h)
+                acts.append(h)
+            return acts, acts
+        if len(h0) != K - 1:
+            raise ValueError(f"h0 must hold K-1 = {K - 1} tensors (h_2..h_{K}), got {len(h0)}")
+        start = [h.detach() for h in h0]
+        a = [net.blocks[0](x)] + [net.blocks[k - 1](start[k - 2]) for k in range(2, K)]
+        return start, a
+
+
+def h_step(
+    net: BlockNet,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    lams: Lams,
+    n_h: int,
+    lr_h: float | Sequence[float] | None,
+    h0: Sequence[torch.Tensor] | None = None,
+    loss_fn: LossFn | None = None,
+) -> list[torch.Tensor]:
+    """The h-step of BlockProp (Alg. 1, lines 5-16) on a mini-batch.
+
+    Initialise ``h_2..h_K`` with the forward pass (or with ``h0``), then for
+    ``k = K, K-1, ..., 2`` run :func:`h_update` on ``h_k`` with block ``k``,
+    ``a = b_{k-1}(h_{k-1})`` and the target ``h*_{k+1}`` just computed
+    (``y`` for ``k = K``).
+
+    Parameters
+    ----------
+    net : the ``BlockNet`` (K >= 2 blocks; K = 1 returns ``[]``).
+    x, y : the mini-batch.
+    lams : one penalty weight or ``K - 1`` of them, all > 0.
+    n_h : h-steps per gluing variable, ``N_h >= 0``.
+    lr_h : per-example step size, one for all or ``K - 1`` values
+        (``lr_h[k-2]`` for ``h_k``); ``None`` for :func:`default_lr_h`.
+    h0 : optional start points (Alg. 2's cache); default the forward pass.
+    loss_fn : task loss of the last block (default by the dtype of ``y``).
+
+    Returns
+    -------
+    ``[h*_2, ..., h*_K]``, detached.
+    """
+    K = len(net)
+    lam = as_lams(lams, K)
+    lrs = _lr_h_list(lr_h, lam, K)
+    n_h = _check_nh(n_h)
+    if K == 1:
+        return []
+    start, a = _forward_init(net, x, h0)
+    hs = list(start)
+    target = y
+    for k in range(K, 1, -1):
+        try:
+            hk = h_update(block_map(net, k), a[k - 2], target, lam[k - 2], None if k == K else lam[k - 1],
+                          n_h, lrs[k - 2], loss_fn=loss_fn, h0=None if h0 is None else start[k - 2])
+        except DivergenceError as e:
+            raise DivergenceError(f"h-step of h_{k} (the input of block {k}): {e}") from None
+        hs[k - 2] = target = hk
+    return hs
+
+
+def block_params(net: BlockNet, k: int) -> list[nn.Parameter]:
+    """Block ``k``'s (1-based) weights; the last block's list goes on with ``net.output``'s."""
+    params = list(net.blocks[k - 1].parameters())
+    if k == len(net) and net.output is not None:
+        params += list(net.output.parameters())
+    return params
+
+
+def w_grads(net: BlockNet, x: torch.Tensor, y: torch.Tensor, hs: Sequence[torch.Tensor],
+            lams: Lams, loss_fn: LossFn | None = None) -> list[list[torch.Tensor]]:
+    """Every block's W-step gradient ``grad_{B_k} J_k`` (eq. 7, Alg. 1 line 20).
+
+    Returns one list per block, aligned with ``list(net.blocks[k].parameters())``;
+    when ``net.output`` exists the last block's list continues with
+    ``list(net.output.parameters())``. Parameters that do not require grad
+    get zeros. Computed with ``torch.autograd.grad`` (``.grad`` untouched);
+    in train mode the forward passes move BatchNorm running statistics, as
+    the W-step's forward does.
+    By Lemma B.1, at the exact ``h*`` their concatenation is the gradient
+    of ``J(W) = min_h L(h, W)``.
+    """
+    K = len(net)
+    lam = as_lams(lams, K)
+    if len(hs) != K - 1:
+        raise ValueError(f"hs must hold the K-1 = {K - 1} gluing variables h_2..h_{K}, got {len(hs)}")
+    grads = []
+    for k in range(1, K + 1):
+        params = block_params(net, k)
+        live = [p for p in params if p.requires_grad]
+        h_in = x if k == 1 else hs[k - 2]
+        target = y if k == K else hs[k - 1]
+        with torch.enable_grad():
+            J = w_loss(block_map(net, k), h_in, target, None if k == K else lam[k - 1], loss_fn)
+            g = torch.autograd.grad(J, live, allow_unused=True) if live else ()
+        it = iter(g)
+        out = []
+        for p in params:
+            gp = next(it) if p.requires_grad else None
+            out.append(torch.zeros_like(p) if gp is None else gp)
+        grads.append(out)
+    return grads
+
+
+# ------------------------------------------------------------- trainers
+class BlockPropTrainer(Trainer):
+    """BlockProp (Alg. 1) on mini-batches: h-step, then a W-step per block.
+
+    Parameters
+    ----------
+    net : a ``BlockNet`` with K >= 2 blocks (MLP or CNN).
+    lam : penalty weight(s) ``lambda_k`` > 0, one or ``K - 1``.
+    nh : h-steps per gluing variable ``N_h`` (>= 0).
+    lr_h : per-example h-step size, one or ``K - 1``; default ``1 / (4 lam)``
+        (:func:`default_lr_h`).
+    **kwargs : the ``Trainer`` settings (``lr`` may be one per block).
+
+    ``StepResult.local_losses`` are the ``J_k`` (eq. 7) of the W-step and
+    ``StepResult.loss`` their sum, ``J(W) ~ L(h*, W)`` (eq. 6), so the
+    History's ``train_loss`` is the augmented loss at ``h*``; the test loss
+    is the network's ordinary loss.
+    """
+
+    name = "blockprop"
+    options = ("lam", "nh", "lr_h")
+    default_lr = 0.05
+
+    def __init__(self, net: BlockNet, *, lam: Lams = 1.0, nh: int = 4,
+                 lr_h: float | Sequence[float] | None = None, **kwargs: Any) -> None:
+        K = len(net)
+        if K < 2:
+            raise ValueError("BlockProp needs a net of at least 2 blocks (there is nothing to glue in one); "
+                             "use --blocks 2 or more, or the bp trainer")
+        self.lams = as_lams(lam, K)
+        self.nh = _check_nh(nh)
+        self.lr_h = _lr_h_list(lr_h, self.lams, K)
+        super().__init__(net, **kwargs)
+
+    def _advice(self) -> str:
+        return f"use a smaller lr_h (now {self.lr_h}) or a different lam (now {self.lams})"
+
+    def _h_step(self, x: torch.Tensor, y: torch.Tensor, h0: Sequence[torch.Tensor] | None = None
+                ) -> list[torch.Tensor]:
+        try:
+            return h_step(self.net, x, y, self.lams, self.nh, self.lr_h, h0=h0, loss_fn=self.loss)
+        except DivergenceError as e:
+            raise DivergenceError(f"{self.name} diverged at epoch {self.epoch + 1} in the {e}") from None
+
+    def _w_step(self, x: torch.Tensor, y: torch.Tensor, hs: Sequence[torch.Tensor]) -> StepResult:
+        """SGD step of every block on its ``J_k`` (Alg. 1 line 20)."""
+        K = len(self.net)
+        self.zero_grad()
+        local = []
+        for k in range(1, K + 1):
+            h_in = x if k == 1 else hs[k - 2]
+            target = y if k == K else hs[k - 1]
+            J = w_loss(block_map(self.net, k), h_in, target, None if k == K else self.lams[k - 1], self.loss)
+            v = J.item()
+            if not math.isfinite(v):
+                raise DivergenceError(
+                    f"{self.name} diverged at epoch {self.epoch + 1}: block {k}'s W-step objective J_{k} is {v}; "
+                    f"{self._advice()}, or lower the learning rate (lr={self.lrs})"
+                )
+            J.backward()
+            local.append(v)
+        for o in self.optimizers:
+            o.step()
+        return StepResult(sum(local), local)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> StepResult:
+        return self._w_step(x, y, self._h_step(x, y))
+
+
+class CachedBlockPropTrainer(BlockPropTrainer):
+    """BlockProp with a per-example cache of ``h*`` (Appendix C, Alg. 2).
+
+    ``h*`` is stored per training example (by its dataset index ``idx``).
+    In epochs ``0, E, 2E, ...`` (``E = cache_every``) the h-step runs as in
+    Alg. 1 but starts from the cached ``h*`` (the forward pass where there
+    is none yet) and refreshes the cache; in the other epochs it is skipped
+    and every block takes its W-step on the cached ``h*`` alone, so the
+    blocks need not talk to each other at all.
+
+    ``epoch_extra`` reports how stale the cache is at the end of each epoch
+    (epochs since each cached ``h*`` was refreshed: mean and max), and the
+    cache is part of the checkpoint, so a resumed run is exact.
+    """
+
+    name = "blockprop-cached"
+    options = ("lam", "nh", "lr_h", "cache_every")
+
+    def __init__(self, net: BlockNet, *, cache_every: int = 2, **kwargs: Any) -> None:
+        if isinstance(cache_every, bool) or not isinstance(cache_every, numbers.Integral) or cache_every < 1:
+            raise ValueError(f"cache_every (E, epochs between h-steps) must be an integer >= 1, got {cache_every!r}")
+        self.cache_every = int(cache_every)
+        self.cache: list[torch.Tensor] = []      # one (N, *shape of h_k) tensor per gluing variable
+        self.refreshed = torch.empty(0, dtype=torch.long)  # epoch of the last refresh, -1 = empty
+        super().__init__(net, **kwargs)
+
+    def _grow(self, n: int, like: Sequence[torch.Tensor]) -> None:
+        old = len(self.refreshed)
+        if n <= old:
+            return
+        size = max(n, 2 * old)
+        if not self.cache:
+            self.cache = [torch.zeros((size, *h.shape[1:]), dtype=h.dtype) for h in like]
+        else:
+            self.cache = [torch.cat([c, c.new_zeros((size - old, *c.shape[1:]))]) for c in self.cache]
+        self.refreshed = torch.cat([self.refreshed, torch.full((size - old,), -1, dtype=torch.long)])
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> StepResult:
+        n_cached = len(self.refreshed)
+        inside = idx < n_cached
+        present = torch.zeros(len(idx), dtype=torch.bool)
+        present[inside] = self.refreshed[idx[inside]] >= 0
+        if self.epoch % self.cache_every != 0 and bool(present.all()):
+            return self._w_step(x, y, [c[idx] for c in self.cache])   # W-step on cached h* only
+        h0 = None
+        if bool(present.any()):  # start from the cache, from the forward pass where it is empty
+            acts, _ = _forward_init(self.net, x, None)
+            safe = idx.clamp(max=n_cached - 1)
+            h0 = [torch.where(present.view(-1, *([1] * (a.dim() - 1))), c[safe], a)
+                  for a, c in zip(acts, self.cache)]
+        hs = self._h_step(x, y, h0)
+        self._grow(int(idx.max()) + 1, hs)
+        for c, h in zip(self.cache, hs):
+            c[idx] = h
+        self.refreshed[idx] = self.epoch
+        return self._w_step(x, y, hs)
+
+    def epoch_extra(self) -> dict[str, Any]:
+        valid = self.refreshed[self.refreshed >= 0]
+        if len(valid) == 0:
+            return {"cache_size": 0, "staleness_mean": 0.0, "staleness_max": 0,
+                    "hstep_epoch": self.epoch % self.cache_every == 0}
+        age = self.epoch - valid
+        return {"cache_size": int(len(valid)), "staleness_mean": float(age.double().mean()),
+                "staleness_max": int(age.max()), "hstep_epoch": self.epoch % self.cache_every == 0}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"cache": [c.clone() for c in self.cache], "refreshed": self.refreshed.clone()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.cache = [c.clone() for c in state.get("cache", [])]
+        self.refreshed = state.get("refreshed", torch.empty(0, dtype=torch.long)).clone()
