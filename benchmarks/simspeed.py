@@ -69,10 +69,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=10_000)
     ap.add_argument("--blocks", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--quick", action="store_true",
+                    help="1,000 steps, one repeat, print only (for `make bench`; results files untouched)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                   "results"))
     args = ap.parse_args(argv)
+    if args.quick:
+        args.steps, args.repeat = min(args.steps, 1000), 1
     rows = [measure(a, args.blocks, args.steps, args.repeat) for a in ("dgl", "dgl-async")]
+    if args.quick:
+        for r in rows:
+            print(f"{r['algo']}: {r['spans_per_s']:,.0f} spans/s, {r['ratio_to_bare']:.2f}x the bare SimPy loop")
+        return 0
     info = {"python": platform.python_version(), "simpy": simpy.__version__,
             "machine": platform.machine(), "processor": platform.processor(),
             "command": " ".join(["python benchmarks/simspeed.py"] + list(argv or sys.argv[1:])),

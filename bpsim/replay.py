@@ -181,6 +181,38 @@ class ReplayBuffer:
             "staleness_mean": self.staleness_mean,
         }
 
+    # ------------------------------------------------------- checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly: entries, read counts, statistics.
+
+        Holds only lists, numbers and the stored items, so a checkpoint of
+        tensors loads with ``torch.load(..., weights_only=True)``.
+        """
+        with self._lock:
+            seqs = list(self._order)
+            entries = [self._entries[s] for s in seqs]
+            return {
+                "capacity": self.capacity, "max_reuse": self.max_reuse, "seqs": seqs,
+                "items": [e[0] for e in entries], "steps": [e[1] for e in entries],
+                "reads": [e[2] for e in entries], "seq": self._seq, "last_step": self._last_step,
+                "retired_reads": list(self._retired_reads), "staleness": list(self._staleness),
+                "n_puts": self.n_puts, "n_gets": self.n_gets, "n_misses": self.n_misses,
+            }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> "ReplayBuffer":
+        """A buffer equal to the one whose ``state_dict()`` gave ``state``."""
+        buf = cls(int(state["capacity"]), state["max_reuse"])
+        for s, item, step, reads in zip(state["seqs"], state["items"], state["steps"], state["reads"]):
+            buf._entries[int(s)] = [item, step, int(reads)]
+        buf._order = deque(int(s) for s in state["seqs"])
+        buf._compact()
+        buf._seq, buf._last_step = int(state["seq"]), state["last_step"]
+        buf._retired_reads = [int(r) for r in state["retired_reads"]]
+        buf._staleness = [int(v) for v in state["staleness"]]
+        buf.n_puts, buf.n_gets, buf.n_misses = int(state["n_puts"]), int(state["n_gets"]), int(state["n_misses"])
+        return buf
+
     def __repr__(self) -> str:
         return (f"ReplayBuffer(capacity={self.capacity}, max_reuse={self.max_reuse}, "
                 f"size={len(self)}, puts={self.n_puts}, gets={self.n_gets})")

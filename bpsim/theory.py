@@ -17,6 +17,14 @@ BlockProp (Gotmare et al.)
   ``C(total) = C(backprop) + C(forward) + N_h * C(h-backprop)`` in FLOPs from
   a ``BlockNet``'s FLOP counters (:func:`cost_model`).
 
+DGL (Belilovsky et al.)
+
+* **Corollary 3.1**: block j converges when the distribution of its input
+  (block j-1's output) settles fast enough that ``sum_t c_t`` stays finite.
+  :func:`input_drift` (defined next to the DGL trainer, re-exported here)
+  turns probe-batch snapshots of block outputs into a measured proxy for
+  ``c_t`` and its running sum.
+
 The checks (:func:`lemma_b1_curve`, :func:`lemma_b1_error`,
 :func:`blockprop_vs_backprop`, :func:`large_lambda_limit`) work on a float64
 *copy* of the network, so the caller's net is never changed. The building
@@ -37,13 +45,14 @@ import numpy as np
 import torch
 
 from bpsim.algorithms.blockprop import block_params, frozen_running_stats, h_step, w_grads
+from bpsim.algorithms.dgl import input_drift
 from bpsim.nets import BlockNet, count_flops
 from bpsim.objectives import Lams, as_lams, augmented_loss, task_loss
 
 __all__ = [
     "as_float64", "flat_params", "inner_solve", "reduced_objective", "reduced_gradient",
     "blockprop_gradient", "backprop_gradient", "lemma_b1_error", "lemma_b1_curve",
-    "blockprop_vs_backprop", "large_lambda_limit", "cost_model",
+    "blockprop_vs_backprop", "large_lambda_limit", "cost_model", "input_drift",
 ]
 
 

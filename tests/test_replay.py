@@ -130,3 +130,20 @@ def test_no_torch_import():
     import sys
     code = "import bpsim.replay, bpsim.trace, sys; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_state_dict_round_trip_continues_identically():
+    """A buffer restored from its state_dict answers every later get like the original."""
+    a = ReplayBuffer(4, max_reuse=3)
+    for i in range(7):
+        a.put(i, step=i)
+        if i % 2:
+            a.get()
+    b = ReplayBuffer.from_state_dict(a.state_dict())
+    assert b.stats() == a.stats() and len(b) == len(a)
+    for i in range(7, 12):
+        a.put(i, step=i)
+        b.put(i, step=i)
+        for _ in range(2):
+            assert a.get(with_staleness=True, now=i) == b.get(with_staleness=True, now=i)
+    assert b.stats() == a.stats()

@@ -1,0 +1,246 @@
+"""Accuracy of DGL, async DGL and BWBPF against backprop (issue 3).
+
+DGL's VGG-like CNN (Sec. 4.1: six 3x3 conv+BN+ReLU layers, max-pooling
+after layers 1 and 3, width doubling at each pooling), at a reduced width,
+on a seeded subset of Fashion-MNIST, on CPU with one thread. Every run has
+the same budget: the same examples, epochs, batch size and SGD schedule.
+
+* ``dgl_vs_bp``       -- DGL (K = 4, MLP-aux) against backprop (target: within 0.5 points).
+* ``aux``             -- MLP-aux vs MLP-SR-aux vs CNN-aux at K = 4, with the auxiliary
+                         FLOPs relative to the largest block (DGL Table 1).
+* ``async_slowdown``  -- async DGL (Alg. 2), K = 4, M = 50, block 2 slowed by
+                         S in {1, 1.2, 1.5, 2} (the shape of DGL Fig. 5).
+* ``async_buffer``    -- async DGL, K = 4, S = 1.2 on block 2, M in {1, 5, 20, 50} (Fig. 6).
+* ``bwbpf``           -- BWBPF vs DGL vs backprop at K = 2 and K = 4.
+
+    python benchmarks/accuracy_dgl.py            # full run, writes results/accuracy_dgl.{json,md}
+    python benchmarks/accuracy_dgl.py --quick    # < 1 min smoke run (make bench); writes nothing
+
+Runs shared between sections (e.g. backprop, or async S = 1.2 at M = 50)
+are trained once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from bpsim import data, nets  # noqa: E402
+from bpsim.algorithms import get_trainer  # noqa: E402
+from bpsim.algorithms.base import head_accuracies  # noqa: E402
+from bpsim.trace import atomic_write_text  # noqa: E402
+
+SECTIONS = ("dgl_vs_bp", "aux", "async_slowdown", "async_buffer", "bwbpf")
+SLOWED_BLOCK = 2  # 1-based block slowed down in the async sweeps
+
+
+def plan(sections: list[str]) -> dict[str, list[dict]]:
+    """The runs of every section, as keyword dicts for ``run``."""
+    bp = dict(algo="bp", blocks=4)
+    dgl4 = dict(algo="dgl", blocks=4, aux="mlp")
+    out = {
+        "dgl_vs_bp": [bp, dgl4],
+        "aux": [dgl4, dict(dgl4, aux="mlp-sr"), dict(dgl4, aux="cnn")],
+        "async_slowdown": [dict(algo="dgl-async", blocks=4, aux="mlp", buffer=50, slowdown=s)
+                           for s in (1.0, 1.2, 1.5, 2.0)],
+        "async_buffer": [dict(algo="dgl-async", blocks=4, aux="mlp", buffer=m, slowdown=1.2)
+                         for m in (1, 5, 20, 50)],
+        "bwbpf": [bp] + [dict(algo=a, blocks=k, aux=x) for k in (2, 4)
+                         for a, x in (("dgl", "mlp"), ("bwbpf", "linear"))],
+    }
+    return {s: out[s] for s in sections}
+
+
+def key(cfg: dict) -> str:
+    return ",".join(f"{k}={cfg[k]}" for k in sorted(cfg))
+
+
+def run(cfg: dict, train, test, args) -> dict:
+    """Train one configuration and return its record."""
+    cls = get_trainer(cfg["algo"])
+    desc = data.describe("fashion-mnist")
+    net = nets.build("cnn", desc.input_shape, desc.n_classes, cfg["blocks"], width=args.width,
+                     aux=cfg.get("aux"), output_layer=cls.output_layer, seed=args.seed)
+    kw = {}
+    if cfg["algo"] == "dgl-async":
+        kw = dict(buffer=cfg["buffer"], slowdown=(SLOWED_BLOCK, cfg["slowdown"]))
+    milestones = [max(1, (3 * args.epochs) // 4)] if args.epochs > 1 else []
+    trainer = cls(net, lr=args.lr, momentum=0.9, batch_size=args.batch_size, milestones=milestones,
+                  gamma=0.2, seed=args.seed, progress=False, **kw)
+    t0, c0 = time.perf_counter(), time.process_time()
+    hist = trainer.fit(train, args.epochs)  # evaluated once, at the end (saves time)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    acc, loss = trainer.evaluate(test)
+    bf, hf = net.block_flops(), net.head_flops()
+    rec = {
+        **cfg, "test_accuracy": acc, "test_loss": loss, "train_loss": hist.train_loss,
+        "wall_s": wall, "cpu_s": cpu, "block_mflops": [f / 1e6 for f in bf], "head_mflops": [f / 1e6 for f in hf],
+        "aux_flops_vs_largest_block": max(hf) / max(bf),
+        # test accuracy of every block's head (DGL Fig. 4: better with depth); for bp only the last
+        "head_test_accuracy": head_accuracies(net, test) if net.heads is not None else None,
+        "extra_last_epoch": hist.records[-1].extra,
+    }
+    print(f"  {key(cfg):60s} acc {100 * acc:6.2f}%  {wall:6.1f} s", flush=True)
+    return rec
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}"
+
+
+def _fmt_list(v) -> str:
+    return "[" + ", ".join("n/a" if x is None else f"{x:.2f}" for x in v) + "]"
+
+
+def markdown(results: dict[str, list[dict]], info: dict) -> str:
+    by = {key({k: r[k] for k in r if k in ("algo", "blocks", "aux", "buffer", "slowdown")}): r
+          for rows in results.values() for r in rows}
+    bp = next((r for r in by.values() if r["algo"] == "bp"), None)
+    md = ["# Accuracy: DGL, async DGL and BWBPF against backprop", "",
+          f"What ran: `{info['command']}`. DGL's VGG-like CNN (6 conv layers, first width "
+          f"{info['width']}, doubling at each of the two poolings) on Fashion-MNIST, "
+          f"{info['n_train']} training examples (seeded subset), {info['n_test']} test examples, "
+          f"{info['epochs']} epochs, batch {info['batch_size']}, SGD lr {info['lr']} momentum 0.9"
+          f"{', lr x0.2 from epoch ' + str(info['milestone']) if info['milestone'] else ''}, "
+          f"seed {info['seed']}, one CPU thread "
+          f"(torch {info['torch']}, {info['machine']}). Every method has the same budget: same "
+          "examples, epochs and schedule. Test accuracy is measured once, after the last epoch. "
+          "One seed per configuration: differences below about "
+          f"{info['noise_points']:.1f} points (one standard error of an accuracy on "
+          f"{info['n_test']} test examples, doubled) are noise.", ""]
+    if "dgl_vs_bp" in results:
+        md += ["## DGL (K = 4) vs backprop", "", "| method | test acc % | per-head test acc % | wall s |",
+               "| --- | ---: | --- | ---: |"]
+        for r in results["dgl_vs_bp"]:
+            heads = r["head_test_accuracy"]
+            md.append(f"| {r['algo']} (K = {r['blocks']}{', ' + r['aux'] if r['algo'] != 'bp' else ''}) "
+                      f"| {_pct(r['test_accuracy'])} | {_fmt_list([100 * a for a in heads]) if heads else '-'} "
+                      f"| {r['wall_s']:.0f} |")
+        d = [r for r in results["dgl_vs_bp"] if r["algo"] == "dgl"][0]
+        if bp:
+            gap = 100 * (d["test_accuracy"] - bp["test_accuracy"])
+            md += ["", f"DGL - backprop: {gap:+.2f} points (target: within 0.5 points, i.e. >= -0.5): "
+                       f"{'met' if gap >= -0.5 else 'not met'}."]
+            if "aux" in results:
+                best = max(results["aux"], key=lambda r: r["test_accuracy"])
+                md += ["", f"Best auxiliary net at K = 4 (next section): {best['aux']}, "
+                           f"{100 * (best['test_accuracy'] - bp['test_accuracy']):+.2f} points against backprop."]
+        md.append("")
+    if "aux" in results:
+        md += ["## Auxiliary networks (DGL Table 1), K = 4", "",
+               "Aux FLOPs relative to the largest block (forward, 2 per multiply-accumulate), "
+               "as in Table 1; the paper's ratios are for width 128 on 32x32 CIFAR inputs.", "",
+               "| aux | aux FLOPs / largest block | per-head MFLOPs | test acc % | vs backprop (points) | wall s |",
+               "| --- | ---: | --- | ---: | ---: | ---: |"]
+        for r in results["aux"]:
+            gap = f"{100 * (r['test_accuracy'] - bp['test_accuracy']):+.2f}" if bp else "n/a"
+            md.append(f"| {r['aux']} | {100 * r['aux_flops_vs_largest_block']:.1f}% | "
+                      f"{_fmt_list(r['head_mflops'][:-1])} | {_pct(r['test_accuracy'])} | {gap} | "
+                      f"{r['wall_s']:.0f} |")
+        md += ["", f"Block MFLOPs: {_fmt_list(results['aux'][0]['block_mflops'])}.", ""]
+    for sec, title, col in (("async_slowdown", f"Async DGL: slowdown S of block {SLOWED_BLOCK} (M = 50), "
+                             "the shape of DGL Fig. 5", "slowdown"),
+                            ("async_buffer", f"Async DGL: buffer size M (S = 1.2 on block {SLOWED_BLOCK}), "
+                             "the shape of DGL Fig. 6", "buffer")):
+        if sec not in results:
+            continue
+        md += [f"## {title}", "",
+               f"| {'S' if col == 'slowdown' else 'M'} | test acc % | reuse per buffer (last epoch) "
+               "| staleness per buffer (last epoch) | wall s |", "| ---: | ---: | --- | --- | ---: |"]
+        for r in results[sec]:
+            e = r["extra_last_epoch"]
+            md.append(f"| {r[col]:g} | {_pct(r['test_accuracy'])} | {_fmt_list(e['reuse_mean'])} | "
+                      f"{_fmt_list(e['staleness_mean'])} | {r['wall_s']:.0f} |")
+        sync = by.get(key(dict(algo="dgl", blocks=4, aux="mlp")))
+        if sync:
+            md += ["", f"Synchronous DGL (K = 4, MLP-aux) for reference: {_pct(sync['test_accuracy'])}%."]
+        md.append("")
+    if "bwbpf" in results:
+        md += ["## BWBPF vs DGL vs backprop", "", "| K | backprop | DGL (MLP-aux) | BWBPF (linear heads) |",
+               "| ---: | ---: | ---: | ---: |"]
+        for k in (2, 4):
+            d = by.get(key(dict(algo="dgl", blocks=k, aux="mlp")))
+            b = by.get(key(dict(algo="bwbpf", blocks=k, aux="linear")))
+            md.append(f"| {k} | {_pct(bp['test_accuracy']) if bp else 'n/a'} | "
+                      f"{_pct(d['test_accuracy']) if d else 'n/a'} | {_pct(b['test_accuracy']) if b else 'n/a'} |")
+        md += ["", "Backprop does not depend on K (the same network, trained end to end). "
+                   "BWBPF's prediction comes from its output layer (the VGG classifier: pool to 2x2, "
+                   "two hidden layers) on the last block's features; its block heads are GAP + linear.", ""]
+    tail = f"Total wall time: {info['total_wall_s']:.0f} s"
+    if info.get("total_cpu_s") is not None:
+        tail += f", CPU time of the training runs: {info['total_cpu_s']:.0f} s"
+    if info.get("load_avg_at_end") is not None:
+        tail += (f"; load average {info['load_avg_at_end']:.1f} at the end (the machine is shared, "
+                 "so wall times are only indicative)")
+    md += [tail + ".", ""]
+    return "\n".join(md)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny smoke run (< 1 min); writes no results")
+    ap.add_argument("--width", type=int, default=16, help="first conv width (paper: 128)")
+    ap.add_argument("--n-train", type=int, default=2500)
+    ap.add_argument("--n-test", type=int, default=2000)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=0.02)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
+    ap.add_argument("--out", help="results folder (default: benchmarks/results; --quick: none)")
+    ap.add_argument("--render", metavar="JSON", help="only rewrite the .md beside JSON from its saved results")
+    args = ap.parse_args(argv)
+    if args.render:
+        saved = json.load(open(args.render, encoding="utf-8"))
+        md = markdown(saved["results"], saved["info"])
+        atomic_write_text(os.path.splitext(args.render)[0] + ".md", md)
+        print(md)
+        return 0
+    if args.quick:
+        args.width, args.n_train, args.n_test, args.epochs = 4, 256, 256, 1
+    torch.set_num_threads(1)
+    out = args.out or (None if args.quick else
+                       os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    train, test = data.load("fashion-mnist", n_train=args.n_train, n_test=args.n_test, seed=args.seed)
+    sections = list(args.only or SECTIONS)
+    t0, done, results = time.perf_counter(), {}, {}
+    for sec, cfgs in plan(sections).items():
+        print(f"== {sec}", flush=True)
+        results[sec] = []
+        for cfg in cfgs:
+            k = key(cfg)
+            if k not in done:
+                done[k] = run(cfg, train, test, args)
+            results[sec].append(done[k])
+    n_test = len(test)
+    info = {
+        "command": " ".join(["python benchmarks/accuracy_dgl.py"] + list(sys.argv[1:] if argv is None else argv)),
+        "width": args.width, "n_train": len(train), "n_test": n_test, "epochs": args.epochs,
+        "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+        "milestone": max(1, (3 * args.epochs) // 4) + 1 if args.epochs > 1 else None,
+        "slowed_block": SLOWED_BLOCK, "torch": torch.__version__, "python": platform.python_version(),
+        "machine": platform.machine(), "threads": 1, "total_wall_s": time.perf_counter() - t0,
+        "noise_points": 200 * (0.12 / n_test) ** 0.5,  # 2 x sqrt(p(1-p)/n) at p ~ 0.85
+        "total_cpu_s": sum(r["cpu_s"] for r in done.values()),
+        "load_avg_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+    md = markdown(results, info)
+    print(md)
+    if out is not None:
+        os.makedirs(out, exist_ok=True)
+        atomic_write_text(os.path.join(out, "accuracy_dgl.json"),
+                          json.dumps({"results": results, "info": info}, indent=2))
+        atomic_write_text(os.path.join(out, "accuracy_dgl.md"), md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
