@@ -1,0 +1,415 @@
+# %% [markdown]
+# # 03 · BlockProp in practice: Algorithm 1, caching, Equilibrium Propagation, cost
+#
+# **Time:** about 50 minutes · **Prerequisites:** [01 · Backprop as constrained optimization](01-lagrangian.ipynb),
+# [02 · Lemma B.1](02-lemma-b1.ipynb)
+#
+# **By the end of this lesson you will be able to**
+# 1. train with BlockProp (Algorithm 1) using `BlockPropTrainer` and read the shape of the paper's Fig. 2: how
+#    $N_h$ and $\lambda$ compare with plain SGD;
+# 2. train with more than two blocks and say what changes;
+# 3. cache the gluing variables (Appendix C, Algorithm 2), skip h-steps, and measure how stale the cache gets;
+# 4. check Theorem 5.1 (the link to Equilibrium Propagation) as a numerical limit, including its first-order slope;
+# 5. predict the cost of a BlockProp step with the Appendix A model and compare it with a measured step time.
+
+# %%
+import json
+import time
+from pathlib import Path
+
+import plotly.graph_objects as go
+import torch
+
+from bpsim import data, nets, theory, viz
+from bpsim.algorithms.backprop import BackpropTrainer
+from bpsim.algorithms.blockprop import BlockPropTrainer, CachedBlockPropTrainer
+from bpsim.course import checks, pick, widgets
+
+torch.set_num_threads(1)  # small models: one thread is fastest and repeatable
+FAST = pick(True, False)
+print("fast mode: 8x8 digits" if FAST else "full mode: MNIST")
+
+# %% [markdown]
+# ## 1. Algorithm 1, one mini-batch at a time
+#
+# Lessons 01 and 02 took BlockProp apart. Put back together, one training step on an example (Algorithm 1) is
+#
+# | lines | what happens | `bpsim` |
+# | --- | --- | --- |
+# | 5-6 | forward pass: every $h_k$ starts at its activation, block $k$ sends $b_k(h_k)$ up | inside `blockprop.h_step` |
+# | 7-16 | for $k = K, \dots, 2$: $N_h$ gradient steps of size $\gamma_h$ on $\mathcal{L}_k(h_k)$ (eq. 5), then send $h^*_k$ down | `blockprop.h_update`, chained by `h_step` |
+# | 20 | W-step: every block takes an SGD step on its own $\mathcal{J}_k$ (eq. 7), all in parallel | `blockprop.w_loss`, `w_grads` |
+#
+# The paper runs it one example at a time; `BlockPropTrainer` runs it on mini-batches, with a *per-example* h-step
+# size `lr_h` (default $1/(4\lambda)$), so each example's $h$ moves exactly as in the one-example algorithm. Its
+# `History` records, as `train_loss`, the augmented loss at $h^*$ (eq. 6) and, as test accuracy, that of the ordinary
+# forward network $b_K \circ \dots \circ b_1$: the gluing variables are a training device only (§6).
+#
+# The paper's first experiment (§4.1, Fig. 2) is an MLP with one hidden layer on MNIST, cut into $B_1 = \{W_1\}$ and
+# $B_2 = \{W_2\}$, trained with SGD. Three panels: $N_h$ swept at $\lambda = 1$; $\lambda$ swept at $N_h = 4$ and at
+# $N_h = 2$; each against the SGD baseline. We rerun that grid here: on the 8x8 digits in fast mode, on MNIST in full
+# mode.
+#
+# 🔮 **Predict before you run:** rank $N_h = 0, 1, 4$ at $\lambda = 1$ by final accuracy. Where does plain SGD (backprop)
+# land?
+
+# %%
+if FAST:
+    train, test = data.load("digits", n_train=600)
+    sizes, epochs = [64, 128, 10], 6
+else:
+    train, test = data.load("mnist")
+    sizes, epochs = [784, 256, 10], 5
+
+nh_grid, lam_grid = [0, 1, 2, 4], [0.1, 1.0, 10.0]
+sgd = BackpropTrainer(nets.mlp(sizes, blocks=2, seed=0), lr=0.05, seed=0).fit(train, epochs, test=test)
+runs = {}
+for lam in lam_grid:
+    for nh in nh_grid:
+        trainer = BlockPropTrainer(nets.mlp(sizes, blocks=2, seed=0), lam=lam, nh=nh, lr=0.05, seed=0)
+        runs[lam, nh] = trainer.fit(train, epochs, test=test)
+
+viz.learning_curves({"SGD (backprop)": sgd, **{f"BlockProp λ=1, N_h={nh}": runs[1.0, nh] for nh in nh_grid}},
+                    title="Fig. 2 (left), rerun: N_h at λ = 1")
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print(f"SGD (backprop): final test accuracy {sgd.final_accuracy:.2f}")
+for lam in lam_grid:
+    print(f"λ = {lam:4.1f}: " + ",  ".join(f"N_h={nh}: {runs[lam, nh].final_accuracy:.2f}" for nh in nh_grid))
+
+# %% [markdown]
+# 🎛️ **Explorer: the whole grid.** Pick $\lambda$ and $N_h$; the chosen run is drawn in red over all the others (grey)
+# and the SGD baseline (dashed).
+
+# %%
+epoch_axis = list(range(1, epochs + 1))
+
+
+def fig2_view(lam, n_h):
+    others = [go.Scatter(x=epoch_axis, y=runs[key].test_accuracy, mode="lines", line={"color": "lightgrey", "width": 1},
+                         showlegend=False, hoverinfo="skip") for key in runs]
+    return others + [
+        go.Scatter(x=epoch_axis, y=sgd.test_accuracy, mode="lines", line={"color": "black", "dash": "dash"},
+                   name="SGD (backprop)"),
+        go.Scatter(x=epoch_axis, y=runs[lam, n_h].test_accuracy, mode="lines+markers", line={"color": "#E45756"},
+                   name=f"BlockProp λ={lam}, N_h={n_h}: {runs[lam, n_h].final_accuracy:.3f}"),
+    ]
+
+
+low = min(min(h.test_accuracy) for h in [sgd, *runs.values()])
+widgets.explorer(
+    fig2_view, {"lam": lam_grid, "n_h": nh_grid}, defaults={"lam": 1.0, "n_h": 4},
+    layout={"title": "BlockProp vs SGD: test accuracy per epoch", "height": 420, "xaxis": {"title": "epoch"},
+            "yaxis": {"title": "test accuracy", "range": [max(0.0, low - 0.02), 1.0]},
+            "legend": {"x": 0.45, "y": 0.05}},
+)
+
+# %% [markdown]
+# What the grid shows (and what the paper reports in §4.1):
+#
+# * $N_h = 0$ is clearly worse: block 1 gets no gradient at all (lesson 01), only the output layer learns.
+# * One or two h-steps already recover most of the gap; more steps help less and less, which is the geometric
+#   convergence of lesson 02 seen through training.
+# * Across $\lambda$ the differences are small once $N_h \ge 1$ (the paper sees no evident pattern either): with the
+#   default step $1/(4\lambda)$ the h-step converges at the same rate for every $\lambda$, and the W-step gradient of
+#   block 1 has the size of backprop's. The full MNIST benchmark below puts slack springs ($\lambda = 0.1$) a little
+#   behind.
+#
+# `bpsim`'s benchmark reruns the paper's full MNIST sweep; when its results are present they are drawn below.
+
+# %%
+def benchmark_results(name):
+    """A JSON file from benchmarks/results (looked for beside the notebook's folder, then here), or None."""
+    for root in (Path(".."), Path(".")):
+        path = root / "benchmarks" / "results" / name
+        if path.exists():
+            print(f"benchmark results: {path}")
+            return json.loads(path.read_text())
+    print(f"no {name} yet: run `python benchmarks/{name.replace('.json', '.py')}` to produce it")
+    return None
+
+
+def fig2_from_benchmark(bench):
+    """The three panels of the paper's Fig. 2 from benchmarks/accuracy_blockprop.py's results."""
+    from plotly.subplots import make_subplots
+
+    rows = bench["results"]
+    base = next(r for r in rows if r["algorithm"] == "bp")
+    bp_rows = [r for r in rows if r["algorithm"] == "blockprop"]
+    panels = [("N_h at λ = 1", [r for r in bp_rows if r["lam"] == 1.0], "nh"),
+              ("λ at N_h = 4", [r for r in bp_rows if r["nh"] == 4], "lam"),
+              ("λ at N_h = 2", [r for r in bp_rows if r["nh"] == 2], "lam")]
+    fig = make_subplots(rows=1, cols=3, subplot_titles=[p[0] for p in panels], shared_yaxes=True)
+    palette = ["#4C78A8", "#E45756", "#54A24B", "#F58518", "#B279A2"]
+    for col, (_, sel, key) in enumerate(panels, start=1):
+        ep_axis = list(range(1, len(base["test_accuracy"]) + 1))
+        fig.add_scatter(x=ep_axis, y=base["test_accuracy"], mode="lines", line={"color": "black", "dash": "dash"},
+                        name="SGD", showlegend=col == 1, row=1, col=col)
+        for i, r in enumerate(sorted(sel, key=lambda r: r[key])):
+            fig.add_scatter(x=ep_axis, y=r["test_accuracy"], mode="lines+markers", line={"color": palette[i]},
+                            name=f"{'N_h' if key == 'nh' else 'λ'}={r[key]:g}", legendgroup=f"{col}",
+                            row=1, col=col)
+        fig.update_xaxes(title_text="epoch", row=1, col=col)
+    fig.update_yaxes(title_text="test accuracy", row=1, col=1)
+    info = bench["info"]
+    fig.update_layout(title=f"Fig. 2 rerun by benchmarks/: {info['model']}, {info['epochs']} epochs on {info['data']}",
+                      height=400)
+    return fig
+
+
+BENCH = benchmark_results("accuracy_blockprop.json")
+fig2_from_benchmark(BENCH) if BENCH else None
+
+# %% [markdown]
+# ## 2. More than two blocks
+#
+# Nothing in Algorithm 1 is specific to $K = 2$. With $K$ blocks there are $K - 1$ gluing variables and springs; the
+# h-step sweeps from $h_K$ down to $h_2$ (each $h_k$ sees the freshly updated $h^*_{k+1}$ as its target), and the W-step
+# makes every middle block regress its output onto the next gluing variable. Lesson 02 showed the price: one sweep is
+# block-coordinate descent, so $h^*$ (and the W-step gradient) is less exact than for $K = 2$.
+#
+# The same four-layer MLP, cut into $K = 2, 3, 4$ blocks, against backprop:
+#
+# 🔮 **Predict before you run:** does accuracy fall as $K$ grows? By a lot?
+
+# %%
+deep = [sizes[0], 64, 64, 64, 10]
+deep_epochs = pick(10, 5)
+deep_runs = {"backprop": BackpropTrainer(nets.mlp(deep, blocks=2, seed=0), lr=0.05, seed=0).fit(train, deep_epochs, test=test)}
+for K in (2, 3, 4):
+    trainer = BlockPropTrainer(nets.mlp(deep, blocks=K, seed=0), lam=1.0, nh=4, lr=0.05, seed=0)
+    deep_runs[f"BlockProp K={K}"] = trainer.fit(train, deep_epochs, test=test)
+viz.learning_curves(deep_runs, title="A 4-layer MLP cut into K blocks (λ = 1, N_h = 4)")
+
+# %%
+# NBVAL_CHECK_OUTPUT
+for name, hist in deep_runs.items():
+    print(f"{name:12s}: final test accuracy {hist.final_accuracy:.2f}")
+
+# %% [markdown]
+# Accuracy drops a little with every extra cut: more springs, each a place where the blocks may disagree, and an
+# h-step further from the joint optimum. (Backprop, at the same learning rate, is slow to leave the flat start of this
+# deep, narrow net within so few epochs; do not read more into one seed on a small data set.) In exchange each block needs only its neighbours' gluing variables, so $K$ devices can hold $K$
+# blocks. The paper's experiments stop at $K = 2$ and list more blocks as future work (§6).
+#
+# ## 3. Caching the gluing variables (Algorithm 2)
+#
+# The h-step needs a forward pass through all blocks and then a sweep back down, so the blocks still wait on each other.
+# Appendix C proposes to remember $h^*$ for every training example and to reuse it:
+#
+# * the h-step is run only every $E$ epochs, and then starts from the cached $h^*$ instead of the forward pass (a warm
+#   start);
+# * in the other epochs each block takes its W-step on the cached $h^*_k$ (input) and $h^*_{k+1}$ (target) alone: no
+#   forward pass, no h-step, **no communication between blocks** at all.
+#
+# The price is staleness: the cached $h^*$ were found for older weights, so the W-step follows the gradient of an
+# outdated $\mathcal{J}$ (the paper warns that very stale values may hurt, Appendix C). `CachedBlockPropTrainer(net,
+# cache_every=E, ...)` implements it and stores, for every epoch, the age of the cache in the `extra` field of each
+# History record.
+#
+# 🔮 **Predict before you run:** with $E = 4$, what is the cache's age (epochs since its last refresh) at the end of
+# epochs 1, 2, ..., 8?
+
+# %%
+cache_epochs = pick(8, 6)
+cache_runs = {"Alg. 1 (no cache)": BlockPropTrainer(nets.mlp(sizes, blocks=2, seed=0), lam=1.0, nh=4, lr=0.05,
+                                                    seed=0).fit(train, cache_epochs, test=test)}
+for E in (1, 2, 4):
+    trainer = CachedBlockPropTrainer(nets.mlp(sizes, blocks=2, seed=0), cache_every=E, lam=1.0, nh=4, lr=0.05, seed=0)
+    cache_runs[f"Alg. 2, E={E}"] = trainer.fit(train, cache_epochs, test=test)
+viz.learning_curves(cache_runs, title="Caching h* (Algorithm 2): accuracy and wall time per epoch",
+                    metrics=("test_accuracy", "wall_time"))
+
+# %%
+# NBVAL_CHECK_OUTPUT
+for name, hist in cache_runs.items():
+    ages = [r.extra.get("staleness_mean", 0.0) for r in hist.records]
+    print(f"{name:18s}: accuracy {hist.final_accuracy:.2f}, cache age per epoch {[round(a) for a in ages]}")
+
+# %% [markdown]
+# The age climbs by one per epoch and drops to 0 at every h-step epoch. The epochs without an h-step are cheaper (the
+# right panel; timings are noisy on a shared machine), and on this small problem accuracy hardly suffers. With
+# $E = 1$ the cache only warm-starts the h-step: the optimum of the last epoch is usually closer to the new optimum
+# than the forward activation is, which also helps the $K > 2$ sweeps of lesson 02 converge across epochs.
+#
+# ## 4. Theorem 5.1: Equilibrium Propagation as a limit
+#
+# Equilibrium Propagation (Scellier and Bengio, the paper's ref. [4]) trains an energy-based model. Read BlockProp's
+# springs as an internal energy and the loss as an external cost (§5.2):
+#
+# $$E = \sum_{k=1}^{K-1}\|h_{k+1} - b_k(h_k)\|^2, \qquad C = \ell(y, \cdot), \qquad
+# \mathcal{L}_\beta(h) = E(h) + \beta\, C(h) ,$$
+#
+# and let $h(\beta)$ minimise $\mathcal{L}_\beta$. At $\beta = 0$ the springs are relaxed, $h(0)$ is the forward pass,
+# and the cost at that point is the network's loss. Theorem 5.1 states that the loss gradient is the limit
+#
+# $$\frac{d\,\ell(y, f(x))}{d\theta} = \lim_{\beta \to 0}\; \frac{1}{\beta}\, \frac{d}{d\theta}\Big[E + \beta\, C\Big]\big(h(\beta)\big) .$$
+#
+# Divide $\mathcal{L}_\beta$ by $\beta$ and set $\lambda = 1/\beta$: $\frac{1}{\beta}\mathcal{L}_\beta = \lambda E + C$ is
+# exactly BlockProp's augmented loss (eq. 4) with all $\lambda_k = \lambda$, with the same minimiser. So the expression
+# inside the limit is BlockProp's exact W-step gradient at $\lambda = 1/\beta$ (by Lemma B.1), and the theorem says
+# it tends to backprop's gradient as the springs stiffen. The proof differentiates $\partial\mathcal{L}^*/\partial\beta$
+# at $\beta = 0$, so the approach is **first order**: the error should shrink in proportion to $\beta$, a slope of 1
+# on a log-log plot.
+#
+# `theory.large_lambda_limit(net, x, y, betas)` solves each inner problem exactly (float64, L-BFGS) and returns the
+# cosine and relative error to backprop for every $\beta$, plus the fitted log-log slope. As in the theorem, each
+# block is a single layer.
+#
+# 🔮 **Predict before you run:** the slope of $\log(\text{error})$ against $\log\beta$?
+
+# %%
+x_small, y_small = train.tensors[0][:32], train.tensors[1][:32]
+ep_net = nets.mlp([sizes[0], 32, 10], blocks=2, seed=0)
+betas = [1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001]
+ep = theory.large_lambda_limit(ep_net, x_small, y_small, betas)
+fig = go.Figure([
+    go.Scatter(x=ep["beta"], y=ep["rel_error"], mode="lines+markers", name="relative error to backprop"),
+    go.Scatter(x=ep["beta"], y=[1 - c for c in ep["cosine"]], mode="lines+markers", name="1 − cosine"),
+    go.Scatter(x=ep["beta"], y=[ep["rel_error"][-1] * b / ep["beta"][-1] for b in ep["beta"]], mode="lines",
+               line={"dash": "dash", "color": "grey"}, name="slope 1"),
+])
+fig.update_layout(title=f"Theorem 5.1: EP's estimate → backprop as β → 0 (fitted slope {ep['slope']:.2f})",
+                  height=380, xaxis={"type": "log", "title": "β = 1/λ"},
+                  yaxis={"type": "log", "title": "distance to backprop's gradient", "exponentformat": "power"})
+fig
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print(f"fitted slope of log(error) vs log(beta): {ep['slope']:.2f}")
+for b, c, e in zip(ep["beta"], ep["cosine"], ep["rel_error"]):
+    print(f"β = {b:6.3f} (λ = {1 / b:6.0f}): cosine {c:.2f}, relative error {e:.1e}")
+
+# %% [markdown]
+# The slope is 1: EP with a small nudge $\beta$, and BlockProp with stiff springs $\lambda = 1/\beta$, both compute
+# backprop's gradient up to an error proportional to $\beta$, here over three decades. The cosine is already close to 1
+# at $\lambda = 1$: the direction converges faster than the length ($1 - \cos$ falls like $\beta^2$). Practical
+# BlockProp lives in between: $\lambda$ large enough for a backprop-like direction, small enough for a well-conditioned
+# h-step (lesson 02).
+#
+# ## 5. What a step costs (Appendix A)
+#
+# Appendix A counts the work of one BlockProp step without caching:
+#
+# * the **W-step** is $K$ small backprops that together cost one ordinary backprop: $\mathcal{C}(W) = \mathcal{C}(\text{backprop})$;
+# * the **h-step** costs one forward pass (the initialisation, line 5) plus $N_h$ gradient calls on the gluing
+#   variables: $\mathcal{C}(h) = \mathcal{C}(\text{forward}) + N_h\, \mathcal{C}(h\text{-backprop})$;
+#
+# $$\mathcal{C}(\text{total}) = \mathcal{C}(\text{backprop}) + \mathcal{C}(\text{forward}) + N_h\,\mathcal{C}(h\text{-backprop}),
+# \qquad \mathcal{C}(\text{backprop}) + \mathcal{C}(\text{forward}) \le \mathcal{C}(\text{total}) < \mathcal{C}(\text{forward}) + (N_h + 1)\,\mathcal{C}(\text{backprop}).$$
+#
+# So BlockProp on one device is always *slower* than backprop; the paper's case for it is model parallelism with
+# caching (§3). `theory.cost_model(net, n_h)` counts FLOPs per example with these conventions: with $F_k$ the forward
+# FLOPs of block $k$ and $F = \sum_k F_k$, a backward pass costs $2\times$ its forward (one product for the input
+# gradient, one for the weight gradient), so $\mathcal{C}(\text{backprop}) = 3F$, $\mathcal{C}(\text{forward}) = F$,
+# and one h-step needs block $k$'s forward and its *input* gradient for $k = 2..K$:
+# $\mathcal{C}(h\text{-backprop}) = 2\sum_{k \ge 2} F_k$. Block 1 never enters the h-step: $h_1 = x$ is not a variable.
+#
+# ### ✍️ Exercise: the cost ratio
+#
+# For a four-layer MLP on MNIST-sized inputs cut into two blocks, and $N_h = 4$, compute
+# $\mathcal{C}(\text{total}) / \mathcal{C}(\text{backprop})$ from the forward FLOPs per block `F = cost_net.block_flops()`.
+
+# %%
+cost_net = nets.mlp([784, 512, 512, 512, 10], blocks=2, seed=0)
+F = cost_net.block_flops()
+print("forward FLOPs per example of each block:", F)
+
+# BEGIN SOLUTION
+forward = sum(F)
+ratio = (3 * forward + forward + 4 * 2 * sum(F[1:])) / (3 * forward)
+# END SOLUTION
+checks.blockprop_cost_ratio(cost_net, 4, ratio)
+
+# %% [markdown]
+# ### Model against measurement
+#
+# Now time real training steps of `BackpropTrainer` and `BlockPropTrainer` on one batch of 256 MNIST-sized inputs (the
+# best of a few repeats; other programs on this machine add noise), and compare the measured ratio with the model.
+#
+# 🔮 **Predict before you run:** will the measured ratio be above or below the FLOP model? Why might it differ?
+
+# %%
+gen = torch.Generator().manual_seed(0)
+xb = torch.rand(256, 1, 28, 28, generator=gen)
+yb = torch.randint(0, 10, (256,), generator=gen)
+idx = torch.arange(256)
+
+
+def step_seconds(trainer, repeats=pick(3, 10)):
+    trainer.train_step(xb, yb, idx)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        trainer.train_step(xb, yb, idx)
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+cost_nh = [0, 1, 2, 4, 8]
+bp_time = step_seconds(BackpropTrainer(nets.mlp([784, 512, 512, 512, 10], blocks=2, seed=0)))
+measured = [step_seconds(BlockPropTrainer(nets.mlp([784, 512, 512, 512, 10], blocks=2, seed=0), lam=1.0, nh=n)) / bp_time
+            for n in cost_nh]
+model = [theory.cost_model(cost_net, n) for n in cost_nh]
+fig = go.Figure([
+    go.Scatter(x=cost_nh, y=[m["ratio"] for m in model], mode="lines+markers", name="Appendix A model (FLOPs)"),
+    go.Scatter(x=cost_nh, y=measured, mode="lines+markers", name="measured step time"),
+    go.Scatter(x=cost_nh, y=[m["upper_bound"] / m["backprop"] for m in model], mode="lines",
+               line={"dash": "dot", "color": "grey"}, name="upper bound F + (N_h + 1)·3F"),
+])
+fig.update_layout(title="Cost of a BlockProp step relative to a backprop step", height=380,
+                  xaxis={"title": "N_h"}, yaxis={"title": "BlockProp / backprop"})
+fig
+
+# %%
+# NBVAL_CHECK_OUTPUT
+for m in model:
+    print(f"N_h = {m['n_h']}: model ratio {m['ratio']:.2f}  (bounds {m['lower_bound'] / m['backprop']:.2f} .. "
+          f"{m['upper_bound'] / m['backprop']:.2f})")
+
+# %% [markdown]
+# The measured ratio grows linearly with $N_h$, as the model says, but the two lines need not coincide. A FLOP count
+# ignores the fixed cost of every call (Python, autograd bookkeeping) and the memory traffic of elementwise work (the
+# ReLU, the penalty terms), which weigh more on a small block 2 than on a big matrix product: the measured slope is
+# usually the steeper one. At $N_h = 0$ the measurement can come in *below* the model, because `bpsim`'s
+# initialisation runs blocks $1..K-1$ only (block $K$'s forward is part of its first h-step), while Appendix A prices a
+# full forward pass. A benchmark that keeps such claims honest lives in `benchmarks/` (several network sizes, interleaved
+# timings); when its results are present they are shown here:
+
+# %%
+def costs_from_benchmark(bench):
+    """Predicted (lines) and measured (markers) ratios of every case in benchmarks/costmodel.py's results."""
+    fig = go.Figure()
+    palette = ["#4C78A8", "#E45756", "#54A24B", "#F58518", "#B279A2"]
+    for i, case in enumerate(dict.fromkeys(r["case"] for r in bench["results"])):
+        rs = [r for r in bench["results"] if r["case"] == case]
+        nh = [r["n_h"] for r in rs]
+        fig.add_scatter(x=nh, y=[r["predicted_ratio"] for r in rs], mode="lines", line={"color": palette[i % 5]},
+                        name=f"{case}: model", legendgroup=case)
+        fig.add_scatter(x=nh, y=[r["measured_ratio"] for r in rs], mode="markers",
+                        marker={"color": palette[i % 5], "size": 9}, name=f"{case}: measured", legendgroup=case)
+    fig.update_layout(title="Appendix A model (lines) vs measured step-time ratio (markers), benchmarks/costmodel.py",
+                      height=420, xaxis={"title": "N_h"}, yaxis={"title": "BlockProp / backprop"})
+    return fig
+
+
+COST = benchmark_results("costmodel.json")
+costs_from_benchmark(COST) if COST else None
+
+# %% [markdown]
+# ## Summary
+#
+# * `BlockPropTrainer(net, lam, nh, lr_h)` is Algorithm 1 on mini-batches. On one hidden layer (Fig. 2) a few h-steps
+#   bring it close to SGD; $N_h = 0$ leaves block 1 untrained; $\lambda$ matters little once the h-step size scales
+#   with $1/\lambda$.
+# * More blocks are possible; each extra cut adds a spring and makes one top-down sweep less exact.
+# * Algorithm 2 caches $h^*$ per example and runs the h-step every $E$ epochs; in between, blocks train on their own
+#   with no communication, on gluing variables up to $E - 1$ epochs old.
+# * Theorem 5.1: EP's nudged estimate at $\beta$ is BlockProp's W-step gradient at $\lambda = 1/\beta$; it tends to
+#   backprop's gradient with an error proportional to $\beta$ (slope 1).
+# * Appendix A: a step costs backprop + forward + $N_h$ h-backprops, so BlockProp alone is slower than backprop on one
+#   device; measured times grow linearly in $N_h$ but exceed the FLOP model for small blocks.
+#
+# **Previous:** [02 · Lemma B.1](02-lemma-b1.ipynb) · **Next:** [04 · Decoupled greedy learning](04-dgl.ipynb), which
+# drops the gluing variables altogether and gives every block a loss of its own.

@@ -1,0 +1,73 @@
+"""The course as a whole: every lesson has the fixed shape, every check is used,
+the build pipeline's hygiene gate and student versions work."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from bpsim.course import build, checks
+
+ROOT = Path(__file__).resolve().parent.parent
+LESSONS = build.lessons()
+EXPECTED = ["00-start-here", "01-lagrangian", "02-lemma-b1", "03-blockprop", "04-dgl", "05-bwbpf",
+            "06-locking-timelines", "07-async-replay", "08-measured-vs-simulated"]
+
+
+def test_nine_lessons_in_order():
+    assert [p.stem for p in LESSONS] == EXPECTED
+
+
+@pytest.mark.parametrize("path", LESSONS, ids=[p.stem for p in LESSONS])
+def test_lesson_has_the_fixed_shape(path: Path):
+    text = path.read_text()
+    assert re.search(r"\*\*Time:\*\*", text), "time estimate"
+    assert "By the end of this lesson" in text, "learning objectives"
+    assert "Predict" in text, "a predict-before-you-run prompt"
+    assert "widgets.explorer(" in text, "an explorer"
+    assert re.search(r"checks\.\w+\(", text), "an exercise check"
+    assert "# BEGIN SOLUTION" in text and "# END SOLUTION" in text, "an exercise with a marked solution"
+    assert "# NBVAL_CHECK_OUTPUT" in text, "a seeded numeric output for nbval"
+    assert "## Summary" in text, "a summary"
+    i = EXPECTED.index(path.stem)
+    if i + 1 < len(EXPECTED):
+        assert f"{EXPECTED[i + 1]}.ipynb" in text, "a link to the next lesson"
+    if i > 0:
+        assert f"{EXPECTED[i - 1]}.ipynb" in text, "a link to the previous lesson"
+    assert (ROOT / "notebooks" / f"{path.stem}.ipynb").exists(), "run `make notebooks`"
+
+
+def test_every_check_is_used_by_a_lesson():
+    used = "\n".join(p.read_text() for p in LESSONS)
+    unused = [name for name in checks.registry() if f"checks.{name}(" not in used]
+    assert not unused, f"checks no lesson calls: {unused}"
+
+
+def test_notebooks_match_their_lessons():
+    assert build.check() == []
+
+
+def test_student_versions_hide_solutions(tmp_path):
+    written = build.student(out_dir=tmp_path)
+    assert len(written) == len(LESSONS)
+    for p in written:
+        text = p.read_text()
+        assert "BEGIN SOLUTION" not in text
+        assert "NotImplementedError" in text
+
+
+def test_check_fails_on_a_stale_notebook(tmp_path):
+    import shutil
+
+    lessons_dir, out_dir = tmp_path / "lessons", tmp_path / "notebooks"
+    lessons_dir.mkdir()
+    shutil.copytree(ROOT / "notebooks", out_dir, ignore=shutil.ignore_patterns("*.cfg"))
+    for p in LESSONS:
+        shutil.copy(p, lessons_dir / p.name)
+    assert build.check(lessons_dir, out_dir) == []
+    first = lessons_dir / LESSONS[0].name
+    first.write_text(first.read_text() + "\n# %%\nprint('a new cell')\n")
+    problems = build.check(lessons_dir, out_dir)
+    assert problems and LESSONS[0].stem in problems[0]
