@@ -1,0 +1,367 @@
+"""How well the simulator predicts measured runs (issue 5, item 7).
+
+1. **Calibrate** the simulator on one measured run: ``dgl`` with 2 workers
+   (``Costs.from_trace``: median cost per op and block, lognormal spread,
+   message latency).
+2. **Predict** held-out measured runs with ``bpsim.sim.simulate`` and those
+   costs: more steps, the other algorithms, a slowed rank (``--slowdown``,
+   real extra work; the simulator multiplies that block's costs), the
+   one-process reference (both blocks on one device). Report the makespan
+   error and the per-rank busy-time error of each (``bpsim.sim.compare``).
+3. Separately, **self-calibrated** predictions: each algorithm calibrated
+   on its own short run and asked for a longer and a slowed run. The gap
+   between the two tables is the error of carrying op costs from one
+   algorithm to another (e.g. backprop's backward also computes the input
+   gradient that DGL's detached blocks skip; a gpipe micro-batch costs more
+   than a quarter of a batch), not of the schedules.
+4. **More ranks than cores**: 4 workers on the machine's 2 cores. Costs come
+   from the one-process run of the same 4-block net (undisturbed); the
+   simulator shares devices (``placement=2``: blocks 1-2 on device 0,
+   3-4 on device 1). Makespan and per-block busy errors are reported.
+
+Blocks are compute-heavy (MLP width 1024, batch 128, two layers per block,
+DGL heads ``linear``), one torch thread per worker, and the training set is
+cut to a multiple of the batch size so that every step costs the same.
+Results: ``benchmarks/results/fidelity.{json,md}``.
+
+    python benchmarks/fidelity.py            # full (a few minutes)
+    python benchmarks/fidelity.py --quick    # < 1 min: calibration + 3 held-out runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+WIDTH, BATCH, N_TRAIN = 1024, 128, 1280
+
+
+def _cfg(algo: str, steps: int, workers: int = 2, blocks: int = 2, **kw: Any) -> Any:
+    from bpsim.runtime import RunConfig
+
+    base = dict(blocks=blocks, steps=steps, data="digits", model="mlp", width=WIDTH,
+                depth=2 * blocks - 1, batch_size=BATCH, threads=1, evaluate=False, seed=0,
+                n_train=N_TRAIN)
+    if algo.startswith("dgl"):
+        base["aux"] = "linear"
+    base.update(kw)
+    return RunConfig(algo, workers=workers, **base)
+
+
+def _sim_kwargs(cfg: Any, res: Any) -> dict[str, Any]:
+    """simulate() arguments describing the measured run ``cfg``."""
+    kw: dict[str, Any] = {"blocks": cfg.blocks, "steps": cfg.steps}
+    if cfg.slowdown:
+        kw["slowdown"] = {r + 1: s for r, s in cfg.slowdown.items()}   # rank -> block
+    if cfg.workers == 1:
+        kw["placement"] = [0] * cfg.blocks
+    if cfg.algo == "dgl-async":
+        kw["buffer"] = cfg.buffer
+    if cfg.algo.startswith("blockprop"):
+        kw["nh"] = cfg.options.get("nh", 4)
+    if cfg.algo == "blockprop-cached":
+        kw["cache_every"] = cfg.options.get("cache_every", 2)
+        kw["epochs_steps"] = N_TRAIN // BATCH
+    if cfg.algo == "gpipe":
+        kw["microbatches"] = cfg.microbatches
+    return kw
+
+
+def mean_costs(trace: Any) -> Any:
+    """``Costs.from_trace`` with each op's *mean* duration instead of its
+    median and no spread: a diagnostic. On a shared machine a few ops are
+    much slower than the rest (another process took the core), so the
+    median underestimates the time a run really spends."""
+    from dataclasses import replace
+
+    from bpsim.sim import Costs
+
+    base = Costs.from_trace(trace)
+    sums: dict[tuple[int, str], list[float]] = {}
+    for r in trace.rows:
+        if r[1] == "compute" and r[2] in ("fwd", "bwd", "aux", "update", "hstep"):
+            sums.setdefault((r[3], r[2]), []).append(r[7] - r[6])
+    per = {b: dict(over) for b, over in base.per_block.items()}
+    for (b, op), ds in sums.items():
+        per.setdefault(b, {})[op] = sum(ds) / len(ds)
+    return replace(base, per_block=per, spread=0.0)
+
+
+def predict(costs: Any, cfg: Any, res: Any, label: str, alt: Any = None,
+            per_microbatch: bool = False) -> dict[str, Any]:
+    """Simulate the run ``cfg`` with ``costs`` and compare with its measurement
+    (and, with ``alt``, also with those costs: the mean-cost diagnostic).
+    ``per_microbatch``: the costs came from a gpipe run already."""
+    from bpsim.sim import simulate
+    from bpsim.sim.compare import compare
+
+    algo = cfg.algo
+
+    def sim_compare(cs: Any) -> dict[str, Any]:
+        if algo == "gpipe" and not per_microbatch:   # the simulator's costs are per
+            cs = _scaled(cs, 1.0 / cfg.microbatches)  # micro-batch: assume linear
+        return compare(res.trace, simulate(algo, costs=cs, **_sim_kwargs(cfg, res)).trace)
+
+    c = sim_compare(costs)
+    out = {"case": label, "algo": algo, "workers": cfg.workers, "steps": cfg.steps,
+           "slowdown": {str(k): v for k, v in cfg.slowdown.items()},
+           "makespan_measured": c["makespan_measured"],
+           "makespan_simulated": c["makespan_simulated"],
+           "makespan_error": c["makespan_error"], "busy": c["busy"],
+           "busy_error_mean": c["busy_error_mean"],
+           "start_offset_frac": c["start_offset_frac"],
+           "noise": noise(res.trace)}
+    if alt is not None:
+        m = sim_compare(alt)
+        out["mean_costs"] = {"makespan_error": m["makespan_error"],
+                             "busy_error_mean": m["busy_error_mean"]}
+    return out
+
+
+def noise(trace: Any) -> float:
+    """Busy time over (op count x median op time): 1.0 on a quiet machine,
+    more when other processes slow some ops down."""
+    import statistics
+
+    by: dict[tuple[int, str], list[float]] = {}
+    for r in trace.rows:
+        if r[1] == "compute" and r[2] != "wait":
+            by.setdefault((r[3], r[2]), []).append(r[7] - r[6])
+    tot = sum(sum(v) for v in by.values())
+    med = sum(statistics.median(v) * len(v) for v in by.values())
+    return tot / med if med > 0 else float("nan")
+
+
+def _scaled(costs: Any, f: float) -> Any:
+    from dataclasses import replace
+
+    per = {b: {k: (v * f if k in ("fwd", "bwd", "aux", "update", "hstep") else v)
+               for k, v in over.items()} for b, over in costs.per_block.items()}
+    return replace(costs, per_block=per)
+
+
+def per_block_busy(trace: Any, by_block: bool) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for r in trace.rows:
+        if r[1] == "compute" and r[2] != "wait":
+            key = r[3] if by_block else r[0]
+            out[key] = out.get(key, 0.0) + r[7] - r[6]
+    return out
+
+
+def oversubscribed(steps: int) -> dict[str, Any]:
+    """4 workers on 2 cores, predicted from the one-process run of the same net."""
+    from bpsim.runtime import run
+    from bpsim.sim import Costs, simulate
+
+    ref_cfg = _cfg("dgl", steps, workers=1, blocks=4)
+    ref = run(ref_cfg)
+    costs = Costs.from_trace(ref.trace)
+    out = {"calibration": "dgl, 4 blocks, --workers 1", "cases": []}
+    for algo in ("dgl", "bp"):
+        cfg = _cfg(algo, steps, workers=4, blocks=4)
+        res = run(cfg)
+        if algo != "dgl":
+            costs_a = Costs.from_trace(run(_cfg(algo, steps, workers=1, blocks=4)).trace)
+        else:
+            costs_a = costs
+        for placement in (2, [0, 1, 0, 1]):
+            sim = simulate(algo, blocks=4, steps=steps, costs=costs_a, placement=placement)
+            mb = per_block_busy(res.trace, True)
+            sb = per_block_busy(sim.trace, True)
+            errs = [(sb[b] - mb[b]) / mb[b] for b in sorted(mb)]
+            m_span, s_span = res.trace.makespan, sim.trace.makespan
+            out["cases"].append({
+                "algo": algo, "workers": 4, "cores": len(os.sched_getaffinity(0)),
+                "placement": placement, "makespan_measured": m_span,
+                "makespan_simulated": s_span, "makespan_error": (s_span - m_span) / m_span,
+                "busy_error_per_block": errs,
+                "busy_error_mean": sum(abs(e) for e in errs) / len(errs)})
+            print(f"  {algo} 4 workers on {out['cases'][-1]['cores']} cores, placement "
+                  f"{placement}: makespan error {100 * out['cases'][-1]['makespan_error']:+.1f}%",
+                  flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    global WIDTH
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="calibration + 3 held-out runs (< 1 min)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--width", type=int, default=1024, help="hidden width (default 1024)")
+    p.add_argument("--out", default=str(HERE / "results"))
+    args = p.parse_args(argv)
+    WIDTH = args.width
+    from bpsim.runtime import run
+    from bpsim.sim import Costs
+    from bpsim.trace import atomic_write_text
+
+    t_start = time.time()
+    N = args.steps or (16 if args.quick else 40)
+    calib_cfg = _cfg("dgl", N)
+    calib = run(calib_cfg)
+    costs = Costs.from_trace(calib.trace)
+    alt = mean_costs(calib.trace)
+    print(f"calibrated on dgl, 2 workers, {N} steps: {costs}", flush=True)
+    held = [("dgl, 2x the steps", _cfg("dgl", 2 * N)),
+            ("dgl, rank 1 slowed S=2", _cfg("dgl", N, slowdown={1: 2.0})),
+            ("bp", _cfg("bp", N))]
+    if not args.quick:
+        held += [("dgl-async", _cfg("dgl-async", N)),
+                 ("dgl-async, rank 0 slowed S=2", _cfg("dgl-async", N, slowdown={0: 2.0})),
+                 ("dgl-async, rank 1 slowed S=2", _cfg("dgl-async", N, slowdown={1: 2.0})),
+                 ("bp, rank 0 slowed S=2", _cfg("bp", N, slowdown={0: 2.0})),
+                 ("gpipe, 4 micro-batches", _cfg("gpipe", N, microbatches=4)),
+                 ("blockprop, N_h=1", _cfg("blockprop", N, options={"nh": 1})),
+                 ("blockprop-cached, N_h=1, E=2",
+                  _cfg("blockprop-cached", 4 * (N_TRAIN // BATCH), options={"nh": 1})),
+                 ("dgl, 1 worker (both blocks in one process)", _cfg("dgl", N, workers=1))]
+    cases = []
+    measured: dict[str, Any] = {}
+    for label, cfg in held:
+        res = run(cfg)
+        measured[label] = (cfg, res)
+        cases.append(predict(costs, cfg, res, label, alt))
+        c = cases[-1]
+        print(f"{label:45s} makespan error {100 * c['makespan_error']:+6.1f}%, "
+              f"busy error {100 * c['busy_error_mean']:5.1f}% (mean costs: "
+              f"{100 * c['mean_costs']['makespan_error']:+6.1f}%, "
+              f"{100 * c['mean_costs']['busy_error_mean']:5.1f}%; noise "
+              f"{c['noise']:.3f})", flush=True)
+    self_cal = []
+    if not args.quick:
+        for algo, extra in (("bp", {}), ("blockprop", {"options": {"nh": 1}}),
+                            ("dgl-async", {}), ("gpipe", {"microbatches": 4})):
+            short = run(_cfg(algo, N, **extra))
+            c_self = Costs.from_trace(short.trace)
+            for label, cfg in ((f"{algo}, 2x the steps", _cfg(algo, 2 * N, **extra)),
+                               (f"{algo}, rank 1 slowed S=2",
+                                _cfg(algo, N, slowdown={1: 2.0}, **extra))):
+                res = run(cfg)
+                self_cal.append(predict(c_self, cfg, res, label, per_microbatch=True))
+                c = self_cal[-1]
+                print(f"[self] {label:38s} makespan error {100 * c['makespan_error']:+6.1f}%, "
+                      f"busy error {100 * c['busy_error_mean']:5.1f}%", flush=True)
+    over = oversubscribed(N) if not args.quick else None
+
+    def mean_abs(xs: list[dict[str, Any]], key: str) -> float:
+        vals = [abs(x[key]) for x in xs if x[key] is not None and math.isfinite(x[key])]
+        return sum(vals) / len(vals) if vals else math.nan
+
+    import torch
+
+    out = {
+        "benchmark": "simulator fidelity", "quick": args.quick,
+        "setup": {"model": f"mlp width {WIDTH}, 2 layers per block, dgl heads linear",
+                  "data": f"digits (first {N_TRAIN} training examples)", "batch_size": BATCH,
+                  "steps": N, "threads_per_worker": 1},
+        "machine": {"cores": len(os.sched_getaffinity(0)), "platform": platform.platform(),
+                    "torch": torch.__version__, "load_avg_at_start": os.getloadavg()},
+        "calibration": {"run": f"dgl, 2 workers, {N} steps", "costs": costs.to_dict(),
+                        "noise": noise(calib.trace)},
+        "held_out": cases, "self_calibrated": self_cal, "oversubscribed": over,
+        "summary": {"held_out_mean_abs_makespan_error": mean_abs(cases, "makespan_error"),
+                    "held_out_mean_busy_error": mean_abs(cases, "busy_error_mean"),
+                    "mean_costs_mean_abs_makespan_error":
+                        mean_abs([c["mean_costs"] for c in cases], "makespan_error"),
+                    "mean_costs_mean_busy_error":
+                        mean_abs([c["mean_costs"] for c in cases], "busy_error_mean"),
+                    "self_mean_abs_makespan_error": mean_abs(self_cal, "makespan_error") if self_cal else None,
+                    "self_mean_busy_error": mean_abs(self_cal, "busy_error_mean") if self_cal else None},
+        "seconds": time.time() - t_start,
+    }
+    name = "fidelity-quick" if args.quick else "fidelity"
+    folder = Path(args.out)
+    atomic_write_text(folder / f"{name}.json", json.dumps(_safe(out), indent=1))
+    atomic_write_text(folder / f"{name}.md", markdown(out))
+    s = out["summary"]
+    print(f"held-out: mean |makespan error| {100 * s['held_out_mean_abs_makespan_error']:.1f}%, "
+          f"mean busy error {100 * s['held_out_mean_busy_error']:.1f}%; wrote {folder / name}"
+          f".json and .md in {out['seconds']:.0f} s")
+    return 0
+
+
+def _safe(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {str(k): _safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_safe(v) for v in x]
+    return x
+
+
+def _table(cases: list[dict[str, Any]]) -> list[str]:
+    alt = all("mean_costs" in c for c in cases)
+    head = ("| held-out run | measured makespan (s) | simulated (s) | makespan error | "
+            "busy error per rank | mean busy error | noise |")
+    rule = "|---|---:|---:|---:|---|---:|---:|"
+    if alt:
+        head += " with mean op costs: makespan / busy error |"
+        rule += "---:|"
+    lines = [head, rule]
+    for c in cases:
+        busy = ", ".join(f"{100 * b['error']:+.1f}%" for b in c["busy"])
+        line = (f"| {c['case']} | {c['makespan_measured']:.3f} | "
+                f"{c['makespan_simulated']:.3f} | {100 * c['makespan_error']:+.1f}% | {busy} | "
+                f"{100 * c['busy_error_mean']:.1f}% | {c['noise']:.3f} |")
+        if alt:
+            m = c["mean_costs"]
+            line += f" {100 * m['makespan_error']:+.1f}% / {100 * m['busy_error_mean']:.1f}% |"
+        lines.append(line)
+    return lines
+
+
+def markdown(o: dict[str, Any]) -> str:
+    s, m = o["setup"], o["machine"]
+    lines = [f"# Simulator fidelity{' (quick)' if o['quick'] else ''}", "",
+             f"{s['model']}; {s['data']}, batch {s['batch_size']}, {s['steps']} steps unless "
+             f"said otherwise, {s['threads_per_worker']} torch thread per worker; "
+             f"{m['cores']} cores, load average at start {m['load_avg_at_start'][0]:.2f}.", "",
+             f"Calibrated on: {o['calibration']['run']} (`Costs.from_trace`; noise "
+             f"{o['calibration']['noise']:.3f}).", "",
+             "*noise* = busy time / (ops x median op time) of the measured run: 1.000 when "
+             "every op takes its median time; more when other processes on the machine "
+             "slowed some ops down. `Costs.from_trace` uses medians, so the simulator then "
+             "predicts a run that is faster by about that factor. The last column uses each "
+             "op's mean duration instead (a diagnostic, not the calibration under test).", ""]
+    lines += _table(o["held_out"])
+    sm = o["summary"]
+    lines += ["", f"Mean |makespan error| {100 * sm['held_out_mean_abs_makespan_error']:.1f}% "
+                  f"(target <= 3%), mean busy error {100 * sm['held_out_mean_busy_error']:.1f}% "
+                  "(target <= 5%). With mean op costs: "
+                  f"{100 * sm['mean_costs_mean_abs_makespan_error']:.1f}% and "
+                  f"{100 * sm['mean_costs_mean_busy_error']:.1f}%."]
+    if o["self_calibrated"]:
+        lines += ["", "## Each algorithm calibrated on its own short run", ""]
+        lines += _table(o["self_calibrated"])
+        lines += ["", f"Mean |makespan error| {100 * sm['self_mean_abs_makespan_error']:.1f}%, "
+                      f"mean busy error {100 * sm['self_mean_busy_error']:.1f}%."]
+    if o["oversubscribed"]:
+        lines += ["", "## More workers than cores", "",
+                  f"Calibrated on {o['oversubscribed']['calibration']} (per algorithm).", "",
+                  "| run | simulator placement | makespan error | busy error per block | "
+                  "mean busy error |", "|---|---|---:|---|---:|"]
+        for c in o["oversubscribed"]["cases"]:
+            errs = ", ".join(f"{100 * e:+.0f}%" for e in c["busy_error_per_block"])
+            lines.append(f"| {c['algo']}, {c['workers']} workers on {c['cores']} cores | "
+                         f"{c['placement']} | {100 * c['makespan_error']:+.1f}% | {errs} | "
+                         f"{100 * c['busy_error_mean']:.0f}% |")
+        lines += ["", "A measured span on a shared core includes the time its process waited "
+                      "for the core, so measured busy times exceed the simulator's (which "
+                      "queues whole ops on a device) even when the makespans agree."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,27 @@
+"""Real execution: one process per block over ``torch.distributed``.
+
+``run(RunConfig("dgl", workers=2, steps=200))`` trains with rank k holding
+block k + 1, records every rank's timeline in the trace vocabulary of
+:mod:`bpsim.trace` on a shared clock, and returns the summary, the merged
+trace and the trained weights. ``bpsim run`` is its command line.
+
+Modules, one concept each:
+
+* :mod:`~bpsim.runtime.launch` -- start the ranks, watch them, gather results;
+* :mod:`~bpsim.runtime.worker` -- what one rank does, and the two executors;
+* :mod:`~bpsim.runtime.schedules` -- one block's step for each algorithm;
+* :mod:`~bpsim.runtime.pipeline` -- GPipe / 1F1B on ``torch.distributed.pipelining``;
+* :mod:`~bpsim.runtime.comm` -- messages: requests, links, receiver threads;
+* :mod:`~bpsim.runtime.clock` -- the shared clock (zero and offsets);
+* :mod:`~bpsim.runtime.record` -- crash-proof span spools, merging;
+* :mod:`~bpsim.runtime.cli` -- ``bpsim run``.
+
+See ``docs/runtime.md`` for usage, ``torchrun`` across hosts, GPUs, faults
+and viewing traces.
+"""
+
+from __future__ import annotations
+
+from bpsim.runtime.launch import ALGORITHMS, RunConfig, RunFailed, RunResult, run
+
+__all__ = ["run", "RunConfig", "RunResult", "RunFailed", "ALGORITHMS"]

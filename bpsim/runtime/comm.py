@@ -1,0 +1,437 @@
+"""Messages between blocks: the requests a schedule yields and two transports.
+
+A runtime schedule (:mod:`bpsim.runtime.schedules`) is a generator that
+yields requests and gets answers back::
+
+    h = yield Recv(src=1, step=t)          # block 1's output of step t
+    yield Send(dst=3, tensor=out, step=t)  # hand my output to block 3
+    s, h = yield Take(src=1)               # dgl-async: read the replay buffer
+
+Addresses are **block numbers** (1-based). Two transports answer them:
+
+* :class:`DistComm` -- one block per process, over ``torch.distributed``
+  point-to-point (gloo on CPU, NCCL on CUDA). Every incoming link has a
+  *receiver thread* that always has the next receive posted, so it stamps
+  the moment a message arrives; the compute thread picks messages up from a
+  queue (or, for ``dgl-async``, a :class:`bpsim.replay.ReplayBuffer` the
+  thread fills). Every outgoing link has a *sender thread*: the compute
+  thread queues a tensor and goes on computing while the thread transfers
+  it. Every wait has a timeout, so a dead peer ends the run instead of
+  hanging it (:class:`PeerError`).
+* :class:`LocalComm` -- all blocks in one process (``--workers 1``):
+  in-memory mailboxes; a request that cannot be answered yet returns
+  :data:`BLOCKED` and the cooperative executor runs another block.
+
+Each directed link ``src -> dst`` carries one kind of message (activations
+forward; gradients or BlockProp targets backward) in a fixed order that
+both ends know in advance (the batch plan), so the receiver allocates each
+buffer with the right shape and both ends agree on the message id
+(:func:`msg_id`) that ties a ``send`` span to its ``recv`` span.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple, Sequence
+
+import torch
+
+from bpsim.replay import ReplayBuffer
+
+__all__ = ["Send", "Recv", "Take", "BLOCKED", "PeerError", "msg_id", "Inbound", "Cursor",
+           "DistComm", "LocalComm"]
+
+
+class Send(NamedTuple):
+    """Send ``tensor`` (step ``step``, micro-batch ``mb``) to block ``dst``."""
+
+    dst: int
+    tensor: torch.Tensor
+    step: int
+    mb: int = 0
+
+
+class Recv(NamedTuple):
+    """Receive the message of step ``step`` (micro-batch ``mb``) from block ``src``."""
+
+    src: int
+    step: int
+    mb: int = 0
+
+
+class Take(NamedTuple):
+    """Read the least-reused entry ``(producer step, tensor)`` of the replay
+    buffer that block ``src`` fills (``dgl-async``)."""
+
+    src: int
+
+
+BLOCKED = object()
+"""What :class:`LocalComm` answers when a request cannot be served yet."""
+
+
+class PeerError(RuntimeError):
+    """Another rank failed, or a message did not arrive within the timeout.
+
+    The launcher treats it as a *consequence* of a failure elsewhere and
+    names the rank whose own error came first.
+    """
+
+
+def msg_id(src: int, dst: int, seq: int, blocks: int) -> int:
+    """Run-wide id of message number ``seq`` on link ``src -> dst`` (blocks, 1-based).
+
+    Links join neighbours only, so ``(seq, src, direction)`` is unique.
+    """
+    return (seq * (blocks + 1) + src) * 2 + (1 if dst > src else 0)
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """The messages a block expects on one incoming link, in order:
+    ``(step, microbatch, shape)`` per message. ``buffered`` links feed a
+    replay buffer (``dgl-async``) instead of a queue."""
+
+    src: int
+    items: Sequence[tuple[int, int, tuple[int, ...]]]
+    buffered: bool = False
+
+
+Row = tuple
+
+
+class Cursor:
+    """Where a compute thread's timeline stands: the end of its last span.
+
+    Compute spans start at the cursor, so the bookkeeping between two ops
+    (indexing a batch, handing a message to a link) counts towards the next
+    op and a busy rank's timeline has no holes; see :mod:`bpsim.runtime.schedules`.
+    """
+
+    __slots__ = ("t",)
+
+    def __init__(self) -> None:
+        self.t: float | None = None
+
+
+class DistComm:
+    """Point-to-point links of one rank that holds block ``block``.
+
+    Parameters
+    ----------
+    block : int
+        This rank's block (1-based); block ``b`` lives on rank ``b - 1``.
+    blocks : int
+        K.
+    now : callable
+        The shared clock (:class:`bpsim.runtime.clock.SharedClock`).
+    rows : list or None
+        Where spans are appended (None: do not record).
+    groups : dict
+        ``{(src_block, dst_block): process group}``, one group per directed
+        link, so each link is used by one thread on each side.
+    inbound : list of Inbound
+        The links this block receives on.
+    device : torch.device
+        Where the block computes.
+    wire : torch.device
+        Where tensors travel: the compute device for NCCL, CPU for gloo.
+    timeout : float
+        Seconds the compute thread waits for a message (or for room in a
+        send queue) before raising :class:`PeerError`; the process group's
+        own timeout bounds the link threads.
+    buffer, max_reuse : int, int or None
+        Replay buffer size and reuse cap of buffered links.
+    max_pending : int
+        Messages queued on one outgoing link before a send waits.
+    cursor : Cursor
+        The compute thread's cursor (wait spans start there).
+
+    Sending: each outgoing link has a *sender thread*; ``send`` only queues
+    the tensor, and the thread posts the ``isend`` and waits for it, so the
+    compute thread never pays for a transfer. The ``send`` span runs from
+    the moment the tensor was queued to the moment the transfer completed.
+    """
+
+    def __init__(self, block: int, blocks: int, now: Callable[[], float], rows: list | None,
+                 groups: dict[tuple[int, int], Any], inbound: Sequence[Inbound],
+                 device: torch.device, wire: torch.device, timeout: float,
+                 buffer: int = 50, max_reuse: int | None = None, max_pending: int = 8,
+                 cursor: Cursor | None = None) -> None:
+        import torch.distributed as dist
+
+        self._dist = dist
+        self.block, self.K, self.rank = block, blocks, block - 1
+        self.now, self.rows = now, rows
+        self.cursor = cursor if cursor is not None else Cursor()
+        self.groups, self.device, self.wire = groups, device, wire
+        self.timeout, self.max_pending = timeout, max_pending
+        self._queues: dict[int, queue.Queue] = {}
+        self.buffers: dict[int, ReplayBuffer] = {}
+        self._buf_cv = threading.Condition()
+        self._buf_done: dict[int, bool] = {}
+        self._errors: list[BaseException] = []
+        self._threads: list[threading.Thread] = []
+        self._senders: dict[int, tuple[queue.Queue, threading.Thread]] = {}
+        self._last_arrival = now()
+        for ib in inbound:
+            if ib.buffered:
+                self.buffers[ib.src] = ReplayBuffer(buffer, max_reuse)
+                self._buf_done[ib.src] = False
+            else:
+                self._queues[ib.src] = queue.Queue()
+            th = threading.Thread(target=self._receiver, args=(ib,), daemon=True,
+                                  name=f"bpsim-recv-{ib.src}->{block}")
+            self._threads.append(th)
+        for (src, dst) in groups:
+            if src == block:
+                q: queue.Queue = queue.Queue(maxsize=max_pending)
+                th = threading.Thread(target=self._sender, args=(dst, q), daemon=True,
+                                      name=f"bpsim-send-{block}->{dst}")
+                self._senders[dst] = (q, th)
+        for th in self._threads + [t for _, t in self._senders.values()]:
+            th.start()
+
+    def _fail(self, text: str, e: BaseException) -> PeerError:
+        """Record a link thread's failure and wake the compute thread."""
+        err = PeerError(f"{text}: {' '.join(str(e).split())[:300]}")
+        self._errors.append(err)
+        for q in self._queues.values():
+            q.put(err)
+        with self._buf_cv:
+            self._buf_cv.notify_all()
+        return err
+
+    # ---------------------------------------------------------- receiving
+    def _receiver(self, ib: Inbound) -> None:
+        """Receive every message of one link in order, stamping arrivals."""
+        dist, now, rows = self._dist, self.now, self.rows
+        group = self.groups[(ib.src, self.block)]
+        src_rank = ib.src - 1
+        stream = torch.cuda.Stream(device=self.wire) if self.wire.type == "cuda" else None
+        try:
+            for seq, (step, mb, shape) in enumerate(ib.items):
+                if stream is not None:
+                    with torch.cuda.stream(stream):
+                        buf = torch.empty(shape, device=self.wire)
+                        t0 = now()
+                        dist.irecv(buf, src=src_rank, group=group).wait()
+                        stream.synchronize()
+                else:
+                    buf = torch.empty(shape, device=self.wire)
+                    t0 = now()
+                    dist.irecv(buf, src=src_rank, group=group).wait()
+                t1 = now()
+                self._last_arrival = t1
+                if rows is not None:
+                    rows.append((self.rank, "comm", "recv", self.block, step, mb, t0, t1,
+                                 msg_id(ib.src, self.block, seq, self.K)))
+                if ib.buffered:
+                    self.buffers[ib.src].put((step, buf), step=step)
+                    with self._buf_cv:
+                        self._buf_cv.notify_all()
+                else:
+                    self._queues[ib.src].put((step, mb, buf))
+        except BaseException as e:  # noqa: BLE001 - handed to the compute thread
+            self._fail(f"lost the link from rank {src_rank} (block {ib.src})", e)
+        finally:
+            if ib.buffered:
+                with self._buf_cv:
+                    self._buf_done[ib.src] = True
+                    self._buf_cv.notify_all()
+
+    def _arrived(self, buf: torch.Tensor) -> torch.Tensor:
+        if buf.device != self.device:
+            return buf.to(self.device, non_blocking=False)
+        if buf.device.type == "cuda":
+            buf.record_stream(torch.cuda.current_stream(buf.device))
+        return buf
+
+    def _wait_span(self, t_ask: float, step: int, mb: int) -> None:
+        """Record that the compute thread waited until now."""
+        t1 = self.now()
+        c = self.cursor
+        if self.rows is not None:
+            self.rows.append((self.rank, "compute", "wait", self.block, step, mb,
+                              c.t if c.t is not None else t_ask, t1, None))
+        c.t = t1
+
+    def recv(self, src: int, step: int, mb: int = 0) -> torch.Tensor:
+        """The next message from block ``src``; it must be the one of (step, mb)."""
+        q = self._queues.get(src)
+        if q is None:
+            raise RuntimeError(f"block {self.block} has no incoming link from block {src}")
+        t0 = self.now()
+        waited = q.empty()
+        try:
+            item = q.get(timeout=self.timeout)
+        except queue.Empty:
+            raise PeerError(f"no message from rank {src - 1} (block {src}) for step {step} within "
+                            f"{self.timeout:g} s; that rank is stuck or gone (raise --timeout if "
+                            "its steps are really that slow)") from None
+        if isinstance(item, BaseException):
+            raise item
+        got_step, got_mb, buf = item
+        if (got_step, got_mb) != (step, mb):
+            raise RuntimeError(f"block {self.block} expected the message of step {step} "
+                               f"micro-batch {mb} from block {src}, got step {got_step} "
+                               f"micro-batch {got_mb}: the two ranks disagree on the batch plan")
+        if waited:
+            self._wait_span(t0, step, mb)
+        return self._arrived(buf)
+
+    def take(self, src: int, step: int) -> tuple[int, torch.Tensor] | None:
+        """The least-reused buffer entry from block ``src`` (``dgl-async``).
+
+        Waits only while no entry is eligible; returns None when the link is
+        finished and nothing eligible is left (the block is starved).
+        """
+        buf = self.buffers.get(src)
+        if buf is None:
+            raise RuntimeError(f"block {self.block} has no replay buffer fed by block {src}")
+        got = buf.get()
+        if got is not None:
+            return got[0], self._arrived(got[1])
+        t0 = self.now()
+        deadline = t0 + self.timeout
+        with self._buf_cv:
+            while True:
+                got = buf.get()
+                if got is not None:
+                    break
+                if self._errors:
+                    raise self._errors[0]
+                if self._buf_done[src]:
+                    return None
+                left = deadline - self.now()
+                if left <= 0:
+                    raise PeerError(f"replay buffer of block {self.block} stayed empty for "
+                                    f"{self.timeout:g} s; rank {src - 1} (block {src}) is stuck "
+                                    "or gone")
+                self._buf_cv.wait(timeout=min(left, 1.0))
+        self._wait_span(t0, step, 0)
+        return got[0], self._arrived(got[1])
+
+    # ------------------------------------------------------------ sending
+    def _sender(self, dst: int, q: queue.Queue) -> None:
+        """Post and complete the sends of one link, in order."""
+        dist, now, rows = self._dist, self.now, self.rows
+        group = self.groups[(self.block, dst)]
+        stream = torch.cuda.Stream(device=self.wire) if self.wire.type == "cuda" else None
+        seq = 0
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            data, step, mb, t0, ready = item
+            try:
+                if stream is not None:
+                    with torch.cuda.stream(stream):
+                        stream.wait_event(ready)
+                        data.record_stream(stream)
+                        dist.isend(data, dst=dst - 1, group=group).wait()
+                        stream.synchronize()
+                else:
+                    dist.isend(data, dst=dst - 1, group=group).wait()
+            except BaseException as e:  # noqa: BLE001 - handed to the compute thread
+                self._fail(f"sending to rank {dst - 1} (block {dst}) failed", e)
+                return
+            if rows is not None:
+                rows.append((self.rank, "comm", "send", self.block, step, mb, t0, now(),
+                             msg_id(self.block, dst, seq, self.K)))
+            seq += 1
+
+    def send(self, dst: int, tensor: torch.Tensor, step: int, mb: int = 0) -> None:
+        """Queue ``tensor`` for block ``dst`` and return at once (unless the
+        link already has ``max_pending`` messages queued)."""
+        if self._errors:
+            raise self._errors[0]
+        link = self._senders.get(dst)
+        if link is None:
+            raise RuntimeError(f"block {self.block} has no link to block {dst}")
+        q = link[0]
+        t0 = self.now()
+        data = tensor.detach()
+        if data.device != self.wire:
+            data = data.to(self.wire)
+        data = data.contiguous()
+        ready = None
+        if data.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record()
+        full = q.full()
+        try:
+            q.put((data, step, mb, t0, ready), timeout=self.timeout)
+        except queue.Full:
+            raise PeerError(f"rank {dst - 1} (block {dst}) took no message for {self.timeout:g} s; "
+                            "it is stuck or gone") from None
+        if full:
+            self._wait_span(t0, step, mb)
+
+    def flush(self) -> None:
+        """Wait until every queued send has completed and every expected
+        message has arrived (as long as messages keep coming)."""
+        for q, _ in self._senders.values():
+            q.put(None)
+        for th in [t for _, t in self._senders.values()] + self._threads:
+            # A slow producer may still be sending (dgl-async): wait as long
+            # as messages keep coming, and at most `timeout` s after the last.
+            t_start = self.now()
+            while th.is_alive():
+                th.join(timeout=0.5)
+                if self._errors:
+                    raise self._errors[0]
+                quiet = self.now() - max(self._last_arrival, t_start)
+                if quiet > self.timeout:
+                    raise PeerError(f"{th.name}: nothing moved for {self.timeout:g} s while the "
+                                    "run was ending; the peer rank is stuck or gone")
+        if self._errors:
+            raise self._errors[0]
+
+    def buffer_stats(self) -> dict[int, dict[str, Any]]:
+        return {src: b.stats() for src, b in self.buffers.items()}
+
+
+class LocalComm:
+    """Mailboxes between blocks that run in one process (``--workers 1``).
+
+    Sends never block; a receive or take that finds nothing answers
+    :data:`BLOCKED` so that the cooperative executor can run another block.
+    Blocks in one process exchange data in memory: no comm spans, as in the
+    simulator when two blocks share a device.
+    """
+
+    def __init__(self, buffered: Sequence[int] = (), buffer: int = 50,
+                 max_reuse: int | None = None) -> None:
+        self._boxes: dict[tuple[int, int], deque] = {}
+        self.buffers = {src: ReplayBuffer(buffer, max_reuse) for src in buffered}
+        self.done: set[int] = set()
+
+    def send(self, src: int, dst: int, tensor: torch.Tensor, step: int, mb: int = 0) -> None:
+        data = tensor.detach()
+        if src in self.buffers and dst == src + 1:
+            self.buffers[src].put((step, data), step=step)
+        else:
+            self._boxes.setdefault((src, dst), deque()).append((step, mb, data))
+
+    def recv(self, src: int, dst: int, step: int, mb: int = 0) -> Any:
+        box = self._boxes.get((src, dst))
+        if not box:
+            return BLOCKED
+        got_step, got_mb, data = box.popleft()
+        if (got_step, got_mb) != (step, mb):
+            raise RuntimeError(f"block {dst} expected step {step} micro-batch {mb} from block "
+                               f"{src}, got step {got_step} micro-batch {got_mb}")
+        return data
+
+    def take(self, src: int) -> Any:
+        got = self.buffers[src].get()
+        if got is None:
+            return None if src in self.done else BLOCKED
+        return got
+
+    def buffer_stats(self) -> dict[int, dict[str, Any]]:
+        return {src: b.stats() for src, b in self.buffers.items()}

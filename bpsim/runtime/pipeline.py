@@ -1,0 +1,150 @@
+"""GPipe and 1F1B pipelines on ``torch.distributed.pipelining``.
+
+Rank k wraps its block in a :class:`TracedStage` (a ``PipelineStage`` that
+records spans) and drives ``ScheduleGPipe`` (all forwards, then all
+backwards, then one update per step) or ``Schedule1F1B`` (one forward, one
+backward in the steady state) over ``--microbatches`` micro-batches; the
+schedule does the sends and receives itself. After each step every rank
+takes one optimizer step (``update``). Gradients are averaged over the
+micro-batches, so a step is the same SGD step as backprop on the whole
+batch.
+
+The stage records ``fwd``/``bwd`` spans per micro-batch around
+``forward_one_chunk``/``backward_one_chunk``; a ``recv`` span runs from the
+moment the schedule asks for a receive (``get_*_recv_ops``) to the start of
+the compute that needed it, and a ``send`` span marks when an output was
+handed to the schedule (``get_*_send_ops``). Messages keep per-link
+sequence numbers, so every send is paired with its receive.
+
+Limits: micro-batch shapes are fixed after the first step, so batches
+smaller than ``--batch-size`` (the end of an epoch) are skipped. With
+``--workers 1`` the single stage holds all blocks (its spans say block 1).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from bpsim.runtime.comm import msg_id
+from bpsim.runtime.schedules import BlockCtx
+
+__all__ = ["PIPELINE_ALGOS", "run_pipeline"]
+
+PIPELINE_ALGOS = ("gpipe", "1f1b")
+
+
+def _traced_stage_class() -> type:
+    from torch.distributed.pipelining import PipelineStage
+
+    class TracedStage(PipelineStage):
+        """A ``PipelineStage`` that records bpsim spans (see the module docstring)."""
+
+        def _setup_trace(self, ctx: BlockCtx, stage_block: int, blocks: int) -> None:
+            self.ctx, self.sb, self.nb = ctx, stage_block, blocks
+            self.step_no = 0
+            self._recv: tuple[float, int, int] | None = None   # (t0, msg, mb)
+            self._seq = {"fwd_in": 0, "fwd_out": 0, "bwd_in": 0, "bwd_out": 0}
+
+        def _next(self, key: str) -> int:
+            n = self._seq[key]
+            self._seq[key] = n + 1
+            return n
+
+        def _close_recv(self, t: float) -> None:
+            c = self.ctx
+            if self._recv is not None and c.rows is not None:
+                t0, msg, mb = self._recv
+                c.rows.append((c.rank, "comm", "recv", self.sb, self.step_no, mb, t0, t, msg))
+            self._recv = None
+
+        def get_fwd_recv_ops(self, fwd_chunk_id: int) -> list:
+            ops = super().get_fwd_recv_ops(fwd_chunk_id)
+            if ops:
+                msg = msg_id(self.sb - 1, self.sb, self._next("fwd_in"), self.nb)
+                self._recv = (self.ctx.now(), msg, fwd_chunk_id)
+            return ops
+
+        def get_bwd_recv_ops(self, bwd_chunk_id: int) -> list:
+            ops = super().get_bwd_recv_ops(bwd_chunk_id)
+            if ops:
+                msg = msg_id(self.sb + 1, self.sb, self._next("bwd_in"), self.nb)
+                self._recv = (self.ctx.now(), msg, bwd_chunk_id)
+            return ops
+
+        def _send_span(self, ops: list, key: str, dst: int, mb: int, t0: float) -> None:
+            c = self.ctx
+            if ops:
+                msg = msg_id(self.sb, dst, self._next(key), self.nb)
+                if c.rows is not None:
+                    c.rows.append((c.rank, "comm", "send", self.sb, self.step_no, mb, t0,
+                                   c.now(), msg))
+
+        def get_fwd_send_ops(self, fwd_chunk_id: int) -> list:
+            t0 = self.ctx.now()
+            ops = super().get_fwd_send_ops(fwd_chunk_id)
+            self._send_span(ops, "fwd_out", self.sb + 1, fwd_chunk_id, t0)
+            return ops
+
+        def get_bwd_send_ops(self, bwd_chunk_id: int) -> list:
+            t0 = self.ctx.now()
+            ops = super().get_bwd_send_ops(bwd_chunk_id)
+            self._send_span(ops, "bwd_out", self.sb - 1, bwd_chunk_id, t0)
+            return ops
+
+        def forward_one_chunk(self, fwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
+            t0 = self.ctx.now()
+            self._close_recv(t0)
+            out = super().forward_one_chunk(fwd_chunk_id, *args, **kwargs)
+            self.ctx._finish("fwd", t0, self.step_no, fwd_chunk_id)
+            return out
+
+        def backward_one_chunk(self, bwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
+            t0 = self.ctx.now()
+            self._close_recv(t0)
+            out = super().backward_one_chunk(bwd_chunk_id, *args, **kwargs)
+            self.ctx._finish("bwd", t0, self.step_no, bwd_chunk_id)
+            return out
+
+    return TracedStage
+
+
+def run_pipeline(algo: str, ctx: BlockCtx, stage_module: nn.Module, stage_index: int,
+                 num_stages: int, microbatches: int, steps: int,
+                 on_step_end: Any = None) -> None:
+    """Train ``steps`` steps of ``algo`` (``gpipe`` or ``1f1b``) on this rank's stage.
+
+    Collective over the default process group: every rank calls it with its
+    own ``stage_index``. ``ctx`` supplies batches, optimizer, loss, spans.
+    """
+    from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
+
+    if algo not in PIPELINE_ALGOS:
+        raise ValueError(f"unknown pipeline schedule {algo!r}; choose gpipe or 1f1b")
+    stage = _traced_stage_class()(stage_module, stage_index, num_stages, ctx.device)
+    stage._setup_trace(ctx, ctx.block, ctx.K)
+    first, last = stage_index == 0, stage_index == num_stages - 1
+    cls = ScheduleGPipe if algo == "gpipe" else Schedule1F1B
+    if algo == "1f1b" and microbatches < num_stages:
+        raise ValueError(f"1f1b needs at least as many micro-batches as stages: "
+                         f"--microbatches {microbatches} < {num_stages} workers")
+    schedule = cls(stage, microbatches, loss_fn=ctx.loss_fn)
+    for t in range(steps):
+        stage.step_no = t
+        ctx.optimizer.zero_grad(set_to_none=True)
+        losses: list[torch.Tensor] = []
+        if first and last:
+            schedule.step(ctx.plan.x(t), target=ctx.plan.y(t), losses=losses)
+        elif first:
+            schedule.step(ctx.plan.x(t))
+        elif last:
+            schedule.step(target=ctx.plan.y(t), losses=losses)
+        else:
+            schedule.step()
+        if losses:
+            ctx.losses.append(float(torch.stack([v.detach() for v in losses]).mean()))
+        ctx.update(t)
+        if on_step_end is not None:
+            on_step_end(t)
