@@ -24,8 +24,8 @@ DGL heads ``linear``), one torch thread per worker, and the training set is
 cut to a multiple of the batch size so that every step costs the same.
 Results: ``benchmarks/results/fidelity.{json,md}``.
 
-    python benchmarks/fidelity.py            # full (a few minutes)
-    python benchmarks/fidelity.py --quick    # < 1 min: calibration + 3 held-out runs
+    python benchmarks/fidelity.py            # full (about 3 minutes)
+    python benchmarks/fidelity.py --quick    # < 1 min: calibration + 3 held-out runs; writes nothing
 """
 
 from __future__ import annotations
@@ -167,7 +167,8 @@ def oversubscribed(steps: int) -> dict[str, Any]:
     ref_cfg = _cfg("dgl", steps, workers=1, blocks=4)
     ref = run(ref_cfg)
     costs = Costs.from_trace(ref.trace)
-    out = {"calibration": "dgl, 4 blocks, --workers 1", "cases": []}
+    out = {"calibration": "each algorithm's own 4-block run with --workers 1 (undisturbed "
+                          "op costs)", "cases": []}
     for algo in ("dgl", "bp"):
         cfg = _cfg(algo, steps, workers=4, blocks=4)
         res = run(cfg)
@@ -199,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="calibration + 3 held-out runs (< 1 min)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--width", type=int, default=1024, help="hidden width (default 1024)")
-    p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--out", default=None,
+                   help="results folder (default benchmarks/results; --quick writes none)")
     args = p.parse_args(argv)
     WIDTH = args.width
     from bpsim.runtime import run
@@ -280,14 +282,19 @@ def main(argv: list[str] | None = None) -> int:
                     "self_mean_busy_error": mean_abs(self_cal, "busy_error_mean") if self_cal else None},
         "seconds": time.time() - t_start,
     }
-    name = "fidelity-quick" if args.quick else "fidelity"
-    folder = Path(args.out)
-    atomic_write_text(folder / f"{name}.json", json.dumps(_safe(out), indent=1))
-    atomic_write_text(folder / f"{name}.md", markdown(out))
     s = out["summary"]
     print(f"held-out: mean |makespan error| {100 * s['held_out_mean_abs_makespan_error']:.1f}%, "
-          f"mean busy error {100 * s['held_out_mean_busy_error']:.1f}%; wrote {folder / name}"
-          f".json and .md in {out['seconds']:.0f} s")
+          f"mean busy error {100 * s['held_out_mean_busy_error']:.1f}% "
+          f"({out['seconds']:.0f} s)")
+    out_dir = args.out or (None if args.quick else str(HERE / "results"))
+    if out_dir is None:
+        print("--quick writes no results; give --out to keep them")
+        return 0
+    name = "fidelity-quick" if args.quick else "fidelity"
+    folder = Path(out_dir)
+    atomic_write_text(folder / f"{name}.json", json.dumps(_safe(out), indent=1))
+    atomic_write_text(folder / f"{name}.md", markdown(out))
+    print(f"wrote {folder / name}.json and .md")
     return 0
 
 
@@ -349,7 +356,7 @@ def markdown(o: dict[str, Any]) -> str:
                       f"mean busy error {100 * sm['self_mean_busy_error']:.1f}%."]
     if o["oversubscribed"]:
         lines += ["", "## More workers than cores", "",
-                  f"Calibrated on {o['oversubscribed']['calibration']} (per algorithm).", "",
+                  f"Calibrated on {o['oversubscribed']['calibration']}.", "",
                   "| run | simulator placement | makespan error | busy error per block | "
                   "mean busy error |", "|---|---|---:|---|---:|"]
         for c in o["oversubscribed"]["cases"]:
