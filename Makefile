@@ -31,6 +31,7 @@ $(STAMP): pyproject.toml
 
 lab: $(STAMP)
 	@if [ -n "$$DISPLAY" ] || [ "$$(uname)" = Darwin ]; then open=""; else open="--no-browser"; fi; \
+	if [ "$$(id -u)" = 0 ]; then open="$$open --allow-root"; fi; \
 	echo "Opening the course; if no browser opens, paste the http://127.0.0.1 URL printed below."; \
 	$(BIN)/jupyter lab $$open --ip=127.0.0.1 notebooks/00-start-here.ipynb
 
