@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     WIDTH = args.width
     from bpsim.runtime import run
     from bpsim.sim import Costs
-    from bpsim.trace import atomic_write_text
+    from bpsim.trace import atomic_write_text, json_safe
 
     t_start = time.time()
     N = args.steps or (16 if args.quick else 40)
@@ -292,20 +292,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name = "fidelity-quick" if args.quick else "fidelity"
     folder = Path(out_dir)
-    atomic_write_text(folder / f"{name}.json", json.dumps(_safe(out), indent=1))
+    atomic_write_text(folder / f"{name}.json", json.dumps(json_safe(out), indent=1))
     atomic_write_text(folder / f"{name}.md", markdown(out))
     print(f"wrote {folder / name}.json and .md")
     return 0
-
-
-def _safe(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {str(k): _safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_safe(v) for v in x]
-    return x
 
 
 def _table(cases: list[dict[str, Any]]) -> list[str]:

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import astuple, dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
-__all__ = ["OPS", "LANES", "Span", "Trace", "Recorder", "merge", "atomic_write_text"]
+__all__ = ["OPS", "LANES", "Span", "Trace", "Recorder", "merge", "atomic_write_text", "json_safe"]
 
 OPS = ("fwd", "bwd", "aux", "update", "hstep", "send", "recv", "wait", "loss")
 LANES = ("compute", "comm")
@@ -307,6 +307,18 @@ def _jsonable(x: Any) -> Any:
     if x is None or isinstance(x, (bool, int, float, str)):
         return x
     return str(x)
+
+
+def json_safe(x: Any) -> Any:
+    """``x`` with NaN/inf floats replaced by ``None`` and dict keys made strings,
+    so ``json.dumps(..., allow_nan=False)`` writes standard JSON (results, summaries)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return x
 
 
 def merge(traces: Sequence[Trace], meta: dict[str, Any] | None = None) -> Trace:

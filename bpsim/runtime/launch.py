@@ -35,6 +35,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Sequence
 
+from bpsim.trace import json_safe
+
 __all__ = ["RunConfig", "RunResult", "RunFailed", "ALGORITHMS", "run", "run_torchrun",
            "under_torchrun"]
 
@@ -444,7 +446,7 @@ def summarize(cfg: RunConfig, results: dict[int, dict[str, Any]], weights: dict[
         if cfg.evaluate and test is not None:
             acc, loss = trainer.evaluate(test)
             summary["test_accuracy"], summary["test_loss"] = acc, loss
-    return RunResult(summary=_json_safe(summary), trace=trace, state_dict=state)
+    return RunResult(summary=json_safe(summary), trace=trace, state_dict=state)
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -461,7 +463,7 @@ def _busy(trace: Any) -> dict[int, float]:
 
 def _meta(cfg: RunConfig, results: dict[int, dict[str, Any]]) -> dict[str, Any]:
     placement = list(range(cfg.blocks)) if cfg.workers > 1 else [0] * cfg.blocks
-    return _json_safe({
+    return json_safe({
         "source": "bpsim.runtime", "algo": cfg.algo, "workers": cfg.workers,
         "blocks": cfg.blocks, "steps": cfg.steps, "batch_size": cfg.batch_size,
         "microbatches": cfg.microbatches if cfg.algo in ("gpipe", "1f1b") else 1,
@@ -473,16 +475,6 @@ def _meta(cfg: RunConfig, results: dict[int, dict[str, Any]]) -> dict[str, Any]:
         "clock": {str(r): res["clock"] for r, res in sorted(results.items())},
         "options": {k: v for k, v in cfg.options.items()},
     })
-
-
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
 
 
 # ------------------------------------------------------------- torchrun

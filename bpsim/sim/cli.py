@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from typing import Any
+
+from bpsim.trace import json_safe
 
 __all__ = ["add_parsers", "parse_slowdown"]
 
@@ -27,16 +28,6 @@ def parse_slowdown(items: list[str] | None) -> dict[int, float]:
                 raise ValueError(f"--slowdown {part!r} must be BLOCK:FACTOR, e.g. 2:1.5 "
                                  "(block numbers start at 1)") from None
     return out
-
-
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -56,7 +47,7 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.trace:
         res.trace.save(args.trace)
     if args.json:
-        print(json.dumps(_json_safe(res.to_dict()), allow_nan=False))
+        print(json.dumps(json_safe(res.to_dict()), allow_nan=False))
     else:
         print(res.summary())
         if args.trace:
@@ -69,7 +60,7 @@ def _compare(args: argparse.Namespace) -> int:
 
     result = compare_files(args.measured, args.simulated, html=args.html)
     if args.json:
-        print(json.dumps(_json_safe(result), allow_nan=False))
+        print(json.dumps(json_safe(result), allow_nan=False))
     else:
         print(format_report(result))
         if args.html:
