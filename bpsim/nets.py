@@ -150,6 +150,22 @@ class BlockNet(nn.Module):
             flops.append(f)
         return flops
 
+    def input_grad_flops(self, input_shape: Sequence[int] | None = None) -> list[int]:
+        """FLOPs per example of the gradient with respect to each block's input.
+
+        That is the input-gradient product of the block's first weighted
+        layer (Linear or Conv2d), which has the FLOPs of that layer's
+        forward. A block whose input is detached (DGL, BWBPF) skips it; one
+        that backpropagates to the previous block (backprop) does it in
+        addition. ``bpsim.sim.Costs.with_input_grad`` turns it into time.
+        """
+        shape = tuple(input_shape or self.input_shape or ())
+        out, x = [], torch.zeros(2, *shape)
+        for b in self.blocks:
+            out.append(_flops_and_output(b, x, first_only=True)[0])
+            x = _flops_and_output(b, x)[1]
+        return out
+
     def head_flops(self, input_shape: Sequence[int] | None = None) -> list[int]:
         """Forward FLOPs per example of every block's head (0 where none)."""
         if self.heads is None:
@@ -163,11 +179,17 @@ class BlockNet(nn.Module):
 
 
 # --------------------------------------------------------------------- FLOPs
-def _flops_and_output(module: nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:
-    total = 0
+def _flops_and_output(module: nn.Module, x: torch.Tensor,
+                      first_only: bool = False) -> tuple[int, torch.Tensor]:
+    """Forward FLOPs per example of ``module`` on ``x`` (only its first
+    weighted layer with ``first_only``) and its output."""
+    total, seen = 0, 0
 
     def hook(m: nn.Module, inp, out) -> None:
-        nonlocal total
+        nonlocal total, seen
+        seen += 1
+        if first_only and seen > 1:
+            return
         if isinstance(m, nn.Linear):
             total += 2 * m.in_features * m.out_features * (out.numel() // out.shape[-1]) // out.shape[0]
         elif isinstance(m, nn.Conv2d):

@@ -166,6 +166,25 @@ class Trace:
     def steps(self) -> list[int]:
         return sorted({r[4] for r in self._rows})
 
+    def without_warmup(self, n: int) -> "Trace":
+        """The trace without each rank's first ``n`` steps, steps renumbered
+        from 0.
+
+        Benchmarks time a run after a few warm-up steps (first calls
+        allocate memory and pick kernels, and take several times the usual
+        time): measure ``n + N`` steps, keep the last ``N``, and compare
+        them with a simulation of ``N`` steps. Message ids whose send or
+        recv fell in the warm-up are cleared, so every kept pair is whole.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"warm-up steps must be an integer >= 0, got {n!r}")
+        kept = [r for r in self._rows if r[4] >= n]
+        sends = {r[8] for r in kept if r[2] == "send" and r[8] is not None}
+        recvs = {r[8] for r in kept if r[2] == "recv" and r[8] is not None}
+        whole = sends & recvs
+        rows = [r[:4] + (r[4] - n,) + r[5:8] + (r[8] if r[8] in whole else None,) for r in kept]
+        return Trace.from_rows(rows, dict(self.meta, warmup_steps_dropped=n))
+
     # -------------------------------------------------------------- checks
     def check(self, tol: float = 1e-9) -> "Trace":
         """Validate the trace and return it.

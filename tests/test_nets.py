@@ -117,3 +117,16 @@ def test_table1_kind_of_ratio():
     net_cnn = nets.vgg(4, width=16, aux="cnn")
     ratio_cnn = max(net_cnn.head_flops()) / max(net_cnn.block_flops())
     assert ratio_mlp < 0.1 < ratio_cnn  # DGL Table 1: MLP-aux is far cheaper than CNN-aux
+
+
+def test_input_grad_flops_is_the_first_weighted_layer():
+    net = nets.mlp([64, 128, 32, 10], blocks=2)
+    fl, ig = net.block_flops(), net.input_grad_flops()
+    first = [m for m in net.blocks[1].modules() if isinstance(m, torch.nn.Linear)][0]
+    assert ig[1] == 2 * first.in_features * first.out_features
+    assert all(0 < i <= f for i, f in zip(ig, fl))
+    v = nets.vgg(2, width=4)
+    conv = [m for m in v.blocks[1].modules() if isinstance(m, torch.nn.Conv2d)][0]
+    x = torch.zeros(1, 1, 28, 28)
+    h = v.blocks[0](x)
+    assert v.input_grad_flops()[1] == 2 * conv.in_channels * 9 * conv.out_channels * h.shape[2] * h.shape[3]

@@ -39,6 +39,38 @@ def test_dgl_closed_form(algo, K, N):
 
 
 @pytest.mark.parametrize("K,N", KN)
+def test_bp_input_gradient_cost_on_blocks_after_the_first(K, N):
+    """bwd_in (the input-gradient product) lies on bp's critical path once per
+    block 2..K and not at all in DGL, whose block inputs are detached."""
+    Bi = 0.7
+    cost = COST + f",bwd_in={Bi}"
+    r = simulate("bp", blocks=K, steps=N, costs=cost)
+    assert r.makespan == pytest.approx(N * (K * (F + B) + (K - 1) * Bi + 2 * (K - 1) * C + U),
+                                       rel=1e-12)
+    assert {s.op for s in r.trace if s.lane == "compute"} <= {"fwd", "bwd", "update"}
+    d = simulate("dgl", blocks=K, steps=N, costs=cost)
+    assert d.makespan == pytest.approx((K - 1) * (F + C) + N * (F + A + B + U), rel=1e-12)
+
+
+def test_gpipe_input_gradient_cost_two_blocks():
+    # K = 2, c = 0: block 2 runs F, then (B + Bi) per micro-batch, block 1 waits
+    # for each gradient. Step = F (block 1, mb 0) + m F (block 2 forwards)
+    # + m (B + Bi) (block 2 backwards) + B (block 1, last mb) + U.
+    Bi, m, N = 0.5, 3, 4
+    r = simulate("gpipe", blocks=2, steps=N, microbatches=m,
+                 costs=f"fwd={F},bwd={B},update={U},bwd_in={Bi}")
+    assert r.makespan == pytest.approx(N * (F + m * F + m * (B + Bi) + B + U), rel=1e-12)
+
+
+def test_with_input_grad_scales_forward_costs():
+    c = Costs.parse("fwd=2,bwd=3,fwd@2=4").with_input_grad([0.0, 0.5])
+    assert c.get("bwd_in", 1) == 0 and c.get("bwd_in", 2) == pytest.approx(2.0)
+    assert c.get("bwd", 2) == 3   # the detached backward is unchanged
+    with pytest.raises(ValueError, match="fractions"):
+        Costs().with_input_grad([-1.0])
+
+
+@pytest.mark.parametrize("K,N", KN)
 @pytest.mark.parametrize("m", [1, 2, 5])
 def test_gpipe_closed_form(K, N, m):
     r = simulate("gpipe", blocks=K, steps=N, microbatches=m,
@@ -147,6 +179,7 @@ def check_invariants(r: SimResult, algo, K, N, nh=1):
 
 cost_st = st.fixed_dictionaries({
     "fwd": st.floats(0.01, 3), "bwd": st.floats(0.01, 3), "aux": st.floats(0, 1),
+    "bwd_in": st.sampled_from([0.0, 0.5]),
     "update": st.floats(0, 1), "comm": st.floats(0, 1), "bytes": st.floats(0, 100),
     "bandwidth": st.sampled_from([math.inf, 50.0, 400.0]),
     "spread": st.sampled_from([0.0, 0.3]),

@@ -114,3 +114,23 @@ def test_from_rows_is_lazy():
     t = Trace.from_rows(rows)
     assert t.rows is rows and t._spans is None
     assert t.spans[3] == Span(0, "compute", "fwd", 1, 3, t0=3.0, t1=3.5)
+
+
+def test_without_warmup_drops_first_steps_and_orphaned_messages():
+    t = Trace([
+        Span(0, "compute", "fwd", 1, 0, t0=0.0, t1=5.0),           # slow warm-up step
+        Span(0, "comm", "send", 1, 0, t0=5.0, t1=5.1, msg=1),
+        Span(1, "comm", "recv", 2, 1, t0=5.0, t1=5.2, msg=1),      # its recv counts in step 1
+        Span(0, "compute", "fwd", 1, 1, t0=6.0, t1=7.0),
+        Span(0, "comm", "send", 1, 1, t0=7.0, t1=7.1, msg=2),
+        Span(1, "comm", "recv", 2, 1, t0=7.0, t1=7.2, msg=2),
+    ], meta={"algo": "dgl"})
+    w = t.without_warmup(1)
+    assert [r[4] for r in w.rows] == [0, 0, 0, 0]
+    assert w.start == 5.0 and w.makespan == pytest.approx(2.2)
+    assert [r[8] for r in w.rows if r[2] == "recv"] == [None, 2]   # message 1 lost its send
+    w.check()
+    assert t.without_warmup(0).rows == [r[:8] + (r[8],) for r in t.rows]
+    assert w.meta["warmup_steps_dropped"] == 1 and t.meta == {"algo": "dgl"}
+    with pytest.raises(ValueError, match="warm-up"):
+        t.without_warmup(-1)

@@ -30,8 +30,11 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Costs", "COMPUTE_OPS", "CostTable"]
 
 COMPUTE_OPS = ("fwd", "bwd", "aux", "update", "hstep")
+# Costs that are not trace ops: ``bwd_in`` is the extra backward work of a
+# block whose input gradient is needed too (backprop, gpipe), see Costs.
+_COST_OPS = COMPUTE_OPS + ("bwd_in",)
 _LINK_KEYS = ("comm", "bandwidth", "bytes")
-_KEYS = COMPUTE_OPS + _LINK_KEYS + ("spread",)
+_KEYS = _COST_OPS + _LINK_KEYS + ("spread",)
 _ALIASES = {"latency": "comm", "bw": "bandwidth", "activation_bytes": "bytes"}
 
 
@@ -58,7 +61,17 @@ class Costs:
     ----------
     fwd, bwd, aux, update : float
         Default cost of a block's forward, backward, auxiliary head
-        (forward + backward) and parameter update.
+        (forward + backward) and parameter update. ``bwd`` is the backward
+        of a block whose input is detached (DGL, BWBPF, a BlockProp W-step,
+        and block 1 everywhere): weight gradients, and input gradients of
+        every layer but the first.
+    bwd_in : float
+        What a block's backward costs in addition when the gradient with
+        respect to its *input* must be sent back as well (blocks 2..K of
+        ``bp`` and ``gpipe``): the input-gradient product of its first
+        layer, about that layer's forward FLOPs. Default 0, so uniform CLI
+        costs keep the closed forms; :meth:`with_input_grad` sets it from
+        FLOP counts.
     hstep : float or None
         One BlockProp h-step iteration on one block; ``None`` means
         ``fwd + bwd`` (a gradient step on ``h_k`` runs block k forward and
@@ -80,6 +93,7 @@ class Costs:
     aux: float = 0.0
     update: float = 0.0
     hstep: float | None = None
+    bwd_in: float = 0.0
     comm: float = 0.0
     bandwidth: float = math.inf
     bytes: float = 0.0
@@ -98,9 +112,9 @@ class Costs:
             clean[int(b)] = {}
             for k, v in over.items():
                 k = _ALIASES.get(k, k)
-                if k not in COMPUTE_OPS + ("bytes",):
+                if k not in _COST_OPS + ("bytes",):
                     raise ValueError(f"per-block override of {k!r} is not supported; "
-                                     f"use one of {COMPUTE_OPS + ('bytes',)}")
+                                     f"use one of {_COST_OPS + ('bytes',)}")
                 clean[int(b)][k] = _number(k, v)
         self.per_block = clean
 
@@ -109,7 +123,7 @@ class Costs:
     def parse(cls, text: str, base: "Costs | None" = None) -> "Costs":
         """Build costs from ``"fwd=1,bwd=2,aux=0.2,update=0.1,comm=0.05"``.
 
-        Keys: ``fwd bwd aux update hstep comm bandwidth bytes spread``
+        Keys: ``fwd bwd aux update hstep bwd_in comm bandwidth bytes spread``
         (``latency`` and ``bw`` are aliases); ``KEY@J=V`` overrides block J.
         Keys not given keep the value of ``base`` (or the defaults).
         """
@@ -277,6 +291,25 @@ class Costs:
                    bytes=float(meta_bytes) if isinstance(meta_bytes, (int, float)) else 0.0,
                    spread=spread, per_block=dict(per))
 
+    def with_input_grad(self, fractions: Sequence[float]) -> "Costs":
+        """A copy whose block j pays ``bwd_in = fractions[j-1] * fwd_j`` for
+        its input gradient.
+
+        ``fractions[j-1]`` is the FLOPs of block j's input-gradient product
+        over the FLOPs of its forward pass (``BlockNet.input_grad_flops()``
+        divided by ``BlockNet.block_flops()``). Use it to carry costs
+        measured on an algorithm whose blocks have detached inputs (DGL) to
+        one that backpropagates through them (``bp``, ``gpipe``): that
+        product is the only backward work the detached run never did.
+        """
+        fr = [float(f) for f in fractions]
+        if any(not (f >= 0 and math.isfinite(f)) for f in fr):
+            raise ValueError(f"input-gradient fractions must be finite and >= 0, got {fractions!r}")
+        per = {b: dict(v) for b, v in self.per_block.items()}
+        for j, f in enumerate(fr, start=1):
+            per.setdefault(j, {})["bwd_in"] = f * self.get("fwd", j)
+        return replace(self, per_block=per)
+
     # ---------------------------------------------------------------- query
     def get(self, key: str, block: int) -> float:
         """The (median) cost ``key`` of ``block`` (1-based), overrides applied."""
@@ -334,9 +367,12 @@ class CostTable:
         self.spread = costs.spread
         self.latency = costs.comm
         self.ops: dict[str, list[float]] = {}
-        for op in COMPUTE_OPS:
+        for op in _COST_OPS:
             self.ops[op] = [0.0] + [costs.get(op, j) * slowdown.get(j, 1.0)
                                     for j in range(1, blocks + 1)]
+        # the backward of a block that also sends its input gradient back
+        # (recorded as a ``bwd`` span, see Engine.run)
+        self.ops["bwd+in"] = [b + i for b, i in zip(self.ops["bwd"], self.ops["bwd_in"])]
         # BWBPF's global output layer is a head like the others: cost of aux.
         self.ops["loss"] = list(self.ops["aux"])
         self.xfer = [0.0] + [costs.transfer(j) for j in range(1, blocks + 1)]

@@ -32,7 +32,9 @@ def bp(eng: Engine, steps: int, **_: Any) -> None:
 
     Every block waits for its input going forward and for its gradient going
     back; a block updates right after its own backward, so one update lies
-    on the critical path. Per step: ``K (F + B) + 2 (K - 1) c + U``::
+    on the critical path. Blocks 2..K also compute the gradient with respect
+    to their input (cost ``bwd_in``, 0 unless set; drawn as B). Per step:
+    ``K (F + B) + (K - 1) B_in + 2 (K - 1) c + U``::
 
         block 1 |F......BBU
         block 2 |.F...BBU..
@@ -58,7 +60,7 @@ def _bp_block(e: Engine, j: int, steps: int) -> Generator:
         if j < K:
             yield from e.recv(j, "grad", "gradient")
         if j > 1:
-            yield from e.run(j, ("bwd",), t)
+            yield from e.run(j, ("bwd+in",), t)
             e.send(j, j - 1, "grad", t)
             yield from e.run(j, ("update",), t)
         else:
@@ -73,8 +75,9 @@ def gpipe(eng: Engine, steps: int, microbatches: int = 1, **_: Any) -> None:
     Block k runs the forward of micro-batch i at clock ``i + k`` (as
     torchgpipe's ``clock_cycles``), all forwards before any backward, the
     backwards in reverse micro-batch order, one update per step after the
-    last backward. With c = 0 and per-micro-batch costs a step takes
-    ``(m + K - 1)(F + B) + U``. For m = 2 (digits are micro-batches)::
+    last backward. Blocks 2..K add ``bwd_in`` to each backward, as in
+    :func:`bp`. With c = 0, ``bwd_in`` = 0 and per-micro-batch costs a step
+    takes ``(m + K - 1)(F + B) + U``. For m = 2 (digits are micro-batches)::
 
         block 1 |01......1100U
         block 2 |.01...1100U..
@@ -96,7 +99,7 @@ def _gpipe_block(e: Engine, j: int, steps: int, m: int) -> Generator:
         for i in reversed(range(m)):
             if j < K:
                 yield from e.recv(j, "grad", "gradient")
-            yield from e.run(j, ("bwd",), t, i)
+            yield from e.run(j, ("bwd+in",) if j > 1 else ("bwd",), t, i)
             if j > 1:
                 e.send(j, j - 1, "grad", t, i)
         yield from e.run(j, ("update",), t)
