@@ -136,6 +136,12 @@ def test_gpipe_matches_backprop_on_full_batches():
     fwd = [r for r in t.rows if r[2] == "fwd"]
     assert {r[5] for r in fwd} == {0, 1, 2, 3}          # micro-batches
     assert len({r[8] for r in t.rows if r[2] == "send"}) == 2 * 10 * 4
+    # one update per rank and step, after that step's last backward on the rank
+    ups = {(r[0], r[4]): r for r in t.rows if r[2] == "update"}
+    assert len(ups) == 2 * 10
+    for r in t.rows:
+        if r[2] == "bwd":
+            assert r[7] <= ups[(r[0], r[4])][6] + 1e-9
 
 
 @pytest.mark.slow

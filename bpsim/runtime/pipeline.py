@@ -14,7 +14,11 @@ The stage records ``fwd``/``bwd`` spans per micro-batch around
 moment the schedule asks for a receive (``get_*_recv_ops``) to the start of
 the compute that needed it, and a ``send`` span marks when an output was
 handed to the schedule (``get_*_send_ops``). Messages keep per-link
-sequence numbers, so every send is paired with its receive.
+sequence numbers, so every send is paired with its receive. At the end of a
+step the schedule waits until the last backward sends are taken by the
+previous stage: that time is a ``wait`` span, not part of the ``update``
+(the schedule's own gradient scaling is switched off and done inside the
+``update`` span instead, so the span holds exactly the optimizer's work).
 
 Limits: micro-batch shapes are fixed after the first step, so batches
 smaller than ``--batch-size`` (the end of an epoch) are skipped. With
@@ -130,7 +134,7 @@ def run_pipeline(algo: str, ctx: BlockCtx, stage_module: nn.Module, stage_index:
     if algo == "1f1b" and microbatches < num_stages:
         raise ValueError(f"1f1b needs at least as many micro-batches as stages: "
                          f"--microbatches {microbatches} < {num_stages} workers")
-    schedule = cls(stage, microbatches, loss_fn=ctx.loss_fn)
+    schedule = cls(stage, microbatches, loss_fn=ctx.loss_fn, scale_grads=False)
     for t in range(steps):
         stage.step_no = t
         ctx.optimizer.zero_grad(set_to_none=True)
@@ -143,8 +147,9 @@ def run_pipeline(algo: str, ctx: BlockCtx, stage_module: nn.Module, stage_index:
             schedule.step(target=ctx.plan.y(t), losses=losses)
         else:
             schedule.step()
+        ctx.waited(t)     # the schedule's wait for its last sends to be taken
         if losses:
             ctx.losses.append(float(torch.stack([v.detach() for v in losses]).mean()))
-        ctx.update(t)
+        ctx.update(t, grad_scale=1.0 / microbatches)
         if on_step_end is not None:
             on_step_end(t)

@@ -194,11 +194,27 @@ class BlockCtx:
         yield
         self._finish(name, t0, step, mb)
 
-    def update(self, step: int) -> None:
-        """The block's optimizer step, as an ``update`` span."""
+    def update(self, step: int, grad_scale: float | None = None) -> None:
+        """The block's optimizer step, as an ``update`` span (gradients first
+        multiplied by ``grad_scale`` when given: a pipeline's mean over its
+        micro-batches)."""
         with self.op("update", step):
+            if grad_scale is not None:
+                for group in self.optimizer.param_groups:
+                    for p in group["params"]:
+                        if p.grad is not None:
+                            p.grad.mul_(grad_scale)
             self.optimizer.step()
         self.updates += 1
+
+    def waited(self, step: int, mb: int = 0) -> None:
+        """Record the time since the last span as a ``wait`` span (the thread
+        was blocked in a library call, e.g. a pipeline schedule's final send
+        waits), so that the next compute span does not absorb it."""
+        t0, t1 = self.begin(), self.now()
+        if self.rows is not None and t1 > t0:
+            self.rows.append((self.rank, "compute", "wait", self.block, step, mb, t0, t1, None))
+        self.cursor.t = t1
 
 
 class _PhaseOptimizer:

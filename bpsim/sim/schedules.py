@@ -72,16 +72,18 @@ def _bp_block(e: Engine, j: int, steps: int) -> Generator:
 def gpipe(eng: Engine, steps: int, microbatches: int = 1, **_: Any) -> None:
     """GPipe: m micro-batches pipelined forward, then backward, then flush.
 
-    Block k runs the forward of micro-batch i at clock ``i + k`` (as
-    torchgpipe's ``clock_cycles``), all forwards before any backward, the
-    backwards in reverse micro-batch order, one update per step after the
-    last backward. Blocks 2..K add ``bwd_in`` to each backward, as in
-    :func:`bp`. With c = 0, ``bwd_in`` = 0 and per-micro-batch costs a step
-    takes ``(m + K - 1)(F + B) + U``. For m = 2 (digits are micro-batches)::
+    Block k runs the forward of micro-batch i at clock ``i + k``, all
+    forwards before any backward, the backwards in micro-batch order 0..m-1
+    (the order of ``torch.distributed.pipelining.ScheduleGPipe``, which the
+    runtime drives, so measured and simulated ops match one to one), one
+    update per step after the last backward. Blocks 2..K add ``bwd_in`` to
+    each backward, as in :func:`bp`. With c = 0, ``bwd_in`` = 0 and
+    per-micro-batch costs a step takes ``(m + K - 1)(F + B) + U`` (in either
+    backward order). For m = 2 (digits are micro-batches)::
 
-        block 1 |01......1100U
-        block 2 |.01...1100U..
-        block 3 |..011100U....
+        block 1 |01......0011U
+        block 2 |.01...0011U..
+        block 3 |..010011U....
                  forward  backward (2 units per micro-batch), U
     """
     _start(eng, _gpipe_block, steps, microbatches)
@@ -96,7 +98,7 @@ def _gpipe_block(e: Engine, j: int, steps: int, m: int) -> Generator:
             yield from e.run(j, ("fwd",), t, i)
             if j < K:
                 e.send(j, j + 1, "act", t, i)
-        for i in reversed(range(m)):
+        for i in range(m):
             if j < K:
                 yield from e.recv(j, "grad", "gradient")
             yield from e.run(j, ("bwd+in",) if j > 1 else ("bwd",), t, i)
