@@ -169,6 +169,21 @@ def test_dgl_async_slowed_rank_reuses_buffer_entries():
     res.trace.check()
 
 
+@pytest.mark.slow
+def test_dgl_async_max_reuse_makes_the_consumer_wait_for_fresh_entries():
+    # producer 3x slower; each entry may be read once, so the consumer waits for every
+    # new entry and reads each exactly once (without the cap it would reuse them)
+    res = run(RunConfig("dgl-async", workers=2, steps=12, buffer=4, slowdown={0: 3.0},
+                        max_reuse=1, evaluate=False))
+    buf = res.summary["buffers"]["2"]
+    assert buf["max_reuse"] == 1 and buf["puts"] == 12 and buf["gets"] == 12
+    assert buf["reuse_mean"] == pytest.approx(1.0)
+    waits = [r for r in res.trace.rows if r[0] == 1 and r[2] == "wait"]
+    assert len(waits) >= 6
+    with pytest.raises(ValueError, match="max_reuse"):
+        RunConfig("dgl-async", max_reuse=0).resolved()
+
+
 # -------------------------------------------------------------- CLI, faults
 def _env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)

@@ -45,7 +45,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         device=args.device, data=args.data, model=args.model, width=args.width, depth=args.depth,
         aux=args.aux, batch_size=args.batch_size, seed=args.seed, lr=_one(args.lr),
         momentum=args.momentum, weight_decay=args.weight_decay, options=options,
-        microbatches=args.microbatches, buffer=args.buffer,
+        microbatches=args.microbatches, buffer=args.buffer, max_reuse=args.max_reuse,
         slowdown=dict(args.slowdown or []), threads=args.threads, timeout=args.timeout,
         host=args.host, trace=args.trace, record=not args.no_spans,
         evaluate=not args.no_eval, n_train=args.n_train, n_test=args.n_test)
@@ -127,6 +127,9 @@ def add_parsers(subparsers: Any) -> None:
                    help="gpipe/1f1b micro-batches per step (default 4)")
     g.add_argument("--buffer", type=_positive_int, default=50, metavar="M",
                    help="dgl-async replay buffer size (default 50)")
+    g.add_argument("--max-reuse", type=_positive_int, default=None, metavar="R",
+                   help="dgl-async: reads allowed per buffer entry (default: unlimited); a "
+                        "block waits for a fresh entry when every entry is used up")
     g.add_argument("--slowdown", type=_slowdown, action="append", metavar="RANK:S",
                    help="make rank RANK (0-based) S times slower by doing S-1 times each op's "
                         "duration of extra real work (repeatable)")

@@ -82,6 +82,7 @@ class RunConfig:
     options: dict[str, Any] = field(default_factory=dict)
     microbatches: int = 4
     buffer: int = 50
+    max_reuse: int | None = None
     slowdown: dict[int, float] = field(default_factory=dict)
     threads: int | None = None
     timeout: float = 20.0
@@ -104,6 +105,10 @@ class RunConfig:
             v = getattr(c, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if c.max_reuse is not None and (isinstance(c.max_reuse, bool)
+                                        or not isinstance(c.max_reuse, int) or c.max_reuse < 1):
+            raise ValueError(f"max_reuse must be an integer >= 1 or None (unlimited), "
+                             f"got {c.max_reuse!r}")
         c.blocks = c.workers if c.blocks is None else c.blocks
         if c.blocks < 1:
             raise ValueError(f"blocks must be >= 1, got {c.blocks}")

@@ -136,10 +136,16 @@ def drive_dist(ctx: BlockCtx, comm: DistComm, step_fn: Callable, steps: int,
             elif kind is Take:
                 val = comm.take(req.src, t)
                 if val is None:
-                    raise RuntimeError(f"block {ctx.block} ran out of inputs at step {t}")
+                    raise RuntimeError(_starved(ctx.block, t))
             else:
                 raise TypeError(f"a schedule yielded {req!r}; expected Send, Recv or Take")
         on_step_end(t)
+
+
+def _starved(block: int, step: int) -> str:
+    return (f"block {block} ran out of inputs at step {step}: block {block - 1} has finished and "
+            "every entry of the replay buffer has been read --max-reuse times; raise --max-reuse "
+            "or --buffer, or leave --max-reuse unset")
 
 
 def drive_local(ctxs: Sequence[BlockCtx], comm: LocalComm, step_fn: Callable, steps: int,
@@ -187,7 +193,7 @@ def drive_local(ctxs: Sequence[BlockCtx], comm: LocalComm, step_fn: Callable, st
                 elif kind is Take:
                     ans = comm.take(req.src)
                     if ans is None:
-                        raise RuntimeError(f"block {c.block} ran out of inputs at step {t[i]}")
+                        raise RuntimeError(_starved(c.block, t[i]))
                 else:
                     raise TypeError(f"a schedule yielded {req!r}; expected Send, Recv or Take")
                 if ans is BLOCKED:
@@ -316,12 +322,13 @@ def run_rank(rank: int, cfg: Any, data: tuple[torch.Tensor, torch.Tensor] | None
         inbound = inbound_links(algo, b, K, plan, in_shapes[b - 1], tuple(shapes[b - 1]),
                                 getattr(trainer, "cache_every", None))
         comm = DistComm(b, K, now, rows, groups, inbound, device, wire, cfg.timeout,
-                        buffer=cfg.buffer, cursor=cursor)
+                        buffer=cfg.buffer, max_reuse=cfg.max_reuse, cursor=cursor)
         drive_dist(ctxs[0], comm, SCHEDULES[algo], cfg.steps, step_end)
         comm.flush()
         comm_stats = comm.buffer_stats()
     else:
-        local = LocalComm(buffered=range(1, K) if algo == "dgl-async" else (), buffer=cfg.buffer)
+        local = LocalComm(buffered=range(1, K) if algo == "dgl-async" else (), buffer=cfg.buffer,
+                          max_reuse=cfg.max_reuse)
 
         def local_end(block: int, t: int) -> None:
             if block == 1:
