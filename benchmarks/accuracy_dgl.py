@@ -15,9 +15,15 @@ the same budget: the same examples, epochs, batch size and SGD schedule.
 
     python benchmarks/accuracy_dgl.py            # full run, writes results/accuracy_dgl.{json,md}
     python benchmarks/accuracy_dgl.py --quick    # < 1 min smoke run (make bench); writes nothing
+    # the DGL-vs-backprop target, more data, three seeds (results/accuracy_dgl_vs_bp.*):
+    python benchmarks/accuracy_dgl.py --only dgl_vs_bp aux --seeds 0 1 2 --n-train 10000 \
+        --n-test 10000 --epochs 12 --weight-decay 5e-4 --name accuracy_dgl_vs_bp
 
 Runs shared between sections (e.g. backprop, or async S = 1.2 at M = 50)
-are trained once.
+are trained once. With several ``--seeds`` every configuration is trained
+once per seed (network initialisation and example order; the training subset
+stays the same) and the tables show the mean and standard deviation; the
+DGL - backprop gap is also given per seed, paired by seed.
 """
 
 from __future__ import annotations
@@ -63,33 +69,103 @@ def key(cfg: dict) -> str:
     return ",".join(f"{k}={cfg[k]}" for k in sorted(cfg))
 
 
-def run(cfg: dict, train, test, args) -> dict:
-    """Train one configuration and return its record."""
+def run(cfg: dict, train, test, args, seed: int) -> dict:
+    """Train one configuration from ``seed`` and return its record."""
     cls = get_trainer(cfg["algo"])
     desc = data.describe("fashion-mnist")
     net = nets.build("cnn", desc.input_shape, desc.n_classes, cfg["blocks"], width=args.width,
-                     aux=cfg.get("aux"), output_layer=cls.output_layer, seed=args.seed)
+                     aux=cfg.get("aux"), output_layer=cls.output_layer, seed=seed)
     kw = {}
     if cfg["algo"] == "dgl-async":
         kw = dict(buffer=cfg["buffer"], slowdown=(SLOWED_BLOCK, cfg["slowdown"]))
     milestones = [max(1, (3 * args.epochs) // 4)] if args.epochs > 1 else []
-    trainer = cls(net, lr=args.lr, momentum=0.9, batch_size=args.batch_size, milestones=milestones,
-                  gamma=0.2, seed=args.seed, progress=False, **kw)
+    trainer = cls(net, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay,
+                  batch_size=args.batch_size, milestones=milestones, gamma=0.2, seed=seed,
+                  progress=False, **kw)
     t0, c0 = time.perf_counter(), time.process_time()
     hist = trainer.fit(train, args.epochs)  # evaluated once, at the end (saves time)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     acc, loss = trainer.evaluate(test)
     bf, hf = net.block_flops(), net.head_flops()
     rec = {
-        **cfg, "test_accuracy": acc, "test_loss": loss, "train_loss": hist.train_loss,
+        **cfg, "seed": seed, "test_accuracy": acc, "test_loss": loss, "train_loss": hist.train_loss,
         "wall_s": wall, "cpu_s": cpu, "block_mflops": [f / 1e6 for f in bf], "head_mflops": [f / 1e6 for f in hf],
         "aux_flops_vs_largest_block": max(hf) / max(bf),
         # test accuracy of every block's head (DGL Fig. 4: better with depth); for bp only the last
         "head_test_accuracy": head_accuracies(net, test) if net.heads is not None else None,
         "extra_last_epoch": hist.records[-1].extra,
     }
-    print(f"  {key(cfg):60s} acc {100 * acc:6.2f}%  {wall:6.1f} s", flush=True)
+    print(f"  {key(cfg):60s} seed {seed}  acc {100 * acc:6.2f}%  {wall:6.1f} s", flush=True)
     return rec
+
+
+CFG_KEYS = ("algo", "blocks", "aux", "buffer", "slowdown")
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """One record per configuration: accuracies averaged over its seeds
+    (``test_accuracy`` the mean, ``acc_std`` the sample standard deviation,
+    ``accs`` the values by seed); per-head accuracies and wall time averaged;
+    other fields from the first seed. Order of first appearance is kept."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(key({k: r[k] for k in r if k in CFG_KEYS}), []).append(r)
+    out = []
+    for rs in groups.values():
+        accs = [r["test_accuracy"] for r in rs]
+        m = sum(accs) / len(accs)
+        a = dict(rs[0], test_accuracy=m, accs=accs, seeds=[r.get("seed") for r in rs],
+                 acc_std=(sum((x - m) ** 2 for x in accs) / (len(accs) - 1)) ** 0.5
+                 if len(accs) > 1 else None,
+                 wall_s=sum(r["wall_s"] for r in rs) / len(rs),
+                 cpu_s=sum(r.get("cpu_s", r["wall_s"]) for r in rs) / len(rs))
+        if rs[0].get("head_test_accuracy"):
+            a["head_test_accuracy"] = [sum(h) / len(h) for h in
+                                       zip(*(r["head_test_accuracy"] for r in rs))]
+        out.append(a)
+    return out
+
+
+def _acc(r: dict) -> str:
+    """Mean test accuracy in %, with '± std' over seeds when there are several."""
+    s = _pct(r["test_accuracy"])
+    return s + (f" ± {100 * r['acc_std']:.2f}" if r.get("acc_std") is not None else "")
+
+
+def paired_gap(a: dict, b: dict) -> str:
+    """Per-seed differences a - b in points (same seeds), for the tables."""
+    pa = dict(zip(a.get("seeds", []), a.get("accs", [])))
+    pb = dict(zip(b.get("seeds", []), b.get("accs", [])))
+    common = [s for s in pa if s in pb]
+    if len(common) < 2:
+        return ""
+    return " (by seed: " + ", ".join(f"{100 * (pa[s] - pb[s]):+.2f}" for s in common) + ")"
+
+
+def merge(parts: list[dict]) -> dict:
+    """One saved study from several (same settings, different sections,
+    auxiliary nets or seeds): every section of :func:`plan` that any part ran
+    gets every record of its configurations found in any part."""
+    info = dict(parts[0]["info"])
+    for p in parts[1:]:
+        for k in ("width", "n_train", "n_test", "epochs", "batch_size", "lr", "weight_decay"):
+            if p["info"].get(k) != info.get(k):
+                raise ValueError(f"cannot merge results with different {k}: "
+                                 f"{info.get(k)} and {p['info'].get(k)}")
+    recs: dict[str, dict] = {}
+    sections: list[str] = []
+    for p in parts:
+        for sec, rows in p["results"].items():
+            sections += [sec] if sec not in sections else []
+            for r in rows:
+                recs[key(dict({k: r[k] for k in r if k in CFG_KEYS}, seed=r.get("seed", 0)))] = r
+    seeds = sorted({r.get("seed", 0) for r in recs.values()})
+    results = {sec: [recs[k] for cfg in plan([sec])[sec] for s in seeds
+                     if (k := key(dict(cfg, seed=s))) in recs] for sec in SECTIONS if sec in sections}
+    info.update(seeds=seeds, command=" ; ".join(p["info"]["command"] for p in parts),
+                total_wall_s=sum(p["info"]["total_wall_s"] for p in parts),
+                total_cpu_s=sum(p["info"].get("total_cpu_s") or 0 for p in parts))
+    return {"results": results, "info": info}
 
 
 def _pct(v: float | None) -> str:
@@ -101,50 +177,60 @@ def _fmt_list(v) -> str:
 
 
 def markdown(results: dict[str, list[dict]], info: dict) -> str:
-    by = {key({k: r[k] for k in r if k in ("algo", "blocks", "aux", "buffer", "slowdown")}): r
-          for rows in results.values() for r in rows}
+    results = {sec: aggregate(rows) for sec, rows in results.items()}
+    by = {key({k: r[k] for k in r if k in CFG_KEYS}): r for rows in results.values() for r in rows}
+    seeds = info.get("seeds", [info.get("seed", 0)])
+    wd = info.get("weight_decay", 0.0)
     bp = next((r for r in by.values() if r["algo"] == "bp"), None)
     md = ["# Accuracy: DGL, async DGL and BWBPF against backprop", "",
           f"What ran: `{info['command']}`. DGL's VGG-like CNN (6 conv layers, first width "
           f"{info['width']}, doubling at each of the two poolings) on Fashion-MNIST, "
           f"{info['n_train']} training examples (seeded subset), {info['n_test']} test examples, "
           f"{info['epochs']} epochs, batch {info['batch_size']}, SGD lr {info['lr']} momentum 0.9"
+          f"{f', weight decay {wd:g}' if wd else ''}"
           f"{', lr x0.2 from epoch ' + str(info['milestone']) if info['milestone'] else ''}, "
-          f"seed {info['seed']}, one CPU thread "
-          f"(torch {info['torch']}, {info['machine']}). Every method has the same budget: same "
-          "examples, epochs and schedule. Test accuracy is measured once, after the last epoch. "
-          "One seed per configuration: differences below about "
-          f"{info['noise_points']:.1f} points (one standard error of an accuracy on "
-          f"{info['n_test']} test examples, doubled) are noise.", ""]
+          f"{'seed ' + str(seeds[0]) if len(seeds) == 1 else 'seeds ' + ', '.join(map(str, seeds))}"
+          f", one CPU thread (torch {info['torch']}, {info['machine']}). Every method has the same "
+          "budget: same examples, epochs and schedule. Test accuracy is measured once, after the "
+          "last epoch. " + ("One seed per configuration: differences below about "
+                            f"{info['noise_points']:.1f} points (one standard error of an accuracy on "
+                            f"{info['n_test']} test examples, doubled) are noise." if len(seeds) == 1 else
+                            f"Accuracies are the mean ± sample standard deviation over the {len(seeds)} "
+                            "seeds (each seed sets the initialisation and the example order); gaps "
+                            "to backprop are also listed seed by seed.") + " Column *s*: seconds of "
+          "CPU time of one training run (wall time where no CPU time was recorded).", ""]
     if "dgl_vs_bp" in results:
-        md += ["## DGL (K = 4) vs backprop", "", "| method | test acc % | per-head test acc % | wall s |",
+        md += ["## DGL (K = 4) vs backprop", "", "| method | test acc % | per-head test acc % | s |",
                "| --- | ---: | --- | ---: |"]
         for r in results["dgl_vs_bp"]:
             heads = r["head_test_accuracy"]
             md.append(f"| {r['algo']} (K = {r['blocks']}{', ' + r['aux'] if r['algo'] != 'bp' else ''}) "
-                      f"| {_pct(r['test_accuracy'])} | {_fmt_list([100 * a for a in heads]) if heads else '-'} "
-                      f"| {r['wall_s']:.0f} |")
+                      f"| {_acc(r)} | {_fmt_list([100 * a for a in heads]) if heads else '-'} "
+                      f"| {r.get('cpu_s', r['wall_s']):.0f} |")
         d = [r for r in results["dgl_vs_bp"] if r["algo"] == "dgl"][0]
         if bp:
             gap = 100 * (d["test_accuracy"] - bp["test_accuracy"])
-            md += ["", f"DGL - backprop: {gap:+.2f} points (target: within 0.5 points, i.e. >= -0.5): "
-                       f"{'met' if gap >= -0.5 else 'not met'}."]
+            md += ["", f"DGL (MLP-aux) - backprop: {gap:+.2f} points{paired_gap(d, bp)} "
+                       f"(target: within 0.5 points, i.e. >= -0.5): {'met' if gap >= -0.5 else 'not met'}."]
             if "aux" in results:
-                best = max(results["aux"], key=lambda r: r["test_accuracy"])
-                md += ["", f"Best auxiliary net at K = 4 (next section): {best['aux']}, "
-                           f"{100 * (best['test_accuracy'] - bp['test_accuracy']):+.2f} points against backprop."]
+                for r in results["aux"]:
+                    if r["aux"] == d["aux"]:
+                        continue
+                    g = 100 * (r["test_accuracy"] - bp["test_accuracy"])
+                    md += ["", f"DGL ({r['aux']}-aux) - backprop: {g:+.2f} points{paired_gap(r, bp)}: "
+                               f"{'met' if g >= -0.5 else 'not met'}."]
         md.append("")
     if "aux" in results:
         md += ["## Auxiliary networks (DGL Table 1), K = 4", "",
                "Aux FLOPs relative to the largest block (forward, 2 per multiply-accumulate), "
                "as in Table 1; the paper's ratios are for width 128 on 32x32 CIFAR inputs.", "",
-               "| aux | aux FLOPs / largest block | per-head MFLOPs | test acc % | vs backprop (points) | wall s |",
+               "| aux | aux FLOPs / largest block | per-head MFLOPs | test acc % | vs backprop (points) | s |",
                "| --- | ---: | --- | ---: | ---: | ---: |"]
         for r in results["aux"]:
             gap = f"{100 * (r['test_accuracy'] - bp['test_accuracy']):+.2f}" if bp else "n/a"
             md.append(f"| {r['aux']} | {100 * r['aux_flops_vs_largest_block']:.1f}% | "
-                      f"{_fmt_list(r['head_mflops'][:-1])} | {_pct(r['test_accuracy'])} | {gap} | "
-                      f"{r['wall_s']:.0f} |")
+                      f"{_fmt_list(r['head_mflops'][:-1])} | {_acc(r)} | {gap} | "
+                      f"{r.get('cpu_s', r['wall_s']):.0f} |")
         md += ["", f"Block MFLOPs: {_fmt_list(results['aux'][0]['block_mflops'])}.", ""]
     for sec, title, col in (("async_slowdown", f"Async DGL: slowdown S of block {SLOWED_BLOCK} (M = 50), "
                              "the shape of DGL Fig. 5", "slowdown"),
@@ -154,14 +240,14 @@ def markdown(results: dict[str, list[dict]], info: dict) -> str:
             continue
         md += [f"## {title}", "",
                f"| {'S' if col == 'slowdown' else 'M'} | test acc % | reuse per buffer (last epoch) "
-               "| staleness per buffer (last epoch) | wall s |", "| ---: | ---: | --- | --- | ---: |"]
+               "| staleness per buffer (last epoch) | s |", "| ---: | ---: | --- | --- | ---: |"]
         for r in results[sec]:
             e = r["extra_last_epoch"]
-            md.append(f"| {r[col]:g} | {_pct(r['test_accuracy'])} | {_fmt_list(e['reuse_mean'])} | "
-                      f"{_fmt_list(e['staleness_mean'])} | {r['wall_s']:.0f} |")
+            md.append(f"| {r[col]:g} | {_acc(r)} | {_fmt_list(e['reuse_mean'])} | "
+                      f"{_fmt_list(e['staleness_mean'])} | {r.get('cpu_s', r['wall_s']):.0f} |")
         sync = by.get(key(dict(algo="dgl", blocks=4, aux="mlp")))
         if sync:
-            md += ["", f"Synchronous DGL (K = 4, MLP-aux) for reference: {_pct(sync['test_accuracy'])}%."]
+            md += ["", f"Synchronous DGL (K = 4, MLP-aux) for reference: {_acc(sync)}%."]
         md.append("")
     if "bwbpf" in results:
         md += ["## BWBPF vs DGL vs backprop", "", "| K | backprop | DGL (MLP-aux) | BWBPF (linear heads) |",
@@ -169,8 +255,8 @@ def markdown(results: dict[str, list[dict]], info: dict) -> str:
         for k in (2, 4):
             d = by.get(key(dict(algo="dgl", blocks=k, aux="mlp")))
             b = by.get(key(dict(algo="bwbpf", blocks=k, aux="linear")))
-            md.append(f"| {k} | {_pct(bp['test_accuracy']) if bp else 'n/a'} | "
-                      f"{_pct(d['test_accuracy']) if d else 'n/a'} | {_pct(b['test_accuracy']) if b else 'n/a'} |")
+            md.append(f"| {k} | {_acc(bp) if bp else 'n/a'} | "
+                      f"{_acc(d) if d else 'n/a'} | {_acc(b) if b else 'n/a'} |")
         md += ["", "Backprop does not depend on K (the same network, trained end to end). "
                    "BWBPF's prediction comes from its output layer (the VGG classifier: pool to 2x2, "
                    "two hidden layers) on the last block's features; its block heads are GAP + linear.", ""]
@@ -193,15 +279,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=0.02)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0],
+                    help="train every configuration once per seed (default: 0)")
+    ap.add_argument("--weight-decay", type=float, default=0.0,
+                    help="SGD weight decay (default 0; DGL App. B uses 5e-4)")
+    ap.add_argument("--name", default="accuracy_dgl", help="results file stem (default accuracy_dgl)")
     ap.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
     ap.add_argument("--out", help="results folder (default: benchmarks/results; --quick: none)")
-    ap.add_argument("--render", metavar="JSON", help="only rewrite the .md beside JSON from its saved results")
+    ap.add_argument("--aux", nargs="+", choices=nets.HEADS,
+                    help="in the aux section train only these auxiliary nets")
+    ap.add_argument("--render", metavar="JSON", nargs="+",
+                    help="only rewrite the .md beside the first JSON from saved results; "
+                         "several JSONs (parts of one study run in parallel, e.g. different "
+                         "sections or seeds) are merged into the first")
     args = ap.parse_args(argv)
     if args.render:
-        saved = json.load(open(args.render, encoding="utf-8"))
+        saved = merge([json.load(open(f, encoding="utf-8")) for f in args.render])
         md = markdown(saved["results"], saved["info"])
-        atomic_write_text(os.path.splitext(args.render)[0] + ".md", md)
+        if len(args.render) > 1:
+            atomic_write_text(args.render[0], json.dumps(saved, indent=2))
+        atomic_write_text(os.path.splitext(args.render[0])[0] + ".md", md)
         print(md)
         return 0
     if args.quick:
@@ -209,22 +306,26 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     out = args.out or (None if args.quick else
                        os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    train, test = data.load("fashion-mnist", n_train=args.n_train, n_test=args.n_test, seed=args.seed)
+    train, test = data.load("fashion-mnist", n_train=args.n_train, n_test=args.n_test, seed=0)
     sections = list(args.only or SECTIONS)
     t0, done, results = time.perf_counter(), {}, {}
     for sec, cfgs in plan(sections).items():
         print(f"== {sec}", flush=True)
         results[sec] = []
         for cfg in cfgs:
-            k = key(cfg)
-            if k not in done:
-                done[k] = run(cfg, train, test, args)
-            results[sec].append(done[k])
+            if sec == "aux" and args.aux and cfg["aux"] not in args.aux:
+                continue
+            for seed in args.seeds:
+                k = key(dict(cfg, seed=seed))
+                if k not in done:
+                    done[k] = run(cfg, train, test, args, seed)
+                results[sec].append(done[k])
     n_test = len(test)
     info = {
         "command": " ".join(["python benchmarks/accuracy_dgl.py"] + list(sys.argv[1:] if argv is None else argv)),
         "width": args.width, "n_train": len(train), "n_test": n_test, "epochs": args.epochs,
-        "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+        "batch_size": args.batch_size, "lr": args.lr, "seeds": args.seeds,
+        "weight_decay": args.weight_decay,
         "milestone": max(1, (3 * args.epochs) // 4) + 1 if args.epochs > 1 else None,
         "slowed_block": SLOWED_BLOCK, "torch": torch.__version__, "python": platform.python_version(),
         "machine": platform.machine(), "threads": 1, "total_wall_s": time.perf_counter() - t0,
@@ -236,9 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     if out is not None:
         os.makedirs(out, exist_ok=True)
-        atomic_write_text(os.path.join(out, "accuracy_dgl.json"),
+        atomic_write_text(os.path.join(out, args.name + ".json"),
                           json.dumps({"results": results, "info": info}, indent=2))
-        atomic_write_text(os.path.join(out, "accuracy_dgl.md"), md)
+        atomic_write_text(os.path.join(out, args.name + ".md"), md)
     return 0
 
 
