@@ -231,7 +231,10 @@ def markdown(results: dict[str, list[dict]], info: dict) -> str:
             md.append(f"| {r['aux']} | {100 * r['aux_flops_vs_largest_block']:.1f}% | "
                       f"{_fmt_list(r['head_mflops'][:-1])} | {_acc(r)} | {gap} | "
                       f"{r.get('cpu_s', r['wall_s']):.0f} |")
-        md += ["", f"Block MFLOPs: {_fmt_list(results['aux'][0]['block_mflops'])}.", ""]
+        md += ["", f"Block MFLOPs: {_fmt_list(results['aux'][0]['block_mflops'])}.", "",
+               "For comparison, DGL Table 1 (CIFAR-10, width 128, 50 epochs): CNN-aux 92.2%, "
+               "MLP-SR-aux 91.2%, MLP-aux 90.6%, i.e. the cheap heads 1.0 and 1.6 points below "
+               "CNN-aux.", ""]
     for sec, title, col in (("async_slowdown", f"Async DGL: slowdown S of block {SLOWED_BLOCK} (M = 50), "
                              "the shape of DGL Fig. 5", "slowdown"),
                             ("async_buffer", f"Async DGL: buffer size M (S = 1.2 on block {SLOWED_BLOCK}), "

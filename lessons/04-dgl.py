@@ -182,15 +182,24 @@ for kind, r in ratios.items():
 # `benchmarks/accuracy_dgl.py` runs that comparison on Fashion-MNIST, and its stored results appear here when present.
 
 # %%
-bench = Path(bpsim.__file__).resolve().parents[1] / "benchmarks" / "results" / "accuracy_dgl.json"
-if bench.exists():
+results = Path(bpsim.__file__).resolve().parents[1] / "benchmarks" / "results"
+# the study with three seeds and 10,000 images when present, else the single-seed sweep
+bench = next((f for f in (results / "accuracy_dgl_vs_bp.json", results / "accuracy_dgl.json") if f.exists()), None)
+if bench is not None:
     stored = json.loads(bench.read_text())
     info = stored["info"]
-    print(f"benchmarks/accuracy_dgl.py: Fashion-MNIST, {info['n_train']} training images, {info['epochs']} epochs, "
-          f"first width {info['width']}, K = 4")
-    for r in stored["results"].get("aux", []):
-        print(f"  {r['aux']:7} head FLOPs {100 * r['aux_flops_vs_largest_block']:5.1f}% of the largest block, "
-              f"test accuracy {100 * r['test_accuracy']:.1f}%")
+    print(f"benchmarks/{bench.name}: Fashion-MNIST, {info['n_train']} training images, {info['epochs']} epochs, "
+          f"first width {info['width']}, K = 4, seeds {info.get('seeds', [info.get('seed', 0)])}")
+    by_run = {}  # (method, aux) -> test accuracies over the seeds
+    for r in stored["results"].get("dgl_vs_bp", []) + stored["results"].get("aux", []):
+        by_run.setdefault((r["algo"], r.get("aux")), {})[r.get("seed", 0)] = r
+    for (algo, aux), runs in by_run.items():
+        accs = [100 * r["test_accuracy"] for r in runs.values()]
+        label = "backprop" if algo == "bp" else f"DGL {aux}-aux"
+        flops = "" if algo == "bp" else (f", head FLOPs {100 * next(iter(runs.values()))['aux_flops_vs_largest_block']:.1f}%"
+                                         " of the largest block")
+        print(f"  {label:16} test accuracy {sum(accs) / len(accs):.2f}%"
+              f"{f' (mean of {len(accs)} seeds)' if len(accs) > 1 else ''}{flops}")
 else:
     print("no stored benchmark yet: run `python benchmarks/accuracy_dgl.py` to fill this in")
 
