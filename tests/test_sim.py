@@ -273,6 +273,20 @@ def test_from_trace_recovers_costs():
         Costs.from_trace(Trace([]))
 
 
+def test_from_trace_latency_ends_when_the_waiting_receiver_resumes():
+    # recv completes 0.5 after the send, but the receiver's compute thread, which was
+    # waiting, resumes only at 0.8: the simulator's latency is the 0.8
+    rows = [(0, "compute", "fwd", 1, 0, 0, 0.0, 1.0, None)]
+    for i in range(3):
+        t = 10.0 * i
+        rows += [(0, "comm", "send", 1, i, 0, t, t + 0.1, i),
+                 (1, "comm", "recv", 2, i, 0, t, t + 0.5, i),
+                 (1, "compute", "wait", 2, i, 0, t - 2.0, t + 0.8, None)]
+    assert Costs.from_trace(Trace(rows)).comm == pytest.approx(0.8)
+    no_wait = [r for r in rows if r[2] != "wait"]
+    assert Costs.from_trace(Trace(no_wait)).comm == pytest.approx(0.5)
+
+
 def test_compare_identical_and_shifted():
     a = simulate("dgl", blocks=3, steps=10, costs=COST).trace
     res = compare(a, a)

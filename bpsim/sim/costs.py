@@ -226,14 +226,20 @@ class Costs:
         Each compute op's cost per block is the median of its spans; the
         spread is the pooled standard deviation of log durations around
         those medians. For messages, the one-way time of a send/recv pair
-        is ``recv.t1 - send.t0``; with sizes in ``trace.meta["bytes"]`` (a
-        number, or ``{block: bytes}``) latency and bandwidth come from a
-        least-squares line through (bytes, time), else the median time is
-        taken as pure latency.
+        is ``recv.t1 - send.t0``, or, when the receiving rank's compute
+        thread was waiting for it (a ``wait`` span around ``recv.t1``), the
+        end of that wait minus ``send.t0``: the message counts as delivered
+        when the computation that needed it can go on, which in a measured
+        run is a little after the receive completes (a thread hand-off),
+        and is what the simulator's latency means. With sizes in
+        ``trace.meta["bytes"]`` (a number, or ``{block: bytes}``) latency
+        and bandwidth come from a least-squares line through (bytes, time),
+        else the median time is taken as pure latency.
         """
         by: dict[tuple[str, int], list[float]] = defaultdict(list)
         sends: dict[Any, tuple] = {}
         recvs: dict[Any, tuple] = {}
+        waits: dict[int, list[tuple[float, float]]] = defaultdict(list)
         for r in trace.rows:
             op = r[2]
             if r[1] == "compute" and op in COMPUTE_OPS:
@@ -242,6 +248,10 @@ class Costs:
                 sends[r[8]] = r
             elif op == "recv" and r[8] is not None:
                 recvs[r[8]] = r
+            elif op == "wait" and r[1] == "compute":
+                waits[r[0]].append((r[6], r[7]))
+        for w in waits.values():
+            w.sort()
         if not by:
             raise ValueError("the trace has no compute spans (fwd/bwd/aux/update/hstep) to "
                              "calibrate on; record a run with `bpsim run ... --trace`")
@@ -265,7 +275,7 @@ class Costs:
             elif isinstance(meta_bytes, Mapping):
                 v = meta_bytes.get(str(s[3]), meta_bytes.get(s[3]))
                 b = None if v is None else float(v)
-            pts.append((b, max(rv[7] - s[6], 0.0)))
+            pts.append((b, max(_delivered(rv, waits.get(rv[0], ())) - s[6], 0.0)))
         comm, bandwidth = 0.0, math.inf
         if pts:
             sizes = [b for b, _ in pts]
@@ -346,6 +356,19 @@ class Costs:
         for b, over in sorted(self.per_block.items()):
             parts += [f"{k}@{b}={v:g}" for k, v in over.items()]
         return ",".join(parts)
+
+
+def _delivered(recv: tuple, waits: Sequence[tuple[float, float]], tol: float = 1e-6) -> float:
+    """When the receiving compute thread could use a message: the end of the
+    wait span (sorted ``waits`` of its rank) in progress when the receive
+    completed, else the receive's end."""
+    import bisect
+
+    t = recv[7]
+    i = bisect.bisect_right(waits, (t + tol, math.inf)) - 1
+    if i >= 0 and waits[i][0] <= t + tol and waits[i][1] >= t - tol:
+        return waits[i][1]
+    return t
 
 
 class CostTable:
