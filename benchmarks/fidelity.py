@@ -2,18 +2,25 @@
 
 1. **Calibrate** the simulator on one measured run: ``dgl`` with 2 workers
    (``Costs.from_trace``: median cost per op and block, lognormal spread,
-   message latency).
+   message latency). Two things such a run cannot show are added from
+   models: the input-gradient product that backprop's blocks 2..K compute
+   and DGL's detached blocks skip (``Costs.with_input_grad`` with FLOP
+   fractions from ``BlockNet.input_grad_flops``), and how op times shrink at
+   gpipe's micro-batch size (a short in-process profile of each block at
+   both batch sizes, ``profile_ratios``: a ratio, the level stays the
+   measured one).
 2. **Predict** held-out measured runs with ``bpsim.sim.simulate`` and those
    costs: more steps, the other algorithms, a slowed rank (``--slowdown``,
    real extra work; the simulator multiplies that block's costs), the
    one-process reference (both blocks on one device). Report the makespan
    error and the per-rank busy-time error of each (``bpsim.sim.compare``).
+   Every run is measured ``--repeats`` times, interleaved with the others,
+   after ``WARMUP`` untimed steps, and the repeat with the median makespan
+   is compared; the calibration takes the per-key median over its repeats.
 3. Separately, **self-calibrated** predictions: each algorithm calibrated
    on its own short run and asked for a longer and a slowed run. The gap
    between the two tables is the error of carrying op costs from one
-   algorithm to another (e.g. backprop's backward also computes the input
-   gradient that DGL's detached blocks skip; a gpipe micro-batch costs more
-   than a quarter of a batch), not of the schedules.
+   algorithm to another, not of the schedules.
 4. **More ranks than cores**: 4 workers on the machine's 2 cores. Costs come
    from the one-process run of the same 4-block net (undisturbed); the
    simulator shares devices (``placement=2``: blocks 1-2 on device 0,
@@ -24,7 +31,7 @@ DGL heads ``linear``), one torch thread per worker, and the training set is
 cut to a multiple of the batch size so that every step costs the same.
 Results: ``benchmarks/results/fidelity.{json,md}``.
 
-    python benchmarks/fidelity.py            # full (about 3 minutes)
+    python benchmarks/fidelity.py            # full (about 7 minutes, 3 repeats)
     python benchmarks/fidelity.py --quick    # < 1 min: calibration + 3 held-out runs; writes nothing
 """
 
@@ -35,6 +42,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -44,6 +52,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 WIDTH, BATCH, N_TRAIN = 1024, 128, 1280
+WARMUP = 3   # untimed first steps of every measured run (see measure)
 
 
 def _cfg(algo: str, steps: int, workers: int = 2, blocks: int = 2, **kw: Any) -> Any:
@@ -56,6 +65,24 @@ def _cfg(algo: str, steps: int, workers: int = 2, blocks: int = 2, **kw: Any) ->
         base["aux"] = "linear"
     base.update(kw)
     return RunConfig(algo, workers=workers, **base)
+
+
+def measure(cfg: Any) -> Any:
+    """Run ``cfg`` for ``WARMUP`` more steps and drop them from the trace.
+
+    A run's first steps take up to twice the usual time (allocation, kernel
+    choice); a benchmark times the steady state after them. The exception
+    is blockprop-cached, whose epochs with and without h-step must stay
+    where the simulator puts them (``epochs_steps``): it keeps every step.
+    """
+    from dataclasses import replace
+
+    from bpsim.runtime import run
+
+    w = 0 if cfg.algo == "blockprop-cached" else WARMUP
+    res = run(replace(cfg, steps=cfg.steps + w))
+    res.trace = res.trace.without_warmup(w)
+    return res
 
 
 def _sim_kwargs(cfg: Any, res: Any) -> dict[str, Any]:
@@ -75,6 +102,16 @@ def _sim_kwargs(cfg: Any, res: Any) -> dict[str, Any]:
     if cfg.algo == "gpipe":
         kw["microbatches"] = cfg.microbatches
     return kw
+
+
+def input_grad_fractions(cfg: Any) -> list[float]:
+    """Input-gradient FLOPs over forward FLOPs of each block of ``cfg``'s net."""
+    from bpsim import data, nets
+
+    desc = data.describe(cfg.data)
+    net = nets.build(cfg.model, desc.input_shape, desc.n_classes, cfg.blocks,
+                     width=cfg.width, depth=cfg.depth)
+    return [i / f for i, f in zip(net.input_grad_flops(), net.block_flops())]
 
 
 def mean_costs(trace: Any) -> Any:
@@ -98,24 +135,31 @@ def mean_costs(trace: Any) -> Any:
 
 
 def predict(costs: Any, cfg: Any, res: Any, label: str, alt: Any = None,
-            per_microbatch: bool = False) -> dict[str, Any]:
+            mb_costs: Any = None) -> dict[str, Any]:
     """Simulate the run ``cfg`` with ``costs`` and compare with its measurement
     (and, with ``alt``, also with those costs: the mean-cost diagnostic).
-    ``per_microbatch``: the costs came from a gpipe run already."""
+    ``res`` is one measured run or a list of repeats: the repeat with the
+    median makespan is compared. For ``gpipe``, ``mb_costs(costs)`` turns
+    minibatch costs into micro-batch costs (None: the costs are per
+    micro-batch already)."""
     from bpsim.sim import simulate
     from bpsim.sim.compare import compare
 
+    runs = res if isinstance(res, list) else [res]
+    spans = sorted(r.trace.makespan for r in runs)
+    res = next(r for r in runs if r.trace.makespan == spans[(len(spans) - 1) // 2])
     algo = cfg.algo
 
     def sim_compare(cs: Any) -> dict[str, Any]:
-        if algo == "gpipe" and not per_microbatch:   # the simulator's costs are per
-            cs = _scaled(cs, 1.0 / cfg.microbatches)  # micro-batch: assume linear
+        if algo == "gpipe" and mb_costs is not None:
+            cs = mb_costs(cs)
         return compare(res.trace, simulate(algo, costs=cs, **_sim_kwargs(cfg, res)).trace)
 
     c = sim_compare(costs)
     out = {"case": label, "algo": algo, "workers": cfg.workers, "steps": cfg.steps,
            "slowdown": {str(k): v for k, v in cfg.slowdown.items()},
            "makespan_measured": c["makespan_measured"],
+           "makespans_measured": spans,
            "makespan_simulated": c["makespan_simulated"],
            "makespan_error": c["makespan_error"], "busy": c["busy"],
            "busy_error_mean": c["busy_error_mean"],
@@ -131,7 +175,6 @@ def predict(costs: Any, cfg: Any, res: Any, label: str, alt: Any = None,
 def noise(trace: Any) -> float:
     """Busy time over (op count x median op time): 1.0 on a quiet machine,
     more when other processes slow some ops down."""
-    import statistics
 
     by: dict[tuple[int, str], list[float]] = {}
     for r in trace.rows:
@@ -143,11 +186,84 @@ def noise(trace: Any) -> float:
 
 
 def _scaled(costs: Any, f: float) -> Any:
+    """Per-micro-batch costs assuming time proportional to batch size (the
+    update is once per step and keeps its cost)."""
     from dataclasses import replace
 
-    per = {b: {k: (v * f if k in ("fwd", "bwd", "aux", "update", "hstep") else v)
+    per = {b: {k: (v * f if k in ("fwd", "bwd", "aux", "hstep", "bwd_in") else v)
                for k, v in over.items()} for b, over in costs.per_block.items()}
     return replace(costs, per_block=per)
+
+
+def profile_ratios(cfg: Any, microbatches: int, reps: int = 40) -> dict[int, dict[str, float]]:
+    """How much one micro-batch op costs relative to the whole-batch op.
+
+    Times each block of ``cfg``'s net in this process (one thread): forward,
+    backward with a detached input, and backward that also computes the
+    input gradient, at batch ``B`` and ``B / microbatches`` (median of
+    ``reps``). Returns ``{block: {"fwd": r, "bwd": r, "bwd+in": r}}`` with
+    r = t(B / m) / t(B). A GEMM of a quarter of the rows is less than a
+    quarter of the time on a CPU, the weight gradient above all, so these
+    are well above 1 / m; the measured run supplies the absolute level, the
+    profile only the shape dependence.
+    """
+    import torch
+
+    from bpsim import data, nets
+
+    torch.set_num_threads(1)
+    desc = data.describe(cfg.data)
+    net = nets.build(cfg.model, desc.input_shape, desc.n_classes, cfg.blocks,
+                     width=cfg.width, depth=cfg.depth)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(BATCH, *desc.input_shape, generator=gen)
+    out: dict[int, dict[str, float]] = {}
+    for j, blk in enumerate(net.blocks, start=1):
+        t: dict[tuple[str, int], float] = {}
+        for b in (BATCH, BATCH // microbatches):
+            xb = x[:b].detach()
+            for op in ("fwd", "bwd", "bwd+in"):
+                ds = []
+                for _ in range(reps):
+                    inp = xb.clone().requires_grad_(op == "bwd+in")
+                    t0 = time.perf_counter()
+                    y = blk(inp)
+                    if op != "fwd":
+                        t1 = time.perf_counter()
+                        y.square().mean().backward()
+                        ds.append(time.perf_counter() - t1)
+                    else:
+                        ds.append(time.perf_counter() - t0)
+                    blk.zero_grad(set_to_none=True)
+                t[(op, b)] = statistics.median(ds)
+        out[j] = {op: t[(op, BATCH // microbatches)] / t[(op, BATCH)] for op in ("fwd", "bwd", "bwd+in")}
+        with torch.no_grad():
+            x = blk(x)
+    return out
+
+
+def profiled(costs: Any, ratios: dict[int, dict[str, float]]) -> Any:
+    """Micro-batch costs: each block's whole-batch costs times the profiled ratios."""
+    from dataclasses import replace
+
+    per = {b: dict(v) for b, v in costs.per_block.items()}
+    for j, r in ratios.items():
+        d = per.setdefault(j, {})
+        f, bw, bi = costs.get("fwd", j), costs.get("bwd", j), costs.get("bwd_in", j)
+        d["fwd"], d["bwd"] = f * r["fwd"], bw * r["bwd"]
+        d["bwd_in"] = max((bw + bi) * r["bwd+in"] - d["bwd"], 0.0)
+    return replace(costs, per_block=per)
+
+
+def median_costs(all_costs: list[Any]) -> Any:
+    """Per-key median of several calibrations (repeats of one run)."""
+    from dataclasses import replace
+
+    first = all_costs[0]
+    per = {b: {k: statistics.median(c.per_block.get(b, {}).get(k, 0.0) for c in all_costs)
+               for k in over} for b, over in first.per_block.items()}
+    return replace(first, comm=statistics.median(c.comm for c in all_costs),
+                   spread=statistics.median(c.spread for c in all_costs), per_block=per)
 
 
 def per_block_busy(trace: Any, by_block: bool) -> dict[int, float]:
@@ -161,19 +277,18 @@ def per_block_busy(trace: Any, by_block: bool) -> dict[int, float]:
 
 def oversubscribed(steps: int) -> dict[str, Any]:
     """4 workers on 2 cores, predicted from the one-process run of the same net."""
-    from bpsim.runtime import run
     from bpsim.sim import Costs, simulate
 
     ref_cfg = _cfg("dgl", steps, workers=1, blocks=4)
-    ref = run(ref_cfg)
+    ref = measure(ref_cfg)
     costs = Costs.from_trace(ref.trace)
     out = {"calibration": "each algorithm's own 4-block run with --workers 1 (undisturbed "
                           "op costs)", "cases": []}
     for algo in ("dgl", "bp"):
         cfg = _cfg(algo, steps, workers=4, blocks=4)
-        res = run(cfg)
+        res = measure(cfg)
         if algo != "dgl":
-            costs_a = Costs.from_trace(run(_cfg(algo, steps, workers=1, blocks=4)).trace)
+            costs_a = Costs.from_trace(measure(_cfg(algo, steps, workers=1, blocks=4)).trace)
         else:
             costs_a = costs
         for placement in (2, [0, 1, 0, 1]):
@@ -199,22 +314,35 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="calibration + 3 held-out runs (< 1 min)")
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=None,
+                   help="measure every run this many times, interleaved, and compare the "
+                        "repeat with the median makespan (default 3; --quick 1)")
     p.add_argument("--width", type=int, default=1024, help="hidden width (default 1024)")
     p.add_argument("--out", default=None,
                    help="results folder (default benchmarks/results; --quick writes none)")
+    p.add_argument("--render", metavar="JSON",
+                   help="only rewrite the .md beside JSON from its saved results")
     args = p.parse_args(argv)
+    if args.render:
+        from bpsim.trace import atomic_write_text
+
+        with open(args.render, encoding="utf-8") as f:
+            md = markdown(json.load(f))
+        atomic_write_text(Path(args.render).with_suffix(".md"), md)
+        print(md)
+        return 0
     WIDTH = args.width
-    from bpsim.runtime import run
     from bpsim.sim import Costs
     from bpsim.trace import atomic_write_text, json_safe
 
     t_start = time.time()
     N = args.steps or (16 if args.quick else 40)
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 3
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    R = args.repeats
     calib_cfg = _cfg("dgl", N)
-    calib = run(calib_cfg)
-    costs = Costs.from_trace(calib.trace)
-    alt = mean_costs(calib.trace)
-    print(f"calibrated on dgl, 2 workers, {N} steps: {costs}", flush=True)
     held = [("dgl, 2x the steps", _cfg("dgl", 2 * N)),
             ("dgl, rank 1 slowed S=2", _cfg("dgl", N, slowdown={1: 2.0})),
             ("bp", _cfg("bp", N))]
@@ -228,13 +356,39 @@ def main(argv: list[str] | None = None) -> int:
                  ("blockprop-cached, N_h=1, E=2",
                   _cfg("blockprop-cached", 4 * (N_TRAIN // BATCH), options={"nh": 1})),
                  ("dgl, 1 worker (both blocks in one process)", _cfg("dgl", N, workers=1))]
+    # Repeats are interleaved (calibration, every held-out run, again...) so
+    # that a slow spell of the shared machine hits all cases alike.
+    calib_runs, measured = [], {label: [] for label, _ in held}
+    for rep in range(R):
+        calib_runs.append(measure(calib_cfg))
+        for label, cfg in held:
+            measured[label].append(measure(cfg))
+        print(f"repeat {rep + 1}/{R} measured", flush=True)
+    # DGL's blocks have detached inputs; backprop and gpipe also compute the
+    # gradient with respect to block 2's input: add it from the FLOP model.
+    frac = input_grad_fractions(calib_cfg)
+    round_costs = [Costs.from_trace(r.trace).with_input_grad(frac) for r in calib_runs]
+    costs = median_costs([Costs.from_trace(r.trace) for r in calib_runs]).with_input_grad(frac)
+    alt = median_costs([mean_costs(r.trace) for r in calib_runs]).with_input_grad(frac)
+    ratios = profile_ratios(calib_cfg, 4) if any(c.algo == "gpipe" for _, c in held) else {}
+    print(f"calibrated on dgl, 2 workers, {N} steps: {costs}", flush=True)
     cases = []
-    measured: dict[str, Any] = {}
     for label, cfg in held:
-        res = run(cfg)
-        measured[label] = (cfg, res)
-        cases.append(predict(costs, cfg, res, label, alt))
+        mb = (lambda cs: profiled(cs, ratios)) if cfg.algo == "gpipe" else None
+        cases.append(predict(costs, cfg, measured[label], label, alt, mb_costs=mb))
         c = cases[-1]
+        if R > 1:   # each round's held-out run predicted from that round's calibration
+            per = [predict(cr, cfg, mr, label, mb_costs=mb)
+                   for cr, mr in zip(round_costs, measured[label])]
+            per.sort(key=lambda x: x["makespan_error"])
+            c["paired"] = {"makespan_error": per[(R - 1) // 2]["makespan_error"],
+                           "busy_error_mean": statistics.median(x["busy_error_mean"] for x in per),
+                           "makespan_errors": [x["makespan_error"] for x in per]}
+        if cfg.algo == "gpipe":   # diagnostic: micro-batch = minibatch / m
+            lin = predict(costs, cfg, measured[label], label,
+                          mb_costs=lambda cs, m=cfg.microbatches: _scaled(cs, 1.0 / m))
+            c["linear_microbatch"] = {"makespan_error": lin["makespan_error"],
+                                      "busy_error_mean": lin["busy_error_mean"]}
         print(f"{label:45s} makespan error {100 * c['makespan_error']:+6.1f}%, "
               f"busy error {100 * c['busy_error_mean']:5.1f}% (mean costs: "
               f"{100 * c['mean_costs']['makespan_error']:+6.1f}%, "
@@ -244,13 +398,16 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quick:
         for algo, extra in (("bp", {}), ("blockprop", {"options": {"nh": 1}}),
                             ("dgl-async", {}), ("gpipe", {"microbatches": 4})):
-            short = run(_cfg(algo, N, **extra))
-            c_self = Costs.from_trace(short.trace)
-            for label, cfg in ((f"{algo}, 2x the steps", _cfg(algo, 2 * N, **extra)),
-                               (f"{algo}, rank 1 slowed S=2",
-                                _cfg(algo, N, slowdown={1: 2.0}, **extra))):
-                res = run(cfg)
-                self_cal.append(predict(c_self, cfg, res, label, per_microbatch=True))
+            cases_a = [(f"{algo}, 2x the steps", _cfg(algo, 2 * N, **extra)),
+                       (f"{algo}, rank 1 slowed S=2", _cfg(algo, N, slowdown={1: 2.0}, **extra))]
+            shorts, runs_a = [], {label: [] for label, _ in cases_a}
+            for _ in range(R):
+                shorts.append(measure(_cfg(algo, N, **extra)))
+                for label, cfg in cases_a:
+                    runs_a[label].append(measure(cfg))
+            c_self = median_costs([Costs.from_trace(r.trace) for r in shorts])
+            for label, cfg in cases_a:
+                self_cal.append(predict(c_self, cfg, runs_a[label], label))
                 c = self_cal[-1]
                 print(f"[self] {label:38s} makespan error {100 * c['makespan_error']:+6.1f}%, "
                       f"busy error {100 * c['busy_error_mean']:5.1f}%", flush=True)
@@ -266,11 +423,13 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "simulator fidelity", "quick": args.quick,
         "setup": {"model": f"mlp width {WIDTH}, 2 layers per block, dgl heads linear",
                   "data": f"digits (first {N_TRAIN} training examples)", "batch_size": BATCH,
-                  "steps": N, "threads_per_worker": 1},
+                  "steps": N, "threads_per_worker": 1, "warmup_steps": WARMUP},
         "machine": {"cores": len(os.sched_getaffinity(0)), "platform": platform.platform(),
                     "torch": torch.__version__, "load_avg_at_start": os.getloadavg()},
         "calibration": {"run": f"dgl, 2 workers, {N} steps", "costs": costs.to_dict(),
-                        "noise": noise(calib.trace)},
+                        "repeats": R, "input_grad_fractions": frac,
+                        "microbatch_ratios": {str(j): r for j, r in ratios.items()},
+                        "noise": statistics.median(noise(r.trace) for r in calib_runs)},
         "held_out": cases, "self_calibrated": self_cal, "oversubscribed": over,
         "summary": {"held_out_mean_abs_makespan_error": mean_abs(cases, "makespan_error"),
                     "held_out_mean_busy_error": mean_abs(cases, "busy_error_mean"),
@@ -278,6 +437,12 @@ def main(argv: list[str] | None = None) -> int:
                         mean_abs([c["mean_costs"] for c in cases], "makespan_error"),
                     "mean_costs_mean_busy_error":
                         mean_abs([c["mean_costs"] for c in cases], "busy_error_mean"),
+                    "paired_mean_abs_makespan_error":
+                        mean_abs([c["paired"] for c in cases if "paired" in c], "makespan_error")
+                        if any("paired" in c for c in cases) else None,
+                    "paired_mean_busy_error":
+                        mean_abs([c["paired"] for c in cases if "paired" in c], "busy_error_mean")
+                        if any("paired" in c for c in cases) else None,
                     "self_mean_abs_makespan_error": mean_abs(self_cal, "makespan_error") if self_cal else None,
                     "self_mean_busy_error": mean_abs(self_cal, "busy_error_mean") if self_cal else None},
         "seconds": time.time() - t_start,
@@ -298,18 +463,35 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _spread(c: dict[str, Any]) -> str:
+    """(max - min) / median of the repeats' measured makespans: the noise floor."""
+    ms = c.get("makespans_measured") or []
+    if len(ms) < 2:
+        return "-"
+    return f"{100 * (max(ms) - min(ms)) / statistics.median(ms):.0f}%"
+
+
+def noise_floor(cases: list[dict[str, Any]]) -> float | None:
+    """Median over cases of half the repeat spread: how far a single run of a
+    case typically lies from the middle one."""
+    hs = [(max(c["makespans_measured"]) - min(c["makespans_measured"]))
+          / (2 * statistics.median(c["makespans_measured"]))
+          for c in cases if len(c.get("makespans_measured") or []) > 1]
+    return statistics.median(hs) if hs else None
+
+
 def _table(cases: list[dict[str, Any]]) -> list[str]:
     alt = all("mean_costs" in c for c in cases)
-    head = ("| held-out run | measured makespan (s) | simulated (s) | makespan error | "
+    head = ("| held-out run | measured makespan (s) | repeat spread | simulated (s) | makespan error | "
             "busy error per rank | mean busy error | noise |")
-    rule = "|---|---:|---:|---:|---|---:|---:|"
+    rule = "|---|---:|---:|---:|---:|---|---:|---:|"
     if alt:
         head += " with mean op costs: makespan / busy error |"
         rule += "---:|"
     lines = [head, rule]
     for c in cases:
         busy = ", ".join(f"{100 * b['error']:+.1f}%" for b in c["busy"])
-        line = (f"| {c['case']} | {c['makespan_measured']:.3f} | "
+        line = (f"| {c['case']} | {c['makespan_measured']:.3f} | {_spread(c)} | "
                 f"{c['makespan_simulated']:.3f} | {100 * c['makespan_error']:+.1f}% | {busy} | "
                 f"{100 * c['busy_error_mean']:.1f}% | {c['noise']:.3f} |")
         if alt:
@@ -325,20 +507,52 @@ def markdown(o: dict[str, Any]) -> str:
              f"{s['model']}; {s['data']}, batch {s['batch_size']}, {s['steps']} steps unless "
              f"said otherwise, {s['threads_per_worker']} torch thread per worker; "
              f"{m['cores']} cores, load average at start {m['load_avg_at_start'][0]:.2f}.", "",
-             f"Calibrated on: {o['calibration']['run']} (`Costs.from_trace`; noise "
-             f"{o['calibration']['noise']:.3f}).", "",
+             f"Calibrated on: {o['calibration']['run']} (`Costs.from_trace`, per-key median "
+             f"over {o['calibration'].get('repeats', 1)} repeats; noise "
+             f"{o['calibration']['noise']:.3f}). Backprop and gpipe blocks after the first also "
+             "compute their input gradient, which DGL's detached blocks never do: its cost is "
+             "the block's forward time times the FLOP fraction of that product "
+             f"({', '.join(f'{f:.2f}' for f in o['calibration'].get('input_grad_fractions', []))}"
+             " per block, `Costs.with_input_grad`). gpipe's micro-batch costs are the DGL costs "
+             "times the ratio t(B/m) / t(B) of a short in-process profile of each block "
+             "(`profile_ratios`); scaling by 1/m instead gives the gpipe diagnostic below.", "",
+             f"Every run was measured {o['calibration'].get('repeats', 1)} times, interleaved "
+             "with the others; each row compares the repeat with the median makespan (all "
+             "repeats' makespans are in the JSON). *repeat spread* = (max - min) / median of "
+             "those makespans: identical runs differ by this much on this machine, so it bounds "
+             "how small a prediction error can be told apart from noise. Each measured run first took "
+             f"{s.get('warmup_steps', 0)} untimed warm-up steps (dropped from its trace with "
+             "`Trace.without_warmup`; blockprop-cached keeps all its steps so that its epochs "
+             "line up with the simulator's).", "",
              "*noise* = busy time / (ops x median op time) of the measured run: 1.000 when "
              "every op takes its median time; more when other processes on the machine "
              "slowed some ops down. `Costs.from_trace` uses medians, so the simulator then "
              "predicts a run that is faster by about that factor. The last column uses each "
              "op's mean duration instead (a diagnostic, not the calibration under test).", ""]
     lines += _table(o["held_out"])
+    for c in o["held_out"]:
+        if "linear_microbatch" in c:
+            lm = c["linear_microbatch"]
+            lines += ["", f"Diagnostic, {c['case']} with micro-batch costs = minibatch costs / m: "
+                          f"makespan error {100 * lm['makespan_error']:+.1f}%, busy error "
+                          f"{100 * lm['busy_error_mean']:.1f}%."]
     sm = o["summary"]
     lines += ["", f"Mean |makespan error| {100 * sm['held_out_mean_abs_makespan_error']:.1f}% "
                   f"(target <= 3%), mean busy error {100 * sm['held_out_mean_busy_error']:.1f}% "
                   "(target <= 5%). With mean op costs: "
                   f"{100 * sm['mean_costs_mean_abs_makespan_error']:.1f}% and "
                   f"{100 * sm['mean_costs_mean_busy_error']:.1f}%."]
+    if sm.get("paired_mean_abs_makespan_error") is not None:
+        lines += ["", "Paired by round (each round's held-out runs predicted from the same round's "
+                      "calibration run, measured seconds apart; median over the rounds): mean "
+                      f"|makespan error| {100 * sm['paired_mean_abs_makespan_error']:.1f}%, mean busy "
+                      f"error {100 * sm['paired_mean_busy_error']:.1f}%. Per case: "
+                      + "; ".join(f"{c['case']} {100 * c['paired']['makespan_error']:+.1f}%"
+                                  for c in o["held_out"] if "paired" in c) + "."]
+    nf = noise_floor(o["held_out"])
+    if nf is not None:
+        lines += ["", f"Noise floor: half the repeat spread, median over the held-out cases, is "
+                      f"{100 * nf:.1f}% of the makespan."]
     if o["self_calibrated"]:
         lines += ["", "## Each algorithm calibrated on its own short run", ""]
         lines += _table(o["self_calibrated"])

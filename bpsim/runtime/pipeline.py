@@ -12,7 +12,10 @@ batch.
 The stage records ``fwd``/``bwd`` spans per micro-batch around
 ``forward_one_chunk``/``backward_one_chunk``; a ``recv`` span runs from the
 moment the schedule asks for a receive (``get_*_recv_ops``) to the start of
-the compute that needed it, and a ``send`` span marks when an output was
+the compute that needed it (on the compute lane that time is a ``wait``;
+without a receive the op starts where the last span ended, so the schedule's
+own bookkeeping between chunks counts towards the next op, as elsewhere in
+the runtime), and a ``send`` span marks when an output was
 handed to the schedule (``get_*_send_ops``). Messages keep per-link
 sequence numbers, so every send is paired with its receive. At the end of a
 step the schedule waits until the last backward sends are taken by the
@@ -98,16 +101,29 @@ def _traced_stage_class() -> type:
             self._send_span(ops, "bwd_out", self.sb - 1, bwd_chunk_id, t0)
             return ops
 
-        def forward_one_chunk(self, fwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
-            t0 = self.ctx.now()
+        def _start(self, mb: int) -> float:
+            """Start of a compute span. After a receive the thread waited
+            for the message: that time (from the end of the last span) is a
+            ``wait`` span and the op starts now. Otherwise the op starts where
+            the last span ended, absorbing the schedule's bookkeeping in
+            between (as every other runtime op does), so the compute lane
+            has no holes."""
+            c = self.ctx
+            if self._recv is None:
+                return c.begin()
+            t0 = c.now()
             self._close_recv(t0)
+            c.waited(self.step_no, mb, until=t0)
+            return t0
+
+        def forward_one_chunk(self, fwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
+            t0 = self._start(fwd_chunk_id)
             out = super().forward_one_chunk(fwd_chunk_id, *args, **kwargs)
             self.ctx._finish("fwd", t0, self.step_no, fwd_chunk_id)
             return out
 
         def backward_one_chunk(self, bwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
-            t0 = self.ctx.now()
-            self._close_recv(t0)
+            t0 = self._start(bwd_chunk_id)
             out = super().backward_one_chunk(bwd_chunk_id, *args, **kwargs)
             self.ctx._finish("bwd", t0, self.step_no, bwd_chunk_id)
             return out

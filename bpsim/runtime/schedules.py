@@ -207,11 +207,13 @@ class BlockCtx:
             self.optimizer.step()
         self.updates += 1
 
-    def waited(self, step: int, mb: int = 0) -> None:
-        """Record the time since the last span as a ``wait`` span (the thread
-        was blocked in a library call, e.g. a pipeline schedule's final send
-        waits), so that the next compute span does not absorb it."""
-        t0, t1 = self.begin(), self.now()
+    def waited(self, step: int, mb: int = 0, until: float | None = None) -> None:
+        """Record the time from the end of the last span to ``until`` (default:
+        now) as a ``wait`` span (the thread was blocked in a library call,
+        e.g. a pipeline schedule's receives or final send waits), so that
+        the next compute span does not absorb it."""
+        t1 = self.now() if until is None else until
+        t0 = min(self.begin(), t1)
         if self.rows is not None and t1 > t0:
             self.rows.append((self.rank, "compute", "wait", self.block, step, mb, t0, t1, None))
         self.cursor.t = t1
