@@ -491,7 +491,10 @@ for op in ("fwd", "bwd", "update"):
 # FLOPs, block 2's backward should be dearer in bp; by contention, every op of bp may come out cheaper, since its ranks
 # rarely compute at the same time. With a few dozen steps per run the noise is often as large as either effect. A fair
 # prediction of another algorithm needs that algorithm's own op costs: calibrate on a short run of it, or count FLOPs
-# (`Costs.from_flops`, lesson 06), and repeat measurements before trusting a difference. The explorer below puts
+# (`Costs.from_flops`, lesson 06), or add just what the calibration run never did. For bp that is the input-gradient
+# product, whose FLOPs `BlockNet.input_grad_flops()` counts; `costs.with_input_grad(fractions)` adds it as `bwd_in` to
+# the backward of blocks 2..K (`benchmarks/fidelity.py` does this). Whichever you pick, repeat measurements before
+# trusting a difference. The explorer below puts
 # "calibrated on dgl" and "calibrated on the run itself" side by side.
 #
 # So, to the question of section 1: on this machine the assumptions that break worst are 1 and 3, stable op costs on
