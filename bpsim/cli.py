@@ -59,6 +59,18 @@ def _slowdown(s: str) -> tuple[int, float]:
         raise argparse.ArgumentTypeError(f"expected BLOCK:FACTOR such as 2:1.5, got {s!r}") from None
 
 
+def add_net_and_sgd_args(p: argparse.ArgumentParser) -> None:
+    """The options `bpsim train` and `bpsim run` share: data, network, SGD."""
+    p.add_argument("--data", default="digits", help="digits (default), mnist, fashion-mnist, cifar10, teacher")
+    p.add_argument("--model", default="mlp", help="mlp (default), cnn (DGL's VGG-like), resnet")
+    p.add_argument("--width", type=_positive_int, help="hidden width (mlp: 256) or first conv width (cnn: 128)")
+    p.add_argument("--depth", type=int, help="hidden layers (mlp: 2) or conv layers (cnn: 6)")
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--lr", type=_floats, help="learning rate, or one per block (comma-separated)")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+
+
 # ---------------------------------------------------------------------- train
 def _add_train(sub: argparse._SubParsersAction) -> None:
     from bpsim.algorithms import ALGORITHMS  # no torch import
@@ -67,16 +79,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "Train a BlockNet with one method and report test accuracy. "
         "Example: bpsim train bp --data digits --model mlp --blocks 2 --epochs 20 --seed 0 --json"))
     p.add_argument("algo", choices=list(ALGORITHMS), metavar="ALGO", help=f"one of {', '.join(ALGORITHMS)}")
-    p.add_argument("--data", default="digits", help="digits (default), mnist, fashion-mnist, cifar10, teacher")
-    p.add_argument("--model", default="mlp", help="mlp (default), cnn (DGL's VGG-like), resnet")
     p.add_argument("--blocks", type=int, default=2, help="number of blocks K (default 2)")
-    p.add_argument("--width", type=_positive_int, help="hidden width (mlp: 256) or first conv width (cnn: 128)")
-    p.add_argument("--depth", type=int, help="hidden layers (mlp: 2) or conv layers (cnn: 6)")
     p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=_positive_int, default=64)
-    p.add_argument("--lr", type=_floats, help="learning rate, or one per block (comma-separated)")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    add_net_and_sgd_args(p)
     p.add_argument("--milestones", type=lambda s: [int(v) for v in s.split(",")], default=[],
                    help="epochs at which the learning rate is multiplied by --gamma")
     p.add_argument("--gamma", type=float, default=0.1)

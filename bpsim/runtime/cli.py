@@ -13,7 +13,7 @@ import json
 import sys
 from typing import Any
 
-from bpsim.cli import _floats, _positive_int
+from bpsim.cli import _floats, _positive_int, add_net_and_sgd_args
 
 __all__ = ["add_parsers", "config_from_args"]
 
@@ -109,16 +109,8 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu (gloo) or cuda (NCCL; rank k on cuda:(k mod #GPUs))")
     p.add_argument("--steps", type=_positive_int, default=100, metavar="N", help="training steps")
-    p.add_argument("--data", default="digits",
-                   help="digits (default), mnist, fashion-mnist, cifar10, teacher")
-    p.add_argument("--model", default="mlp", help="mlp (default), cnn, resnet")
-    p.add_argument("--width", type=_positive_int, help="hidden width (mlp default 256)")
-    p.add_argument("--depth", type=int, help="hidden layers (mlp default 2)")
-    p.add_argument("--batch-size", type=_positive_int, default=64)
+    add_net_and_sgd_args(p)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lr", type=_floats, help="learning rate, or one per block")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--n-train", type=_positive_int, help="use a subset of the training set")
     p.add_argument("--n-test", type=_positive_int, help="use a subset of the test set")
     g = p.add_argument_group("method options")
