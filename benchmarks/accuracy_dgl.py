@@ -102,6 +102,13 @@ def run(cfg: dict, train, test, args, seed: int) -> dict:
 CFG_KEYS = ("algo", "blocks", "aux", "buffer", "slowdown")
 
 
+def cfg_key(rec: dict, seed: bool = False) -> str:
+    """The ``key`` of the configuration a record was trained with (and its
+    seed, 0 for records saved before seeds were recorded)."""
+    cfg = {k: rec[k] for k in rec if k in CFG_KEYS}
+    return key(dict(cfg, seed=rec.get("seed", 0)) if seed else cfg)
+
+
 def aggregate(rows: list[dict]) -> list[dict]:
     """One record per configuration: accuracies averaged over its seeds
     (``test_accuracy`` the mean, ``acc_std`` the sample standard deviation,
@@ -109,7 +116,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
     other fields from the first seed. Order of first appearance is kept."""
     groups: dict[str, list[dict]] = {}
     for r in rows:
-        groups.setdefault(key({k: r[k] for k in r if k in CFG_KEYS}), []).append(r)
+        groups.setdefault(cfg_key(r), []).append(r)
     out = []
     for rs in groups.values():
         accs = [r["test_accuracy"] for r in rs]
@@ -158,7 +165,7 @@ def merge(parts: list[dict]) -> dict:
         for sec, rows in p["results"].items():
             sections += [sec] if sec not in sections else []
             for r in rows:
-                recs[key(dict({k: r[k] for k in r if k in CFG_KEYS}, seed=r.get("seed", 0)))] = r
+                recs[cfg_key(r, seed=True)] = r
     seeds = sorted({r.get("seed", 0) for r in recs.values()})
     results = {sec: [recs[k] for cfg in plan([sec])[sec] for s in seeds
                      if (k := key(dict(cfg, seed=s))) in recs] for sec in SECTIONS if sec in sections}
@@ -178,7 +185,7 @@ def _fmt_list(v) -> str:
 
 def markdown(results: dict[str, list[dict]], info: dict) -> str:
     results = {sec: aggregate(rows) for sec, rows in results.items()}
-    by = {key({k: r[k] for k in r if k in CFG_KEYS}): r for rows in results.values() for r in rows}
+    by = {cfg_key(r): r for rows in results.values() for r in rows}
     seeds = info.get("seeds", [info.get("seed", 0)])
     wd = info.get("weight_decay", 0.0)
     bp = next((r for r in by.values() if r["algo"] == "bp"), None)

@@ -367,8 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     # DGL's blocks have detached inputs; backprop and gpipe also compute the
     # gradient with respect to block 2's input: add it from the FLOP model.
     frac = input_grad_fractions(calib_cfg)
-    round_costs = [Costs.from_trace(r.trace).with_input_grad(frac) for r in calib_runs]
-    costs = median_costs([Costs.from_trace(r.trace) for r in calib_runs]).with_input_grad(frac)
+    fitted = [Costs.from_trace(r.trace) for r in calib_runs]
+    round_costs = [c.with_input_grad(frac) for c in fitted]
+    costs = median_costs(fitted).with_input_grad(frac)
     alt = median_costs([mean_costs(r.trace) for r in calib_runs]).with_input_grad(frac)
     ratios = profile_ratios(calib_cfg, 4) if any(c.algo == "gpipe" for _, c in held) else {}
     print(f"calibrated on dgl, 2 workers, {N} steps: {costs}", flush=True)

@@ -162,8 +162,8 @@ class BlockNet(nn.Module):
         shape = tuple(input_shape or self.input_shape or ())
         out, x = [], torch.zeros(2, *shape)
         for b in self.blocks:
-            out.append(_flops_and_output(b, x, first_only=True)[0])
-            x = _flops_and_output(b, x)[1]
+            f, x = _flops_and_output(b, x, first_only=True)   # x: the whole block's output
+            out.append(f)
         return out
 
     def head_flops(self, input_shape: Sequence[int] | None = None) -> list[int]:

@@ -116,6 +116,15 @@ class Cursor:
     def __init__(self) -> None:
         self.t: float | None = None
 
+    def wait(self, rows: list | None, rank: int, block: int, step: int, mb: int,
+             t1: float, t_start: float) -> None:
+        """Record a ``wait`` span on the compute lane from the end of the last
+        span (``t_start`` if there was none) to ``t1``, and move to ``t1``."""
+        t0 = min(self.t if self.t is not None else t_start, t1)
+        if rows is not None and t1 > t0:
+            rows.append((rank, "compute", "wait", block, step, mb, t0, t1, None))
+        self.t = t1
+
 
 class DistComm:
     """Point-to-point links of one rank that holds block ``block``.
@@ -252,12 +261,7 @@ class DistComm:
 
     def _wait_span(self, t_ask: float, step: int, mb: int) -> None:
         """Record that the compute thread waited until now."""
-        t1 = self.now()
-        c = self.cursor
-        if self.rows is not None:
-            self.rows.append((self.rank, "compute", "wait", self.block, step, mb,
-                              c.t if c.t is not None else t_ask, t1, None))
-        c.t = t1
+        self.cursor.wait(self.rows, self.rank, self.block, step, mb, self.now(), t_ask)
 
     def recv(self, src: int, step: int, mb: int = 0) -> torch.Tensor:
         """The next message from block ``src``; it must be the one of (step, mb)."""

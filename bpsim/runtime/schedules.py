@@ -213,10 +213,7 @@ class BlockCtx:
         e.g. a pipeline schedule's receives or final send waits), so that
         the next compute span does not absorb it."""
         t1 = self.now() if until is None else until
-        t0 = min(self.begin(), t1)
-        if self.rows is not None and t1 > t0:
-            self.rows.append((self.rank, "compute", "wait", self.block, step, mb, t0, t1, None))
-        self.cursor.t = t1
+        self.cursor.wait(self.rows, self.rank, self.block, step, mb, t1, t1)
 
 
 class _PhaseOptimizer:

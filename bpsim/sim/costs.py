@@ -18,6 +18,7 @@ whose median is the cost and whose log-standard-deviation is ``spread``.
 
 from __future__ import annotations
 
+import bisect
 import math
 import statistics
 from collections import defaultdict
@@ -362,8 +363,6 @@ def _delivered(recv: tuple, waits: Sequence[tuple[float, float]], tol: float = 1
     """When the receiving compute thread could use a message: the end of the
     wait span (sorted ``waits`` of its rank) in progress when the receive
     completed, else the receive's end."""
-    import bisect
-
     t = recv[7]
     i = bisect.bisect_right(waits, (t + tol, math.inf)) - 1
     if i >= 0 and waits[i][0] <= t + tol and waits[i][1] >= t - tol:
