@@ -21,9 +21,9 @@
    on its own short run and asked for a longer and a slowed run. The gap
    between the two tables is the error of carrying op costs from one
    algorithm to another, not of the schedules.
-4. **More ranks than cores**: 4 workers on the machine's 2 cores. Costs come
-   from the one-process run of the same 4-block net (undisturbed); the
-   simulator shares devices (``placement=2``: blocks 1-2 on device 0,
+4. **More ranks than cores**: 4 workers confined to 2 cores (``cpus``, so
+   any machine can run it). Costs come from the one-process run of the same
+   4-block net (undisturbed); the simulator shares devices (``placement=2``: blocks 1-2 on device 0,
    3-4 on device 1). Makespan and per-block busy errors are reported.
 
 Blocks are compute-heavy (MLP width 1024, batch 128, two layers per block,
@@ -53,6 +53,8 @@ sys.path.insert(0, str(HERE.parent))
 
 WIDTH, BATCH, N_TRAIN = 1024, 128, 1280
 WARMUP = 3   # untimed first steps of every measured run (see measure)
+DEVICE = "cpu"
+OVER_CORES = 2   # the oversubscribed runs put 4 ranks on this many cores (--cpus)
 
 
 def _cfg(algo: str, steps: int, workers: int = 2, blocks: int = 2, **kw: Any) -> Any:
@@ -60,7 +62,7 @@ def _cfg(algo: str, steps: int, workers: int = 2, blocks: int = 2, **kw: Any) ->
 
     base = dict(blocks=blocks, steps=steps, data="digits", model="mlp", width=WIDTH,
                 depth=2 * blocks - 1, batch_size=BATCH, threads=1, evaluate=False, seed=0,
-                n_train=N_TRAIN)
+                n_train=N_TRAIN, device=DEVICE)
     if algo.startswith("dgl"):
         base["aux"] = "linear"
     base.update(kw)
@@ -256,14 +258,20 @@ def profiled(costs: Any, ratios: dict[int, dict[str, float]]) -> Any:
 
 
 def median_costs(all_costs: list[Any]) -> Any:
-    """Per-key median of several calibrations (repeats of one run)."""
+    """Per-key median of several calibrations (repeats of one run).
+
+    The *low* median, like the held-out side (``predict`` compares the
+    repeat at index (R - 1) // 2 of the sorted makespans): with an even
+    number of repeats an average here against the faster run there would
+    bias every prediction towards slow."""
     from dataclasses import replace
 
     first = all_costs[0]
-    per = {b: {k: statistics.median(c.per_block.get(b, {}).get(k, 0.0) for c in all_costs)
+    med = statistics.median_low
+    per = {b: {k: med(c.per_block.get(b, {}).get(k, 0.0) for c in all_costs)
                for k in over} for b, over in first.per_block.items()}
-    return replace(first, comm=statistics.median(c.comm for c in all_costs),
-                   spread=statistics.median(c.spread for c in all_costs), per_block=per)
+    return replace(first, comm=med(c.comm for c in all_costs),
+                   spread=med(c.spread for c in all_costs), per_block=per)
 
 
 def per_block_busy(trace: Any, by_block: bool) -> dict[int, float]:
@@ -276,8 +284,10 @@ def per_block_busy(trace: Any, by_block: bool) -> dict[int, float]:
 
 
 def oversubscribed(steps: int) -> dict[str, Any]:
-    """4 workers on 2 cores, predicted from the one-process run of the same net."""
+    """4 workers on ``OVER_CORES`` cores, predicted from the one-process run of the same net."""
     from bpsim.sim import Costs, simulate
+
+    cpus = sorted(os.sched_getaffinity(0))[:OVER_CORES]
 
     ref_cfg = _cfg("dgl", steps, workers=1, blocks=4)
     ref = measure(ref_cfg)
@@ -285,7 +295,7 @@ def oversubscribed(steps: int) -> dict[str, Any]:
     out = {"calibration": "each algorithm's own 4-block run with --workers 1 (undisturbed "
                           "op costs)", "cases": []}
     for algo in ("dgl", "bp"):
-        cfg = _cfg(algo, steps, workers=4, blocks=4)
+        cfg = _cfg(algo, steps, workers=4, blocks=4, cpus=cpus)
         res = measure(cfg)
         if algo != "dgl":
             costs_a = Costs.from_trace(measure(_cfg(algo, steps, workers=1, blocks=4)).trace)
@@ -298,7 +308,7 @@ def oversubscribed(steps: int) -> dict[str, Any]:
             errs = [(sb[b] - mb[b]) / mb[b] for b in sorted(mb)]
             m_span, s_span = res.trace.makespan, sim.trace.makespan
             out["cases"].append({
-                "algo": algo, "workers": 4, "cores": len(os.sched_getaffinity(0)),
+                "algo": algo, "workers": 4, "cores": len(cpus),
                 "placement": placement, "makespan_measured": m_span,
                 "makespan_simulated": s_span, "makespan_error": (s_span - m_span) / m_span,
                 "busy_error_per_block": errs,
@@ -310,7 +320,7 @@ def oversubscribed(steps: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global WIDTH
+    global WIDTH, DEVICE
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="calibration + 3 held-out runs (< 1 min)")
     p.add_argument("--steps", type=int, default=None)
@@ -318,11 +328,20 @@ def main(argv: list[str] | None = None) -> int:
                    help="measure every run this many times, interleaved, and compare the "
                         "repeat with the median makespan (default 3; --quick 1)")
     p.add_argument("--width", type=int, default=1024, help="hidden width (default 1024)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the workers compute (cuda: gloo through host memory when there "
+                        "are fewer GPUs than workers; gpipe and the oversubscribed runs then "
+                        "are skipped)")
     p.add_argument("--out", default=None,
                    help="results folder (default benchmarks/results; --quick writes none)")
     p.add_argument("--render", metavar="JSON",
                    help="only rewrite the .md beside JSON from its saved results")
     args = p.parse_args(argv)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error("--device cuda, but torch sees no CUDA GPU here; leave --device out")
     if args.render:
         from bpsim.trace import atomic_write_text
 
@@ -331,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(Path(args.render).with_suffix(".md"), md)
         print(md)
         return 0
-    WIDTH = args.width
+    WIDTH, DEVICE = args.width, args.device
     from bpsim.sim import Costs
     from bpsim.trace import atomic_write_text, json_safe
 
@@ -356,6 +375,11 @@ def main(argv: list[str] | None = None) -> int:
                  ("blockprop-cached, N_h=1, E=2",
                   _cfg("blockprop-cached", 4 * (N_TRAIN // BATCH), options={"nh": 1})),
                  ("dgl, 1 worker (both blocks in one process)", _cfg("dgl", N, workers=1))]
+    if DEVICE == "cuda":
+        import torch
+
+        if torch.cuda.device_count() < 2:   # gpipe on CUDA needs NCCL, one GPU per rank
+            held = [(label, cfg) for label, cfg in held if cfg.algo != "gpipe"]
     # Repeats are interleaved (calibration, every held-out run, again...) so
     # that a slow spell of the shared machine hits all cases alike.
     calib_runs, measured = [], {label: [] for label, _ in held}
@@ -399,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quick:
         for algo, extra in (("bp", {}), ("blockprop", {"options": {"nh": 1}}),
                             ("dgl-async", {}), ("gpipe", {"microbatches": 4})):
+            if algo == "gpipe" and not any(c.algo == "gpipe" for _, c in held):
+                continue
             cases_a = [(f"{algo}, 2x the steps", _cfg(algo, 2 * N, **extra)),
                        (f"{algo}, rank 1 slowed S=2", _cfg(algo, N, slowdown={1: 2.0}, **extra))]
             shorts, runs_a = [], {label: [] for label, _ in cases_a}
@@ -412,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
                 c = self_cal[-1]
                 print(f"[self] {label:38s} makespan error {100 * c['makespan_error']:+6.1f}%, "
                       f"busy error {100 * c['busy_error_mean']:5.1f}%", flush=True)
-    over = oversubscribed(N) if not args.quick else None
+    over = oversubscribed(N) if not args.quick and DEVICE == "cpu" else None
 
     def mean_abs(xs: list[dict[str, Any]], key: str) -> float:
         vals = [abs(x[key]) for x in xs if x[key] is not None and math.isfinite(x[key])]
@@ -424,9 +450,11 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "simulator fidelity", "quick": args.quick,
         "setup": {"model": f"mlp width {WIDTH}, 2 layers per block, dgl heads linear",
                   "data": f"digits (first {N_TRAIN} training examples)", "batch_size": BATCH,
-                  "steps": N, "threads_per_worker": 1, "warmup_steps": WARMUP},
+                  "steps": N, "threads_per_worker": 1, "warmup_steps": WARMUP,
+                  "device": DEVICE},
         "machine": {"cores": len(os.sched_getaffinity(0)), "platform": platform.platform(),
-                    "torch": torch.__version__, "load_avg_at_start": os.getloadavg()},
+                    "torch": torch.__version__,
+                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "load_avg_at_start": os.getloadavg()},
         "calibration": {"run": f"dgl, 2 workers, {N} steps", "costs": costs.to_dict(),
                         "repeats": R, "input_grad_fractions": frac,
                         "microbatch_ratios": {str(j): r for j, r in ratios.items()},
@@ -506,7 +534,8 @@ def markdown(o: dict[str, Any]) -> str:
     s, m = o["setup"], o["machine"]
     lines = [f"# Simulator fidelity{' (quick)' if o['quick'] else ''}", "",
              f"{s['model']}; {s['data']}, batch {s['batch_size']}, {s['steps']} steps unless "
-             f"said otherwise, {s['threads_per_worker']} torch thread per worker; "
+             f"said otherwise, {s['threads_per_worker']} torch thread per worker, on "
+             f"{s.get('device', 'cpu')}{' (' + m['gpu'] + ')' if m.get('gpu') and s.get('device') == 'cuda' else ''}; "
              f"{m['cores']} cores, load average at start {m['load_avg_at_start'][0]:.2f}.", "",
              f"Calibrated on: {o['calibration']['run']} (`Costs.from_trace`, per-key median "
              f"over {o['calibration'].get('repeats', 1)} repeats; noise "

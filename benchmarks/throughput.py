@@ -47,13 +47,15 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 ALGOS = ("bp", "gpipe", "1f1b", "dgl", "dgl-async", "blockprop", "blockprop-cached")
+DEVICE = "cpu"
 
 
 def _cfg(algo: str, workers: int, steps: int, width: int, batch: int, **kw: Any) -> Any:
     from bpsim.runtime import RunConfig
 
     base = dict(blocks=2, steps=steps, data="digits", model="mlp", width=width, depth=7,
-                batch_size=batch, threads=1, evaluate=False, seed=0, n_train=1280)
+                batch_size=batch, threads=1, evaluate=False, seed=0, n_train=1280,
+                device=DEVICE)
     if algo.startswith("dgl"):
         base["aux"] = "linear"
     base.update(kw)
@@ -102,6 +104,7 @@ def measure(cfg: Any, warmup: int, reps: int = 1) -> dict[str, Any]:
         s = res.summary
         st = steady(res, warmup)
         r = {"algo": cfg.algo, "workers": cfg.workers, "threads": cfg.threads,
+             "backend": s["backend"],
              "slowdown": s["slowdown"], "steps": s["steps"],
              "samples_per_s": st["samples_per_s"], "samples_per_s_whole": s["throughput"],
              "wall_time": s["wall_time"], "busy_fraction": s["busy_fraction"],
@@ -178,9 +181,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the workers compute (cuda with one GPU: gloo through host "
+                        "memory; gpipe and 1f1b, which need one GPU per rank, are skipped)")
     p.add_argument("--out", default=None,
                    help="results folder (default benchmarks/results; --quick writes none)")
     args = p.parse_args(argv)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error("--device cuda, but torch sees no CUDA GPU here; leave --device out")
+    global DEVICE
+    DEVICE = args.device
     from bpsim.trace import atomic_write_text
 
     steps = args.steps or (12 if args.quick else 40)
@@ -189,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     rows = []
     algos = ("dgl", "bp") if args.quick else ALGOS
+    if DEVICE == "cuda":
+        import torch
+
+        if torch.cuda.device_count() < 2:
+            algos = tuple(a for a in algos if a not in ("gpipe", "1f1b"))
     for algo in algos:
         reps = 1 if args.quick else (3 if algo in ("dgl", "bp") else 2)
         for workers in (1, 2):
@@ -232,9 +250,11 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "runtime throughput", "quick": args.quick,
         "setup": {"model": f"mlp width {W}, depth 7 (2 blocks of 4 layers), dgl heads linear",
                   "data": "digits", "batch_size": B, "steps": steps, "warmup_steps": warmup,
-                  "threads_per_worker": 1, "device": "cpu", "backend": "gloo"},
+                  "threads_per_worker": 1, "device": DEVICE,
+                  "backend": dgl2["backend"]},
         "machine": {"cores": len(os.sched_getaffinity(0)), "platform": platform.platform(),
-                    "torch": torch.__version__, "load_avg_at_start": os.getloadavg()},
+                    "torch": torch.__version__,
+                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "load_avg_at_start": os.getloadavg()},
         "results": rows, "dgl_workers1_threads2": two_threads, "ratios": ratios,
         "dgl_async_slowdown": slow, "tracing": trace_cost,
         "targets": {"dgl_2_over_1 >= 1.8": ratios["dgl_2_over_1"] >= 1.8,
@@ -261,7 +281,9 @@ def markdown(o: dict[str, Any]) -> str:
              f"{s['model']}; {s['data']}, batch {s['batch_size']}, {s['steps']} steps "
              f"(rates after {s['warmup_steps']} warm-up steps, best of 3 runs for dgl and bp, "
              f"of 2 for the others; 1 with --quick), {s['threads_per_worker']} torch "
-             f"thread per worker, {s['device']}/{s['backend']}; {o['machine']['cores']} cores, "
+             f"thread per worker, {s['device']}/{s['backend']}"
+             f"{' (' + o['machine']['gpu'] + ')' if o['machine'].get('gpu') and s['device'] == 'cuda' else ''}"
+             f"; {o['machine']['cores']} cores, "
              f"load average at start {o['machine']['load_avg_at_start'][0]:.2f}, torch "
              f"{o['machine']['torch']}.", "",
              "| algorithm | samples/s, 1 worker | samples/s, 2 workers | speedup | busy (2 workers) |",

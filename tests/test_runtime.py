@@ -184,6 +184,18 @@ def test_dgl_async_max_reuse_makes_the_consumer_wait_for_fresh_entries():
         RunConfig("dgl-async", max_reuse=0).resolved()
 
 
+@pytest.mark.slow
+def test_cpus_confines_every_rank_to_the_given_cores():
+    one = sorted(os.sched_getaffinity(0))[:1]
+    res = run(RunConfig("dgl", workers=2, steps=3, cpus=one, evaluate=False))
+    assert res.summary["cpus"] == one and res.summary["threads"] == 1
+    assert [p["affinity"] for p in res.summary["per_rank"]] == [one, one]
+    with pytest.raises(ValueError, match="may not use"):
+        RunConfig("dgl", cpus=[10 ** 6]).resolved()
+    with pytest.raises(ValueError, match="names no CPU"):
+        RunConfig("dgl", cpus=[]).resolved()
+
+
 # -------------------------------------------------------------- CLI, faults
 def _env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)

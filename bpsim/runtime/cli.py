@@ -27,6 +27,17 @@ def _slowdown(s: str) -> tuple[int, float]:
                                          f"slow), got {s!r}") from None
 
 
+def _cpus(s: str) -> list[int]:
+    try:
+        out: list[int] = []
+        for part in s.split(","):
+            lo, _, hi = part.partition("-")
+            out += list(range(int(lo), int(hi or lo) + 1))
+        return out
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected CPU ids such as 0,1 or 0-3, got {s!r}") from None
+
+
 def _one(v: list[float] | None) -> float | list[float] | None:
     return v[0] if isinstance(v, list) and len(v) == 1 else v
 
@@ -46,7 +57,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         aux=args.aux, batch_size=args.batch_size, seed=args.seed, lr=_one(args.lr),
         momentum=args.momentum, weight_decay=args.weight_decay, options=options,
         microbatches=args.microbatches, buffer=args.buffer, max_reuse=args.max_reuse,
-        slowdown=dict(args.slowdown or []), threads=args.threads, timeout=args.timeout,
+        slowdown=dict(args.slowdown or []), threads=args.threads, cpus=args.cpus, timeout=args.timeout,
         host=args.host, trace=args.trace, record=not args.no_spans,
         evaluate=not args.no_eval, n_train=args.n_train, n_test=args.n_test)
 
@@ -132,6 +143,9 @@ def add_parsers(subparsers: Any) -> None:
     r = p.add_argument_group("execution")
     r.add_argument("--threads", type=_positive_int, default=None,
                    help="torch threads per worker (default: cores // workers, at least 1)")
+    r.add_argument("--cpus", type=_cpus, default=None, metavar="IDS",
+                   help="run every worker on these CPUs only, e.g. 0,1 or 0-3 (K ranks on fewer "
+                        "cores; compare with bpsim simulate --placement)")
     r.add_argument("--timeout", type=float, default=20.0, metavar="SECONDS",
                    help="a rank gives up when a peer sends nothing for this long (default 20)")
     r.add_argument("--host", default="127.0.0.1",

@@ -58,10 +58,12 @@ class RunConfig:
 
     ``blocks`` defaults to ``workers``; with ``workers=1`` one process runs
     all ``blocks`` blocks with the same step code (the speedup reference).
-    ``slowdown`` maps a rank (0-based; rank k holds block k + 1) to its
+    ``cpus`` confines every worker to those CPU ids (``sched_setaffinity``),
+    e.g. ``[0, 1]`` runs K ranks on two cores: the runtime side of the
+    simulator's shared ``placement``. ``slowdown`` maps a rank (0-based; rank k holds block k + 1) to its
     slowdown factor S >= 1. ``options`` are the trainer's method options
     (``lam``, ``nh``, ``lr_h``, ``cache_every``). ``threads`` defaults to
-    ``cores // workers`` (at least 1).
+    ``cores // workers`` (at least 1; cores = ``len(cpus)`` when given).
     """
 
     algo: str
@@ -85,6 +87,7 @@ class RunConfig:
     max_reuse: int | None = None
     slowdown: dict[int, float] = field(default_factory=dict)
     threads: int | None = None
+    cpus: list[int] | None = None
     timeout: float = 20.0
     host: str = "127.0.0.1"
     trace: str | None = None
@@ -130,8 +133,11 @@ class RunConfig:
                                  f"got {s}")
             slow[r] = s
         c.slowdown = slow
+        if c.cpus is not None:
+            c.cpus = _check_cpus(c.cpus)
         if c.threads is None:
-            c.threads = max(1, _cores() // c.workers)
+            n_cores = len(c.cpus) if c.cpus is not None else _cores()
+            c.threads = max(1, n_cores // c.workers)
         if c.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {c.threads}")
         if c.backend is None:
@@ -171,6 +177,24 @@ def torch_gpus() -> int:
     import torch
 
     return torch.cuda.device_count()
+
+
+def _check_cpus(cpus: Any) -> list[int]:
+    """``cpus`` as a sorted list of distinct CPU ids this process may use."""
+    try:
+        ids = sorted({int(x) for x in cpus})
+    except (TypeError, ValueError):
+        raise ValueError(f"--cpus must be CPU ids like 0,1, got {cpus!r}") from None
+    if not ids:
+        raise ValueError("--cpus names no CPU; give ids like 0,1 or leave it out")
+    if not hasattr(os, "sched_setaffinity"):
+        raise ValueError("--cpus needs sched_setaffinity (Linux); leave it out on this system")
+    allowed = os.sched_getaffinity(0)
+    bad = [i for i in ids if i not in allowed]
+    if bad:
+        raise ValueError(f"--cpus names CPU(s) {bad} that this process may not use; "
+                         f"choose among {sorted(allowed)}")
+    return ids
 
 
 def _cores() -> int:
@@ -402,6 +426,7 @@ def summarize(cfg: RunConfig, results: dict[int, dict[str, Any]], weights: dict[
             "updates": ups, "updates_per_s": (ups / own) if r and own and own > 0 else None,
             "busy": busy.get(rank), "busy_fraction": (busy[rank] / wall) if rank in busy else None,
             "threads": cfg.threads, "pid": r["pid"] if r else None,
+            "affinity": r.get("affinity") if r else None,
             "clock": r["clock"] if r else None,
         })
     last = results.get(cfg.workers - 1)
@@ -414,7 +439,7 @@ def summarize(cfg: RunConfig, results: dict[int, dict[str, Any]], weights: dict[
     summary: dict[str, Any] = {
         "algorithm": cfg.algo, "workers": cfg.workers, "blocks": cfg.blocks,
         "device": cfg.device, "backend": cfg.backend, "threads": cfg.threads,
-        "data": cfg.data, "model": cfg.model, "batch_size": cfg.batch_size,
+        "cpus": cfg.cpus, "data": cfg.data, "model": cfg.model, "batch_size": cfg.batch_size,
         "steps": cfg.steps, "samples": samples, "wall_time": wall if results else None,
         "throughput": samples / wall if done else None,
         "steps_per_s": cfg.steps / wall if done else None,
@@ -473,8 +498,8 @@ def _meta(cfg: RunConfig, results: dict[int, dict[str, Any]]) -> dict[str, Any]:
         "blocks": cfg.blocks, "steps": cfg.steps, "batch_size": cfg.batch_size,
         "microbatches": cfg.microbatches if cfg.algo in ("gpipe", "1f1b") else 1,
         "buffer": cfg.buffer, "device": cfg.device, "backend": cfg.backend,
-        "threads": cfg.threads, "data": cfg.data, "model": cfg.model, "width": cfg.width,
-        "depth": cfg.depth, "seed": cfg.seed,
+        "threads": cfg.threads, "cpus": cfg.cpus, "data": cfg.data, "model": cfg.model,
+        "width": cfg.width, "depth": cfg.depth, "seed": cfg.seed,
         "slowdown": {str(r + 1): s for r, s in cfg.slowdown.items()},   # by block, as the simulator
         "placement": placement,
         "clock": {str(r): res["clock"] for r, res in sorted(results.items())},

@@ -247,6 +247,8 @@ def run_rank(rank: int, cfg: Any, data: tuple[torch.Tensor, torch.Tensor] | None
 
     status = status if status is not None else {}
     world, K, algo = cfg.workers, cfg.blocks, cfg.algo
+    if cfg.cpus:
+        os.sched_setaffinity(0, cfg.cpus)
     torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device, rank if local_rank is None else local_rank)
     backend = cfg.backend
@@ -344,6 +346,7 @@ def run_rank(rank: int, cfg: Any, data: tuple[torch.Tensor, torch.Tensor] | None
     result = {
         "rank": rank, "blocks": here, "pid": os.getpid(), "host": _hostname(),
         "t_start": t_start, "t_end": t_end, "threads": cfg.threads, "device": str(device),
+        "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "clock": clock.to_dict(), "samples": plan.samples(),
         "updates": {str(c.block): c.updates for c in ctxs},
         "losses": {str(c.block): c.losses for c in ctxs},
