@@ -238,7 +238,9 @@ def run(cfg: RunConfig) -> RunResult:
         listener = None
         rdzv = worker.Rendezvous(cfg.host, port)
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["bpsim.runtime.worker"])
+        # torch._dynamo: building a rank's first optimizer imports it (about
+        # 2 s on a small CPU); preloaded, every rank of every run skips that.
+        ctx.set_forkserver_preload(["bpsim.runtime.worker", "torch._dynamo"])
         # Small training sets travel to the ranks in shared memory; large ones
         # are loaded by each rank (/dev/shm is often small in containers).
         tensors = (train.tensors[0], train.tensors[1])
