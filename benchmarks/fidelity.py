@@ -328,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="measure every run this many times, interleaved, and compare the "
                         "repeat with the median makespan (default 3; --quick 1)")
     p.add_argument("--width", type=int, default=1024, help="hidden width (default 1024)")
+    p.add_argument("--held-only", action="store_true",
+                   help="only the calibration and held-out runs (no self-calibrated or "
+                        "oversubscribed sections)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where the workers compute (cuda: gloo through host memory when there "
                         "are fewer GPUs than workers; gpipe and the oversubscribed runs then "
@@ -420,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{100 * c['mean_costs']['busy_error_mean']:5.1f}%; noise "
               f"{c['noise']:.3f})", flush=True)
     self_cal = []
-    if not args.quick:
+    if not args.quick and not args.held_only:
         for algo, extra in (("bp", {}), ("blockprop", {"options": {"nh": 1}}),
                             ("dgl-async", {}), ("gpipe", {"microbatches": 4})):
             if algo == "gpipe" and not any(c.algo == "gpipe" for _, c in held):
@@ -438,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
                 c = self_cal[-1]
                 print(f"[self] {label:38s} makespan error {100 * c['makespan_error']:+6.1f}%, "
                       f"busy error {100 * c['busy_error_mean']:5.1f}%", flush=True)
-    over = oversubscribed(N) if not args.quick and DEVICE == "cpu" else None
+    over = (oversubscribed(N) if not (args.quick or args.held_only) and DEVICE == "cpu"
+            else None)
 
     def mean_abs(xs: list[dict[str, Any]], key: str) -> float:
         vals = [abs(x[key]) for x in xs if x[key] is not None and math.isfinite(x[key])]
