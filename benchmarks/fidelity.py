@@ -204,7 +204,11 @@ def profile_ratios(cfg: Any, microbatches: int, reps: int = 40) -> dict[int, dic
     backward with a detached input, and backward that also computes the
     input gradient, at batch ``B`` and ``B / microbatches`` (median of
     ``reps``). Returns ``{block: {"fwd": r, "bwd": r, "bwd+in": r}}`` with
-    r = t(B / m) / t(B). A GEMM of a quarter of the rows is less than a
+    r = t(B / m) / t(B). A pipeline's first micro-batch backward writes the
+    weight gradients and the other m - 1 add to them (a read and a write of
+    every gradient), so a micro-batch backward is timed both ways and r is
+    their mean over the m micro-batches; the whole-batch backward (dgl, bp)
+    only writes. A GEMM of a quarter of the rows is less than a
     quarter of the time on a CPU, the weight gradient above all, so these
     are well above 1 / m; the measured run supplies the absolute level, the
     profile only the shape dependence.
@@ -225,20 +229,28 @@ def profile_ratios(cfg: Any, microbatches: int, reps: int = 40) -> dict[int, dic
         for b in (BATCH, BATCH // microbatches):
             xb = x[:b].detach()
             for op in ("fwd", "bwd", "bwd+in"):
-                ds = []
-                for _ in range(reps):
-                    inp = xb.clone().requires_grad_(op == "bwd+in")
-                    t0 = time.perf_counter()
-                    y = blk(inp)
-                    if op != "fwd":
-                        t1 = time.perf_counter()
-                        y.square().mean().backward()
-                        ds.append(time.perf_counter() - t1)
-                    else:
-                        ds.append(time.perf_counter() - t0)
+                for acc in (False, True) if b < BATCH and op != "fwd" else (False,):
+                    ds = []
                     blk.zero_grad(set_to_none=True)
-                t[(op, b)] = statistics.median(ds)
-        out[j] = {op: t[(op, BATCH // microbatches)] / t[(op, BATCH)] for op in ("fwd", "bwd", "bwd+in")}
+                    for i in range(reps + acc):
+                        inp = xb.clone().requires_grad_(op == "bwd+in")
+                        t0 = time.perf_counter()
+                        y = blk(inp)
+                        if op != "fwd":
+                            t1 = time.perf_counter()
+                            y.square().mean().backward()
+                            if i or not acc:   # with acc the first one only fills .grad
+                                ds.append(time.perf_counter() - t1)
+                        else:
+                            ds.append(time.perf_counter() - t0)
+                        if not acc:
+                            blk.zero_grad(set_to_none=True)
+                    t[(op, b, acc)] = statistics.median(ds)
+        mb, m = BATCH // microbatches, microbatches
+        out[j] = {"fwd": t[("fwd", mb, False)] / t[("fwd", BATCH, False)]}
+        for op in ("bwd", "bwd+in"):   # chunk 1 writes .grad, chunks 2..m add to it
+            chunk = (t[(op, mb, False)] + (m - 1) * t[(op, mb, True)]) / m
+            out[j][op] = chunk / t[(op, BATCH, False)]
         with torch.no_grad():
             x = blk(x)
     return out
