@@ -470,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
                   "device": DEVICE},
         "machine": {"cores": len(os.sched_getaffinity(0)), "platform": platform.platform(),
                     "torch": torch.__version__,
-                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "load_avg_at_start": os.getloadavg()},
+                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                    "load_avg_at_start": os.getloadavg()},
         "calibration": {"run": f"dgl, 2 workers, {N} steps", "costs": costs.to_dict(),
                         "repeats": R, "input_grad_fractions": frac,
                         "microbatch_ratios": {str(j): r for j, r in ratios.items()},
@@ -546,12 +547,18 @@ def _table(cases: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _gpu(o: dict[str, Any]) -> str:
+    """`` (GPU name)`` for a run on CUDA, else nothing."""
+    gpu = o["machine"].get("gpu")
+    return f" ({gpu})" if gpu and o["setup"].get("device") == "cuda" else ""
+
+
 def markdown(o: dict[str, Any]) -> str:
     s, m = o["setup"], o["machine"]
     lines = [f"# Simulator fidelity{' (quick)' if o['quick'] else ''}", "",
              f"{s['model']}; {s['data']}, batch {s['batch_size']}, {s['steps']} steps unless "
              f"said otherwise, {s['threads_per_worker']} torch thread per worker, on "
-             f"{s.get('device', 'cpu')}{' (' + m['gpu'] + ')' if m.get('gpu') and s.get('device') == 'cuda' else ''}; "
+             f"{s.get('device', 'cpu')}{_gpu(o)}; "
              f"{m['cores']} cores, load average at start {m['load_avg_at_start'][0]:.2f}.", "",
              f"Calibrated on: {o['calibration']['run']} (`Costs.from_trace`, per-key median "
              f"over {o['calibration'].get('repeats', 1)} repeats; noise "

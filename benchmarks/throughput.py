@@ -254,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
                   "backend": dgl2["backend"]},
         "machine": {"cores": len(os.sched_getaffinity(0)), "platform": platform.platform(),
                     "torch": torch.__version__,
-                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "load_avg_at_start": os.getloadavg()},
+                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                    "load_avg_at_start": os.getloadavg()},
         "results": rows, "dgl_workers1_threads2": two_threads, "ratios": ratios,
         "dgl_async_slowdown": slow, "tracing": trace_cost,
         "targets": {"dgl_2_over_1 >= 1.8": ratios["dgl_2_over_1"] >= 1.8,
@@ -275,6 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _gpu(o: dict[str, Any]) -> str:
+    """`` (GPU name)`` for a run on CUDA, else nothing."""
+    gpu = o["machine"].get("gpu")
+    return f" ({gpu})" if gpu and o["setup"].get("device") == "cuda" else ""
+
+
 def markdown(o: dict[str, Any]) -> str:
     s = o["setup"]
     lines = [f"# Runtime throughput{' (quick)' if o['quick'] else ''}", "",
@@ -282,7 +289,7 @@ def markdown(o: dict[str, Any]) -> str:
              f"(rates after {s['warmup_steps']} warm-up steps, best of 3 runs for dgl and bp, "
              f"of 2 for the others; 1 with --quick), {s['threads_per_worker']} torch "
              f"thread per worker, {s['device']}/{s['backend']}"
-             f"{' (' + o['machine']['gpu'] + ')' if o['machine'].get('gpu') and s['device'] == 'cuda' else ''}"
+             f"{_gpu(o)}"
              f"; {o['machine']['cores']} cores, "
              f"load average at start {o['machine']['load_avg_at_start'][0]:.2f}, torch "
              f"{o['machine']['torch']}.", "",

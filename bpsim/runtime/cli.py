@@ -57,8 +57,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
         aux=args.aux, batch_size=args.batch_size, seed=args.seed, lr=_one(args.lr),
         momentum=args.momentum, weight_decay=args.weight_decay, options=options,
         microbatches=args.microbatches, buffer=args.buffer, max_reuse=args.max_reuse,
-        slowdown=dict(args.slowdown or []), threads=args.threads, cpus=args.cpus, timeout=args.timeout,
-        host=args.host, trace=args.trace, record=not args.no_spans,
+        slowdown=dict(args.slowdown or []), threads=args.threads, cpus=args.cpus,
+        timeout=args.timeout, host=args.host, trace=args.trace, record=not args.no_spans,
         evaluate=not args.no_eval, n_train=args.n_train, n_test=args.n_test)
 
 

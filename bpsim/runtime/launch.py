@@ -60,9 +60,10 @@ class RunConfig:
     all ``blocks`` blocks with the same step code (the speedup reference).
     ``cpus`` confines every worker to those CPU ids (``sched_setaffinity``),
     e.g. ``[0, 1]`` runs K ranks on two cores: the runtime side of the
-    simulator's shared ``placement``. ``slowdown`` maps a rank (0-based; rank k holds block k + 1) to its
-    slowdown factor S >= 1. ``options`` are the trainer's method options
-    (``lam``, ``nh``, ``lr_h``, ``cache_every``). ``threads`` defaults to
+    simulator's shared ``placement``. ``slowdown`` maps a rank (0-based;
+    rank k holds block k + 1) to its slowdown factor S >= 1. ``options``
+    are the trainer's method options (``lam``, ``nh``, ``lr_h``,
+    ``cache_every``). ``threads`` defaults to
     ``cores // workers`` (at least 1; cores = ``len(cpus)`` when given).
     """
 
