@@ -493,7 +493,11 @@ for op in ("fwd", "bwd", "update"):
 # prediction of another algorithm needs that algorithm's own op costs: calibrate on a short run of it, or count FLOPs
 # (`Costs.from_flops`, lesson 06), or add just what the calibration run never did. For bp that is the input-gradient
 # product, whose FLOPs `BlockNet.input_grad_flops()` counts; `costs.with_input_grad(fractions)` adds it as `bwd_in` to
-# the backward of blocks 2..K (`benchmarks/fidelity.py` does this). Whichever you pick, repeat measurements before
+# the backward of blocks 2..K (`benchmarks/fidelity.py` does this). GPipe needs one more correction: a micro-batch op
+# costs more than $1/m$ of the minibatch op (small products use the hardware less well), and the backward of
+# micro-batches 2..m *adds* to the weight gradients that the first one wrote, an extra read and write of every gradient
+# that is bound by memory bandwidth, not arithmetic. On this course's CPU, $t(B/4)/t(B)$ came out at 0.3-0.5 instead of
+# 0.25 (`profile_ratios` in `benchmarks/fidelity.py`). Whichever you pick, repeat measurements before
 # trusting a difference. The explorer below puts
 # "calibrated on dgl" and "calibrated on the run itself" side by side.
 #
