@@ -6,14 +6,15 @@
 #   3. benchmarks/fidelity.py in full on the CPU cores: the fidelity target
 #      is stated for K no larger than the core count, and this machine is
 #      quieter than a shared 2-core one;
-#   4. benchmarks/throughput.py and fidelity.py --quick with --device cuda;
+#   4. benchmarks/throughput.py --quick and fidelity.py --held-only with
+#      --device cuda (fidelity's quick mode is too short on a GPU);
 #   5. a torchrun launch of `bpsim run` with ranks computing on the GPU.
 # Results go to $OUT (default ./gpu_out). Without network the machine lacks
 # simpy: carry its wheel in .whl/ (see docs/runtime.md, "On a GPU machine").
 #   bash benchmarks/gpu_box.sh [REPEATS]
 set -u
 OUT=${OUT:-gpu_out}
-REPEATS=${1:-2}
+REPEATS=${1:-3}
 mkdir -p "$OUT/cuda" "$OUT/cpu"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 PY=${PYTHON:-python3}
@@ -36,8 +37,8 @@ step fidelity on the CPU cores, $REPEATS repeats
 timeout 330 $PY benchmarks/fidelity.py --repeats "$REPEATS" --out "$OUT/cpu"
 step throughput --device cuda --quick
 timeout 75 $PY benchmarks/throughput.py --quick --device cuda --out "$OUT/cuda"
-step fidelity --device cuda --quick
-timeout 75 $PY benchmarks/fidelity.py --quick --device cuda --out "$OUT/cuda"
+step fidelity --device cuda --held-only, $REPEATS repeats
+timeout 240 $PY benchmarks/fidelity.py --held-only --repeats "$REPEATS" --device cuda --out "$OUT/cuda"
 step torchrun
 timeout 45 $PY -m torch.distributed.run --standalone --nproc-per-node 2 -m bpsim run dgl \
     --workers 2 --steps 30 --device cuda
