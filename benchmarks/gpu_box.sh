@@ -4,13 +4,14 @@
 #   1. the machine: cores, GPU, torch and NCCL;
 #   2. tests/test_cuda.py (CUDA runs of the runtime against CPU runs);
 #   3. benchmarks/fidelity.py in full on the CPU cores: the fidelity target
-#      is stated for K no larger than the core count, and this machine is
-#      quieter than a shared 2-core one;
+#      is stated for K no larger than the core count, and this machine has
+#      a core per rank with cores to spare (it was not quieter, though:
+#      see benchmarks/results/h200/README.md);
 #   4. benchmarks/throughput.py --quick and fidelity.py --held-only with
 #      --device cuda (fidelity's quick mode is too short on a GPU);
 #   5. a torchrun launch of `bpsim run` with ranks computing on the GPU.
 # Results go to $OUT (default ./gpu_out). Without network the machine lacks
-# simpy: carry its wheel in .whl/ (see docs/runtime.md, "On a GPU machine").
+# simpy: carry its wheel in .whl/ (see docs/runtime.md, section GPUs).
 #   bash benchmarks/gpu_box.sh [REPEATS]
 set -u
 OUT=${OUT:-gpu_out}
