@@ -6,7 +6,7 @@
    models: the input-gradient product that backprop's blocks 2..K compute
    and DGL's detached blocks skip (``Costs.with_input_grad`` with FLOP
    fractions from ``BlockNet.input_grad_flops``), and how op times shrink at
-   gpipe's micro-batch size (a short in-process profile of each block at
+   the pipelines' micro-batch size (a short in-process profile of each block at
    both batch sizes, ``profile_ratios``: a ratio, the level stays the
    measured one).
 2. **Predict** held-out measured runs with ``bpsim.sim.simulate`` and those
@@ -54,6 +54,7 @@ sys.path.insert(0, str(HERE.parent))
 WIDTH, BATCH, N_TRAIN = 1024, 128, 1280
 WARMUP = 3   # untimed first steps of every measured run (see measure)
 DEVICE = "cpu"
+PIPES = ("gpipe", "1f1b")   # micro-batched: costs per micro-batch from profile_ratios
 OVER_CORES = 2   # the oversubscribed runs put 4 ranks on this many cores (--cpus)
 
 
@@ -101,7 +102,7 @@ def _sim_kwargs(cfg: Any, res: Any) -> dict[str, Any]:
     if cfg.algo == "blockprop-cached":
         kw["cache_every"] = cfg.options.get("cache_every", 2)
         kw["epochs_steps"] = N_TRAIN // BATCH
-    if cfg.algo == "gpipe":
+    if cfg.algo in PIPES:
         kw["microbatches"] = cfg.microbatches
     return kw
 
@@ -153,7 +154,7 @@ def predict(costs: Any, cfg: Any, res: Any, label: str, alt: Any = None,
     algo = cfg.algo
 
     def sim_compare(cs: Any) -> dict[str, Any]:
-        if algo == "gpipe" and mb_costs is not None:
+        if algo in PIPES and mb_costs is not None:
             cs = mb_costs(cs)
         return compare(res.trace, simulate(algo, costs=cs, **_sim_kwargs(cfg, res)).trace)
 
@@ -345,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                         "oversubscribed sections)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where the workers compute (cuda: gloo through host memory when there "
-                        "are fewer GPUs than workers; gpipe and the oversubscribed runs then "
+                        "are fewer GPUs than workers; gpipe, 1f1b and the oversubscribed runs then "
                         "are skipped)")
     p.add_argument("--out", default=None,
                    help="results folder (default benchmarks/results; --quick writes none)")
@@ -386,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
                  ("dgl-async, rank 1 slowed S=2", _cfg("dgl-async", N, slowdown={1: 2.0})),
                  ("bp, rank 0 slowed S=2", _cfg("bp", N, slowdown={0: 2.0})),
                  ("gpipe, 4 micro-batches", _cfg("gpipe", N, microbatches=4)),
+                 ("1f1b, 4 micro-batches", _cfg("1f1b", N, microbatches=4)),
                  ("blockprop, N_h=1", _cfg("blockprop", N, options={"nh": 1})),
                  ("blockprop-cached, N_h=1, E=2",
                   _cfg("blockprop-cached", 4 * (N_TRAIN // BATCH), options={"nh": 1})),
@@ -393,8 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     if DEVICE == "cuda":
         import torch
 
-        if torch.cuda.device_count() < 2:   # gpipe on CUDA needs NCCL, one GPU per rank
-            held = [(label, cfg) for label, cfg in held if cfg.algo != "gpipe"]
+        if torch.cuda.device_count() < 2:   # pipelines on CUDA need NCCL, one GPU per rank
+            held = [(label, cfg) for label, cfg in held if cfg.algo not in PIPES]
     # Repeats are interleaved (calibration, every held-out run, again...) so
     # that a slow spell of the shared machine hits all cases alike.
     calib_runs, measured = [], {label: [] for label, _ in held}
@@ -403,18 +405,18 @@ def main(argv: list[str] | None = None) -> int:
         for label, cfg in held:
             measured[label].append(measure(cfg))
         print(f"repeat {rep + 1}/{R} measured", flush=True)
-    # DGL's blocks have detached inputs; backprop and gpipe also compute the
+    # DGL's blocks have detached inputs; backprop and the pipelines also compute the
     # gradient with respect to block 2's input: add it from the FLOP model.
     frac = input_grad_fractions(calib_cfg)
     fitted = [Costs.from_trace(r.trace) for r in calib_runs]
     round_costs = [c.with_input_grad(frac) for c in fitted]
     costs = median_costs(fitted).with_input_grad(frac)
     alt = median_costs([mean_costs(r.trace) for r in calib_runs]).with_input_grad(frac)
-    ratios = profile_ratios(calib_cfg, 4) if any(c.algo == "gpipe" for _, c in held) else {}
+    ratios = profile_ratios(calib_cfg, 4) if any(c.algo in PIPES for _, c in held) else {}
     print(f"calibrated on dgl, 2 workers, {N} steps: {costs}", flush=True)
     cases = []
     for label, cfg in held:
-        mb = (lambda cs: profiled(cs, ratios)) if cfg.algo == "gpipe" else None
+        mb = (lambda cs: profiled(cs, ratios)) if cfg.algo in PIPES else None
         cases.append(predict(costs, cfg, measured[label], label, alt, mb_costs=mb))
         c = cases[-1]
         if R > 1:   # each round's held-out run predicted from that round's calibration
@@ -437,8 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     self_cal = []
     if not args.quick and not args.held_only:
         for algo, extra in (("bp", {}), ("blockprop", {"options": {"nh": 1}}),
-                            ("dgl-async", {}), ("gpipe", {"microbatches": 4})):
-            if algo == "gpipe" and not any(c.algo == "gpipe" for _, c in held):
+                            ("dgl-async", {}), ("gpipe", {"microbatches": 4}),
+                            ("1f1b", {"microbatches": 4})):
+            if algo in PIPES and not any(c.algo in PIPES for _, c in held):
                 continue
             cases_a = [(f"{algo}, 2x the steps", _cfg(algo, 2 * N, **extra)),
                        (f"{algo}, rank 1 slowed S=2", _cfg(algo, N, slowdown={1: 2.0}, **extra))]
@@ -562,11 +565,13 @@ def markdown(o: dict[str, Any]) -> str:
              f"{m['cores']} cores, load average at start {m['load_avg_at_start'][0]:.2f}.", "",
              f"Calibrated on: {o['calibration']['run']} (`Costs.from_trace`, per-key median "
              f"over {o['calibration'].get('repeats', 1)} repeats; noise "
-             f"{o['calibration']['noise']:.3f}). Backprop and gpipe blocks after the first also "
+             f"{o['calibration']['noise']:.3f}). Blocks after the first of backprop and the pipelines "
+             "also "
              "compute their input gradient, which DGL's detached blocks never do: its cost is "
              "the block's forward time times the FLOP fraction of that product "
              f"({', '.join(f'{f:.2f}' for f in o['calibration'].get('input_grad_fractions', []))}"
-             " per block, `Costs.with_input_grad`). gpipe's micro-batch costs are the DGL costs "
+             " per block, `Costs.with_input_grad`). gpipe's and 1f1b's micro-batch costs are the DGL "
+             "costs "
              "times the ratio t(B/m) / t(B) of a short in-process profile of each block "
              "(`profile_ratios`); scaling by 1/m instead gives the gpipe diagnostic below.", "",
              f"Every run was measured {o['calibration'].get('repeats', 1)} times, interleaved "

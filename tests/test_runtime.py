@@ -145,6 +145,26 @@ def test_gpipe_matches_backprop_on_full_batches():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("algo", ["gpipe", "1f1b"])
+def test_pipelines_run_the_simulators_op_order_and_train_as_backprop(algo):
+    from bpsim.algorithms.backprop import BackpropTrainer
+    from bpsim.sim import simulate
+
+    res = run(RunConfig(algo, workers=2, steps=3, microbatches=4, evaluate=False))
+    ref = _in_process(BackpropTrainer, 3, full_only=True)
+    assert _max_diff(res.state_dict, ref.net.state_dict()) < 1e-5
+    sim = simulate(algo, blocks=2, steps=3, microbatches=4, costs="fwd=1,bwd=2,comm=0.1")
+
+    def order(rows, rank):
+        ops = sorted((r for r in rows if r[0] == rank and r[1] == "compute" and r[2] != "wait"),
+                     key=lambda r: r[6])
+        return [(r[2], r[4], r[5]) for r in ops]
+
+    for rank in (0, 1):
+        assert order(res.trace.rows, rank) == order(sim.trace.rows, rank)
+
+
+@pytest.mark.slow
 def test_one_worker_runs_every_block_with_the_same_steps():
     """--workers 1: one process, round robin over the blocks; same weights as 2 workers
     for dgl (the runs are deterministic) and no comm spans."""

@@ -72,10 +72,39 @@ def test_with_input_grad_scales_forward_costs():
 
 @pytest.mark.parametrize("K,N", KN)
 @pytest.mark.parametrize("m", [1, 2, 5])
-def test_gpipe_closed_form(K, N, m):
-    r = simulate("gpipe", blocks=K, steps=N, microbatches=m,
+@pytest.mark.parametrize("algo", ["gpipe", "1f1b"])
+def test_pipeline_closed_form(algo, K, N, m):
+    # 1F1B has GPipe's bubble, (K - 1)(F + B) per step, for any F and B
+    r = simulate(algo, blocks=K, steps=N, microbatches=m,
                  costs=f"fwd={F},bwd={B},aux={A},update={U},comm=0")
     assert r.makespan == pytest.approx(N * ((m + K - 1) * (F + B) + U), rel=1e-12)
+
+
+def test_1f1b_order_is_torch_schedule_1f1b():
+    from bpsim.sim.schedules import _1f1b_order
+
+    # K = 2, m = 4: the first stage warms up with K = 2 forwards, the last with one
+    assert _1f1b_order(1, 2, 4) == [("f", 0), ("f", 1), ("b", 0), ("f", 2), ("b", 1), ("f", 3),
+                                    ("b", 2), ("b", 3)]
+    assert _1f1b_order(2, 2, 4) == [("f", 0), ("b", 0), ("f", 1), ("b", 1), ("f", 2), ("b", 2),
+                                    ("f", 3), ("b", 3)]
+    assert _1f1b_order(1, 4, 2) == [("f", 0), ("f", 1), ("b", 0), ("b", 1)]   # W = min(m, K)
+
+
+@settings(max_examples=30, deadline=None)
+@given(K=st.integers(1, 6), m=st.integers(1, 8))
+def test_1f1b_holds_at_most_warmup_activations(K, m):
+    # the point of 1F1B: block j keeps at most min(m, K - j + 1) micro-batches
+    # in flight, GPipe keeps m
+    r = simulate("1f1b", blocks=K, steps=2, microbatches=m, costs=COST + ",comm=0.3")
+    for j in range(1, K + 1):
+        ops = sorted((x for x in r.trace.rows if x[1] == "compute" and x[3] == j
+                      and x[2] in ("fwd", "bwd")), key=lambda x: x[6])
+        live = peak = 0
+        for x in ops:
+            live += 1 if x[2] == "fwd" else -1
+            peak = max(peak, live)
+        assert peak == min(m, K - j + 1)
 
 
 @pytest.mark.parametrize("K,N", [(2, 3), (3, 4), (5, 2)])
@@ -147,7 +176,7 @@ def expected_ops(algo, K, j, step, mb, nh, ops_seen):
         return ["fwd", "aux", "loss", "bwd", "update"] if j == K else ["fwd", "aux", "bwd", "update"]
     if algo == "bp":
         return ["fwd", "bwd", "update"]
-    if algo == "gpipe":
+    if algo in ("gpipe", "1f1b"):
         return ["fwd", "bwd", "update"] if mb == 0 else ["fwd", "bwd"]
     if algo == "greedy":
         return ["fwd", "aux", "bwd", "update"] if "update" in ops_seen else ["fwd"]

@@ -250,7 +250,7 @@ def parse_placement(placement: Any, blocks: int) -> list[int]:
     return out
 
 
-ALGORITHMS = ("bp", "gpipe", "dgl", "dgl-async", "greedy", "blockprop", "blockprop-cached",
+ALGORITHMS = ("bp", "gpipe", "1f1b", "dgl", "dgl-async", "greedy", "blockprop", "blockprop-cached",
               "bwbpf")
 
 
@@ -272,7 +272,7 @@ def simulate(algo: str, blocks: int = 4, steps: int = 100,
     Parameters
     ----------
     algo : str
-        One of ``bp gpipe dgl dgl-async greedy blockprop blockprop-cached
+        One of ``bp gpipe 1f1b dgl dgl-async greedy blockprop blockprop-cached
         bwbpf`` (``dgl-sync`` is an alias of ``dgl``).
     blocks : int
         K, the number of blocks (>= 1; >= 2 for the BlockProp variants).
@@ -283,7 +283,8 @@ def simulate(algo: str, blocks: int = 4, steps: int = 100,
         Per-block costs (:class:`bpsim.sim.Costs`); a string is parsed
         like ``--cost``. Default: fwd=1, bwd=2, everything else 0.
     microbatches : int
-        m, micro-batches per step for ``gpipe`` (costs are per micro-batch).
+        m, micro-batches per step for ``gpipe`` and ``1f1b`` (costs are per
+        micro-batch).
     buffer : int
         M, replay buffer size for ``dgl-async``.
     slowdown : dict

@@ -14,7 +14,7 @@ from typing import Any, Callable, Generator
 
 from bpsim.sim.engine import Engine
 
-__all__ = ["SCHEDULES", "bp", "gpipe", "dgl", "dgl_async", "greedy", "blockprop",
+__all__ = ["SCHEDULES", "bp", "gpipe", "one_f_one_b", "dgl", "dgl_async", "greedy", "blockprop",
            "blockprop_cached", "bwbpf"]
 
 _AUX_BWD_UPD = ("aux", "bwd", "update")
@@ -104,6 +104,62 @@ def _gpipe_block(e: Engine, j: int, steps: int, m: int) -> Generator:
             yield from e.run(j, ("bwd+in",) if j > 1 else ("bwd",), t, i)
             if j > 1:
                 e.send(j, j - 1, "grad", t, i)
+        yield from e.run(j, ("update",), t)
+        e.updates[j] += 1
+
+
+def one_f_one_b(eng: Engine, steps: int, microbatches: int = 1, **_: Any) -> None:
+    """1F1B (PipeDream-flush): GPipe's bubble, a forward and a backward alternating.
+
+    The op order of ``torch.distributed.pipelining.Schedule1F1B``, which the
+    runtime's ``1f1b`` drives: block j first runs ``W = min(m, K - j + 1)``
+    warm-up forwards, then alternates one backward and one forward (backward
+    first) until its forwards are done, then the remaining backwards, and
+    one update per step. A block holds at most W micro-batches' activations
+    instead of GPipe's m, and with c = 0, ``bwd_in`` = 0 and per-micro-batch
+    costs a step still takes ``(m + K - 1)(F + B) + U``: the bubble is the
+    same. For m = 3 (digits are micro-batches; the last block alternates
+    from the start)::
+
+        block 1 |012....00.11.22U
+        block 2 |.01..00211.22U..
+        block 3 |..000111222U....
+                 forward 1 unit, backward 2 units per micro-batch, U
+    """
+    _start(eng, _1f1b_block, steps, microbatches)
+
+
+def _1f1b_order(j: int, K: int, m: int) -> list[tuple[str, int]]:
+    """Block j's ops of one step: ("f", i) and ("b", i) in Schedule1F1B's order."""
+    warm = min(m, K - j + 1)
+    order = [("f", i) for i in range(warm)]
+    f = warm
+    for b in range(m):
+        order.append(("b", b))
+        if f < m:
+            order.append(("f", f))
+            f += 1
+    return order
+
+
+def _1f1b_block(e: Engine, j: int, steps: int, m: int) -> Generator:
+    K = e.K
+    bwd = ("bwd+in",) if j > 1 else ("bwd",)
+    order = _1f1b_order(j, K, m)
+    for t in range(steps):
+        for kind, i in order:
+            if kind == "f":
+                if j > 1:
+                    yield from e.recv(j, "act", "input")
+                yield from e.run(j, ("fwd",), t, i)
+                if j < K:
+                    e.send(j, j + 1, "act", t, i)
+            else:
+                if j < K:
+                    yield from e.recv(j, "grad", "gradient")
+                yield from e.run(j, bwd, t, i)
+                if j > 1:
+                    e.send(j, j - 1, "grad", t, i)
         yield from e.run(j, ("update",), t)
         e.updates[j] += 1
 
@@ -281,6 +337,6 @@ def _blockprop_block(e: Engine, j: int, steps: int, nh: int, epoch_steps: int | 
 
 
 SCHEDULES: dict[str, Callable[..., None]] = {
-    "bp": bp, "gpipe": gpipe, "dgl": dgl, "dgl-async": dgl_async, "greedy": greedy,
+    "bp": bp, "gpipe": gpipe, "1f1b": one_f_one_b, "dgl": dgl, "dgl-async": dgl_async, "greedy": greedy,
     "blockprop": blockprop, "blockprop-cached": blockprop_cached, "bwbpf": bwbpf,
 }
