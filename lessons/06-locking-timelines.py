@@ -177,6 +177,45 @@ for name, formula, simulated in rows:
 # 🔮 **Predict:** keep the per-block costs and double $K$ from 4 to 8. By what factor does each of the three makespans
 # grow? (Read it off the formulas, then change `K` above and rerun the two cells.)
 #
+# **1F1B** (the "PipeDream-flush" order; `Schedule1F1B` in `torch.distributed.pipelining`, which `bpsim run 1f1b`
+# drives) keeps GPipe's micro-batches and its flush but reorders the ops: block $k$ runs $\min(m, K-k+1)$ warm-up
+# forwards, then alternates one backward and one forward, then finishes its backwards.
+#
+# 🔮 **Predict:** with $K = 4$ blocks and $m = 8$ micro-batches, is 1F1B's makespan shorter than GPipe's? At most how
+# many micro-batches' activations must block 1 keep for its backward in each schedule? And block 4?
+
+# %%
+# NBVAL_CHECK_OUTPUT
+def peak_in_flight(t, k):
+    """Most micro-batches that block k has run forward but not yet backward: the activations it must keep."""
+    live = peak = 0
+    ops = sorted((r for r in t.rows if r[1] == "compute" and r[3] == k and r[2] in ("fwd", "bwd")),
+                 key=lambda r: r[6])
+    for row in ops:
+        live += 1 if row[2] == "fwd" else -1
+        peak = max(peak, live)
+    return peak
+
+
+M_PIPE = 8
+pipes = {a: sim.simulate(a, blocks=K, steps=2, microbatches=M_PIPE, costs=dict(cost, comm=0))
+         for a in ("gpipe", "1f1b")}
+for a, r in pipes.items():
+    held = [peak_in_flight(r.trace, k) for k in range(1, K + 1)]
+    print(f"{a:<6} makespan {r.makespan:6.2f} (closed form {t_gpipe(K, 2, M_PIPE, F, B, U):6.2f}), "
+          f"activations kept per block: {held}")
+
+# %%
+viz.timelines([compute_lanes(r.trace) for r in pipes.values()],
+              [f"{a}, K = {K}, m = {M_PIPE}: makespan {r.makespan:.2f}" for a, r in pipes.items()])
+
+# %% [markdown]
+# The makespans are equal: both schedules leave the same bubble, $(K-1)(F+B)$ per step, only in other places. What
+# 1F1B saves is memory: block $k$ never holds more than $K-k+1$ micro-batches' activations, against all $m$ in GPipe.
+# That is why pipelines in practice use it: for the same memory they can afford a larger $m$, and the bubble's share
+# $(K-1)/(m+K-1)$ shrinks with $m$. The simulator's `1f1b` follows torch's op order exactly, so its timelines can be
+# set beside measured `bpsim run 1f1b` runs (lesson 08 shows how to compare the two).
+#
 # ## 3. Speedup against the number of blocks: $O(L\,T_F)$ versus $O(T_F)$
 #
 # DGL §5 (related work) makes the scaling argument: take a network of $L$ layers whose forward costs $T_F$ each, the
