@@ -225,29 +225,29 @@ def profile_ratios(cfg: Any, microbatches: int, reps: int = 40) -> dict[int, dic
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(BATCH, *desc.input_shape, generator=gen)
     out: dict[int, dict[str, float]] = {}
+    mb, m = BATCH // microbatches, microbatches
+    configs = [(op, b, acc) for b in (BATCH, mb) for op in ("fwd", "bwd", "bwd+in")
+               for acc in ((False, True) if b < BATCH and op != "fwd" else (False,))]
     for j, blk in enumerate(net.blocks, start=1):
-        t: dict[tuple[str, int], float] = {}
-        for b in (BATCH, BATCH // microbatches):
-            xb = x[:b].detach()
-            for op in ("fwd", "bwd", "bwd+in"):
-                for acc in (False, True) if b < BATCH and op != "fwd" else (False,):
-                    ds = []
+        # Interleaved: each round times every configuration once, so a slow
+        # spell of the machine hits numerator and denominator alike.
+        ds: dict[tuple[str, int, bool], list[float]] = {c: [] for c in configs}
+        for i in range(reps + 1):                  # round 0 warms up
+            for op, b, acc in configs:
+                if not acc:
                     blk.zero_grad(set_to_none=True)
-                    for i in range(reps + acc):
-                        inp = xb.clone().requires_grad_(op == "bwd+in")
-                        t0 = time.perf_counter()
-                        y = blk(inp)
-                        if op != "fwd":
-                            t1 = time.perf_counter()
-                            y.square().mean().backward()
-                            if i or not acc:   # with acc the first one only fills .grad
-                                ds.append(time.perf_counter() - t1)
-                        else:
-                            ds.append(time.perf_counter() - t0)
-                        if not acc:
-                            blk.zero_grad(set_to_none=True)
-                    t[(op, b, acc)] = statistics.median(ds)
-        mb, m = BATCH // microbatches, microbatches
+                elif any(p.grad is None for p in blk.parameters()):
+                    blk(x[:b]).square().mean().backward()   # something to add to
+                inp = x[:b].detach().clone().requires_grad_(op == "bwd+in")
+                t0 = time.perf_counter()
+                y = blk(inp)
+                if op != "fwd":
+                    t0 = time.perf_counter()
+                    y.square().mean().backward()
+                if i:
+                    ds[(op, b, acc)].append(time.perf_counter() - t0)
+        blk.zero_grad(set_to_none=True)
+        t = {c: statistics.median(v) for c, v in ds.items()}
         out[j] = {"fwd": t[("fwd", mb, False)] / t[("fwd", BATCH, False)]}
         for op in ("bwd", "bwd+in"):   # chunk 1 writes .grad, chunks 2..m add to it
             chunk = (t[(op, mb, False)] + (m - 1) * t[(op, mb, True)]) / m

@@ -496,7 +496,7 @@ for op in ("fwd", "bwd", "update"):
 # the backward of blocks 2..K (`benchmarks/fidelity.py` does this). GPipe needs one more correction: a micro-batch op
 # costs more than $1/m$ of the minibatch op (small products use the hardware less well), and the backward of
 # micro-batches 2..m *adds* to the weight gradients that the first one wrote, an extra read and write of every gradient
-# that is bound by memory bandwidth, not arithmetic. On this course's CPU, $t(B/4)/t(B)$ came out at 0.3-0.5 instead of
+# that is bound by memory bandwidth, not arithmetic. On this course's CPU, $t(B/4)/t(B)$ came out at 0.3-0.6 instead of
 # 0.25 (`profile_ratios` in `benchmarks/fidelity.py`). Whichever you pick, repeat measurements before
 # trusting a difference. The explorer below puts
 # "calibrated on dgl" and "calibrated on the run itself" side by side.
