@@ -250,8 +250,8 @@ def parse_placement(placement: Any, blocks: int) -> list[int]:
     return out
 
 
-ALGORITHMS = ("bp", "gpipe", "1f1b", "dgl", "dgl-async", "greedy", "blockprop", "blockprop-cached",
-              "bwbpf")
+ALGORITHMS = ("bp", "gpipe", "1f1b", "dgl", "dgl-async", "greedy", "blockprop",
+              "blockprop-cached", "bwbpf")
 
 
 def _positive_int(name: str, v: Any, lo: int = 1) -> int:

@@ -14,8 +14,8 @@ from typing import Any, Callable, Generator
 
 from bpsim.sim.engine import Engine
 
-__all__ = ["SCHEDULES", "bp", "gpipe", "one_f_one_b", "dgl", "dgl_async", "greedy", "blockprop",
-           "blockprop_cached", "bwbpf"]
+__all__ = ["SCHEDULES", "bp", "gpipe", "one_f_one_b", "dgl", "dgl_async", "greedy",
+           "blockprop", "blockprop_cached", "bwbpf"]
 
 _AUX_BWD_UPD = ("aux", "bwd", "update")
 _WSTEP = ("fwd", "bwd", "update")
@@ -89,23 +89,36 @@ def gpipe(eng: Engine, steps: int, microbatches: int = 1, **_: Any) -> None:
     _start(eng, _gpipe_block, steps, microbatches)
 
 
-def _gpipe_block(e: Engine, j: int, steps: int, m: int) -> Generator:
+def _micro_op(e: Engine, j: int, kind: str, t: int, i: int) -> Generator:
+    """One pipeline op of block j on micro-batch i of step t: ``"f"`` (receive
+    the activation, forward, send it on) or ``"b"`` (receive the gradient,
+    backward, with the input gradient on blocks 2..K, send it back)."""
     K = e.K
+    if kind == "f":
+        if j > 1:
+            yield from e.recv(j, "act", "input")
+        yield from e.run(j, ("fwd",), t, i)
+        if j < K:
+            e.send(j, j + 1, "act", t, i)
+    else:
+        if j < K:
+            yield from e.recv(j, "grad", "gradient")
+        yield from e.run(j, ("bwd+in",) if j > 1 else ("bwd",), t, i)
+        if j > 1:
+            e.send(j, j - 1, "grad", t, i)
+
+
+def _pipeline_block(e: Engine, j: int, steps: int, order: list[tuple[str, int]]) -> Generator:
     for t in range(steps):
-        for i in range(m):
-            if j > 1:
-                yield from e.recv(j, "act", "input")
-            yield from e.run(j, ("fwd",), t, i)
-            if j < K:
-                e.send(j, j + 1, "act", t, i)
-        for i in range(m):
-            if j < K:
-                yield from e.recv(j, "grad", "gradient")
-            yield from e.run(j, ("bwd+in",) if j > 1 else ("bwd",), t, i)
-            if j > 1:
-                e.send(j, j - 1, "grad", t, i)
+        for kind, i in order:
+            yield from _micro_op(e, j, kind, t, i)
         yield from e.run(j, ("update",), t)
         e.updates[j] += 1
+
+
+def _gpipe_block(e: Engine, j: int, steps: int, m: int) -> Generator:
+    order = [("f", i) for i in range(m)] + [("b", i) for i in range(m)]
+    yield from _pipeline_block(e, j, steps, order)
 
 
 def one_f_one_b(eng: Engine, steps: int, microbatches: int = 1, **_: Any) -> None:
@@ -143,25 +156,7 @@ def _1f1b_order(j: int, K: int, m: int) -> list[tuple[str, int]]:
 
 
 def _1f1b_block(e: Engine, j: int, steps: int, m: int) -> Generator:
-    K = e.K
-    bwd = ("bwd+in",) if j > 1 else ("bwd",)
-    order = _1f1b_order(j, K, m)
-    for t in range(steps):
-        for kind, i in order:
-            if kind == "f":
-                if j > 1:
-                    yield from e.recv(j, "act", "input")
-                yield from e.run(j, ("fwd",), t, i)
-                if j < K:
-                    e.send(j, j + 1, "act", t, i)
-            else:
-                if j < K:
-                    yield from e.recv(j, "grad", "gradient")
-                yield from e.run(j, bwd, t, i)
-                if j > 1:
-                    e.send(j, j - 1, "grad", t, i)
-        yield from e.run(j, ("update",), t)
-        e.updates[j] += 1
+    yield from _pipeline_block(e, j, steps, _1f1b_order(j, e.K, m))
 
 
 # -------------------------------------------------------------------- dgl
@@ -337,6 +332,7 @@ def _blockprop_block(e: Engine, j: int, steps: int, nh: int, epoch_steps: int | 
 
 
 SCHEDULES: dict[str, Callable[..., None]] = {
-    "bp": bp, "gpipe": gpipe, "1f1b": one_f_one_b, "dgl": dgl, "dgl-async": dgl_async, "greedy": greedy,
-    "blockprop": blockprop, "blockprop-cached": blockprop_cached, "bwbpf": bwbpf,
+    "bp": bp, "gpipe": gpipe, "1f1b": one_f_one_b, "dgl": dgl, "dgl-async": dgl_async,
+    "greedy": greedy, "blockprop": blockprop, "blockprop-cached": blockprop_cached,
+    "bwbpf": bwbpf,
 }
