@@ -461,8 +461,9 @@ for label, t in ALL_RUNS.items():
 #
 # **Contention for cores (assumption 3).** The two ranks are not independent devices: they share 2 cores with their
 # receiver threads, the notebook and whatever else runs on the machine (the load average above counts it). Start more
-# ranks than cores, e.g. `bpsim run dgl --workers 4` on 2 cores, and the operating system time-slices them: a measured
-# span then includes the time its process waited for a core. The simulator can model shared devices
+# ranks than cores, e.g. `bpsim run dgl --workers 4` on 2 cores (on a bigger machine, `--cpus 0,1` confines the ranks
+# to two cores), and the operating system time-slices them: a measured span then includes the time its process waited
+# for a core. The simulator can model shared devices
 # (`placement=2` puts 4 blocks on 2 devices, one op at a time per device), but only if its costs come from an
 # undisturbed run, e.g. `--workers 1`. `benchmarks/fidelity.py` measures exactly this case.
 #
