@@ -12,7 +12,8 @@
 #   5. a torchrun launch of `bpsim run` with ranks computing on the GPU.
 # Results go to $OUT (default ./gpu_out). Without network the machine lacks
 # simpy: carry its wheel in .whl/ (see docs/runtime.md, section GPUs).
-#   bash benchmarks/gpu_box.sh [REPEATS]     # about 6 minutes on an H200 box
+#   bash benchmarks/gpu_box.sh [REPEATS]   # its first version took 8.6 min on an H200 box,
+#                                          # before rank start-up got 2 s faster per run
 # (REPEATS, default 3, is for the CPU fidelity run; every CUDA run starts
 # its ranks' CUDA contexts anew, so the CUDA fidelity run measures once.)
 set -u
