@@ -257,6 +257,99 @@ def profile_ratios(cfg: Any, microbatches: int, reps: int = 40) -> dict[int, dic
     return out
 
 
+WAKE_GAPS = (0.005, 0.02)   # idle gaps (s) that wake_profile sleeps before an op
+
+
+def _fit_tau(r: float, g1: float, g2: float) -> float:
+    """The time constant tau with (1 - e^(-g1/tau)) / (1 - e^(-g2/tau)) = r
+    (between g1/g2, tau -> inf, and 1, tau -> 0), by bisection on log tau."""
+    f = lambda tau: math.expm1(-g1 / tau) / math.expm1(-g2 / tau)   # noqa: E731
+    lo, hi = 1e-4, 10.0
+    if r >= f(lo):
+        return lo
+    if r <= f(hi):
+        return hi
+    for _ in range(60):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if f(mid) > r else (lo, mid)
+    return math.sqrt(lo * hi)
+
+
+def wake_profile(cfg: Any, reps: int = 30) -> tuple[dict[int, float], float, dict[int, Any]]:
+    """How much longer a block's forward takes after its core idled.
+
+    In this process (one thread), each round times every block's forward
+    right after the same forward ran (back to back) and after sleeping each
+    of ``WAKE_GAPS``, interleaved. The extra time after a gap g is fitted
+    as ``W_j (1 - exp(-g / tau))``: ``tau`` from the ratio of the two
+    gaps' extra times (median over blocks), ``W_j`` per block. Returns
+    ``({block: W_j}, tau, {block: {gap: extra}})``, the ``wake`` and
+    ``wake_tau`` of ``Costs``.
+    """
+    import torch
+
+    from bpsim import data, nets
+
+    torch.set_num_threads(1)
+    desc = data.describe(cfg.data)
+    net = nets.build(cfg.model, desc.input_shape, desc.n_classes, cfg.blocks,
+                     width=cfg.width, depth=cfg.depth)
+    x = torch.randn(BATCH, *desc.input_shape, generator=torch.Generator().manual_seed(0))
+    extra: dict[int, dict[float, float]] = {}
+    for j, blk in enumerate(net.blocks, start=1):
+        ds: dict[float, list[float]] = {g: [] for g in (0.0,) + WAKE_GAPS}
+        for i in range(reps + 1):                  # round 0 warms up
+            for g in ds:
+                with torch.no_grad():
+                    blk(x)
+                if g:
+                    time.sleep(g)
+                t0 = time.perf_counter()
+                y = blk(x)
+                d = time.perf_counter() - t0
+                y.square().mean().backward()
+                blk.zero_grad(set_to_none=True)
+                if i:
+                    ds[g].append(d)
+        base = statistics.median(ds[0.0])
+        extra[j] = {g: statistics.median(ds[g]) - base for g in WAKE_GAPS}
+        with torch.no_grad():
+            x = blk(x)
+    g1, g2 = WAKE_GAPS
+    ratios = [e[g1] / e[g2] for e in extra.values() if e[g2] > 0]
+    tau = _fit_tau(statistics.median(ratios), g1, g2) if ratios else 1e-4
+    W = {j: max(0.0, -e[g2] / math.expm1(-g2 / tau)) for j, e in extra.items()}
+    return W, tau, extra
+
+
+def with_wake(costs: Any, trace: Any, W: dict[int, float], tau: float) -> Any:
+    """``costs`` (from ``trace``) with the after-idle cost ``W``, ``tau`` added,
+    and each op's median taken after removing that cost from the ops of
+    ``trace`` that followed a wait, so it is not counted twice."""
+    from dataclasses import replace
+
+    by_rank: dict[int, list[tuple]] = {}
+    for r in trace.rows:
+        if r[1] == "compute":
+            by_rank.setdefault(r[0], []).append(r)
+    ds: dict[tuple[int, str], list[float]] = {}
+    for rows in by_rank.values():
+        rows.sort(key=lambda r: r[6])
+        prev = None
+        for r in rows:
+            if r[2] in ("fwd", "bwd", "aux", "update", "hstep"):
+                gap = prev[7] - prev[6] if prev is not None and prev[2] == "wait" else 0.0
+                pen = -W.get(r[3], 0.0) * math.expm1(-gap / tau) if gap > 0 else 0.0
+                ds.setdefault((r[3], r[2]), []).append(r[7] - r[6] - pen)
+            prev = r
+    per = {b: dict(over) for b, over in costs.per_block.items()}
+    for (b, op), v in ds.items():
+        per.setdefault(b, {})[op] = max(0.0, statistics.median(v))
+    for b, w in W.items():
+        per.setdefault(b, {})["wake"] = w
+    return replace(costs, per_block=per, wake_tau=tau)
+
+
 def profiled(costs: Any, ratios: dict[int, dict[str, float]]) -> Any:
     """Micro-batch costs: each block's whole-batch costs times the profiled ratios."""
     from dataclasses import replace
@@ -341,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="measure every run this many times, interleaved, and compare the "
                         "repeat with the median makespan (default 3; --quick 1)")
     p.add_argument("--width", type=int, default=1024, help="hidden width (default 1024)")
+    p.add_argument("--wake", action="store_true",
+                   help="also predict with an after-idle cost (Costs.wake) from an in-process "
+                        "profile, side by side (a diagnostic)")
     p.add_argument("--held-only", action="store_true",
                    help="only the calibration and held-out runs (no self-calibrated or "
                         "oversubscribed sections)")
@@ -414,6 +510,16 @@ def main(argv: list[str] | None = None) -> int:
     alt = median_costs([mean_costs(r.trace) for r in calib_runs]).with_input_grad(frac)
     ratios = profile_ratios(calib_cfg, 4) if any(c.algo in PIPES for _, c in held) else {}
     print(f"calibrated on dgl, 2 workers, {N} steps: {costs}", flush=True)
+    woke, wake_fit = None, None
+    if args.wake:   # diagnostic: the same predictions with an after-idle cost
+        wake_w, wake_tau, wake_extra = wake_profile(calib_cfg)
+        woke = median_costs([with_wake(Costs.from_trace(r.trace), r.trace, wake_w, wake_tau)
+                             for r in calib_runs]).with_input_grad(frac)
+        wake_fit = {"W": {str(j): w for j, w in wake_w.items()}, "tau": wake_tau,
+                    "extra": {str(j): {str(g): v for g, v in e.items()}
+                              for j, e in wake_extra.items()}}
+        print(f"after-idle cost: W = {', '.join(f'{1e3 * w:.2f}' for w in wake_w.values())} "
+              f"ms, tau = {1e3 * wake_tau:.1f} ms", flush=True)
     cases = []
     for label, cfg in held:
         mb = (lambda cs: profiled(cs, ratios)) if cfg.algo in PIPES else None
@@ -426,6 +532,10 @@ def main(argv: list[str] | None = None) -> int:
             c["paired"] = {"makespan_error": per[(R - 1) // 2]["makespan_error"],
                            "busy_error_mean": statistics.median(x["busy_error_mean"] for x in per),
                            "makespan_errors": [x["makespan_error"] for x in per]}
+        if woke is not None:
+            wk = predict(woke, cfg, measured[label], label, mb_costs=mb)
+            c["wake"] = {"makespan_error": wk["makespan_error"],
+                         "busy_error_mean": wk["busy_error_mean"]}
         if cfg.algo == "gpipe":   # diagnostic: micro-batch = minibatch / m
             lin = predict(costs, cfg, measured[label], label,
                           mb_costs=lambda cs, m=cfg.microbatches: _scaled(cs, 1.0 / m))
@@ -434,7 +544,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label:45s} makespan error {100 * c['makespan_error']:+6.1f}%, "
               f"busy error {100 * c['busy_error_mean']:5.1f}% (mean costs: "
               f"{100 * c['mean_costs']['makespan_error']:+6.1f}%, "
-              f"{100 * c['mean_costs']['busy_error_mean']:5.1f}%; noise "
+              f"{100 * c['mean_costs']['busy_error_mean']:5.1f}%; "
+              + (f"after-idle: {100 * c['wake']['makespan_error']:+6.1f}%, "
+                 f"{100 * c['wake']['busy_error_mean']:5.1f}%; " if "wake" in c else "")
+              + f"noise "
               f"{c['noise']:.3f})", flush=True)
     self_cal = []
     if not args.quick and not args.held_only:
@@ -478,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
         "calibration": {"run": f"dgl, 2 workers, {N} steps", "costs": costs.to_dict(),
                         "repeats": R, "input_grad_fractions": frac,
                         "microbatch_ratios": {str(j): r for j, r in ratios.items()},
+                        "after_idle": wake_fit,
                         "noise": statistics.median(noise(r.trace) for r in calib_runs)},
         "held_out": cases, "self_calibrated": self_cal, "oversubscribed": over,
         "summary": {"held_out_mean_abs_makespan_error": mean_abs(cases, "makespan_error"),
@@ -493,7 +607,11 @@ def main(argv: list[str] | None = None) -> int:
                         mean_abs([c["paired"] for c in cases if "paired" in c], "busy_error_mean")
                         if any("paired" in c for c in cases) else None,
                     "self_mean_abs_makespan_error": mean_abs(self_cal, "makespan_error") if self_cal else None,
-                    "self_mean_busy_error": mean_abs(self_cal, "busy_error_mean") if self_cal else None},
+                    "self_mean_busy_error": mean_abs(self_cal, "busy_error_mean") if self_cal else None,
+                    "after_idle_mean_abs_makespan_error":
+                        mean_abs([c["wake"] for c in cases], "makespan_error") if woke else None,
+                    "after_idle_mean_busy_error":
+                        mean_abs([c["wake"] for c in cases], "busy_error_mean") if woke else None},
         "seconds": time.time() - t_start,
     }
     s = out["summary"]
@@ -600,6 +718,17 @@ def markdown(o: dict[str, Any]) -> str:
                   "(target <= 5%). With mean op costs: "
                   f"{100 * sm['mean_costs_mean_abs_makespan_error']:.1f}% and "
                   f"{100 * sm['mean_costs_mean_busy_error']:.1f}%."]
+    if sm.get("after_idle_mean_abs_makespan_error") is not None:
+        fit = o["calibration"]["after_idle"]
+        lines += ["", "Diagnostic (`--wake`), the same runs predicted with an after-idle cost "
+                      "(`Costs.wake`: an op after an idle gap g costs W (1 - exp(-g / tau)) more; "
+                      "W = " + ", ".join(f"{1e3 * w:.2f}" for w in fit["W"].values())
+                      + f" ms per block, tau = {1e3 * fit['tau']:.1f} ms, from an in-process "
+                      "profile; the calibration run's ops after waits are debiased): mean "
+                      f"|makespan error| {100 * sm['after_idle_mean_abs_makespan_error']:.1f}%, "
+                      f"mean busy error {100 * sm['after_idle_mean_busy_error']:.1f}%. Per case: "
+                      + "; ".join(f"{c['case']} {100 * c['wake']['makespan_error']:+.1f}%"
+                                  for c in o["held_out"] if "wake" in c) + "."]
     if sm.get("paired_mean_abs_makespan_error") is not None:
         lines += ["", "Paired by round (each round's held-out runs predicted from the same round's "
                       "calibration run, measured seconds apart; median over the rounds): mean "

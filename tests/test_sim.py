@@ -62,6 +62,25 @@ def test_gpipe_input_gradient_cost_two_blocks():
     assert r.makespan == pytest.approx(N * (F + m * F + m * (B + Bi) + B + U), rel=1e-12)
 
 
+@pytest.mark.parametrize("K,N", [(2, 3), (3, 2), (4, 5)])
+def test_wake_cost_closed_forms(K, N):
+    # wake_tau = 0: every op that starts after its device idled costs W more.
+    # bp: blocks 2..K idle before each forward, blocks 1..K-1 before each
+    # backward, block 1's update and next forward follow without a gap.
+    W = 0.3
+    bp = simulate("bp", blocks=K, steps=N, costs=COST + f",wake={W}")
+    assert bp.makespan == pytest.approx(N * (K * (F + B) + 2 * (K - 1) * (C + W) + U), rel=1e-12)
+    # dgl: only each block's first op waits (for its first input), then no gaps.
+    dgl = simulate("dgl", blocks=K, steps=N, costs=COST + f",wake={W}")
+    assert dgl.makespan == pytest.approx((K - 1) * (F + C + W) + N * (F + A + B + U), rel=1e-12)
+    # with a time constant the extra cost grows with the gap: block 2's first
+    # forward waited F + c
+    tau = 0.5
+    two = simulate("dgl", blocks=2, steps=N, costs=COST + f",wake={W},wake_tau={tau}")
+    assert two.makespan == pytest.approx(F + C + W * (1 - math.exp(-(F + C) / tau))
+                                         + N * (F + A + B + U), rel=1e-12)
+
+
 def test_with_input_grad_scales_forward_costs():
     c = Costs.parse("fwd=2,bwd=3,fwd@2=4").with_input_grad([0.0, 0.5])
     assert c.get("bwd_in", 1) == 0 and c.get("bwd_in", 2) == pytest.approx(2.0)
@@ -212,6 +231,7 @@ cost_st = st.fixed_dictionaries({
     "update": st.floats(0, 1), "comm": st.floats(0, 1), "bytes": st.floats(0, 100),
     "bandwidth": st.sampled_from([math.inf, 50.0, 400.0]),
     "spread": st.sampled_from([0.0, 0.3]),
+    "wake": st.sampled_from([0.0, 0.3]), "wake_tau": st.sampled_from([0.0, 0.5]),
 })
 
 

@@ -32,10 +32,11 @@ __all__ = ["Costs", "COMPUTE_OPS", "CostTable"]
 
 COMPUTE_OPS = ("fwd", "bwd", "aux", "update", "hstep")
 # Costs that are not trace ops: ``bwd_in`` is the extra backward work of a
-# block whose input gradient is needed too (backprop, gpipe), see Costs.
-_COST_OPS = COMPUTE_OPS + ("bwd_in",)
+# block whose input gradient is needed too (backprop, gpipe), ``wake`` the
+# extra time of an op that starts after its device idled, see Costs.
+_COST_OPS = COMPUTE_OPS + ("bwd_in", "wake")
 _LINK_KEYS = ("comm", "bandwidth", "bytes")
-_KEYS = _COST_OPS + _LINK_KEYS + ("spread",)
+_KEYS = _COST_OPS + _LINK_KEYS + ("spread", "wake_tau")
 _ALIASES = {"latency": "comm", "bw": "bandwidth", "activation_bytes": "bytes"}
 
 
@@ -77,6 +78,12 @@ class Costs:
         One BlockProp h-step iteration on one block; ``None`` means
         ``fwd + bwd`` (a gradient step on ``h_k`` runs block k forward and
         backward, BlockProp Alg. 1 lines 7-16 and Appendix A).
+    wake, wake_tau : float
+        An op that starts after its device was idle for a time g takes
+        ``wake * (1 - exp(-g / wake_tau))`` longer (``wake`` itself when
+        ``wake_tau`` is 0): caches refill, clocks come back up. Default 0:
+        no such cost, and every closed form holds. ``wake`` may differ per
+        block; ``wake_tau`` is one time constant.
     comm : float
         Latency of one message between two devices.
     bandwidth : float
@@ -95,10 +102,12 @@ class Costs:
     update: float = 0.0
     hstep: float | None = None
     bwd_in: float = 0.0
+    wake: float = 0.0
     comm: float = 0.0
     bandwidth: float = math.inf
     bytes: float = 0.0
     spread: float = 0.0
+    wake_tau: float = 0.0
     per_block: dict[int, dict[str, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -124,7 +133,8 @@ class Costs:
     def parse(cls, text: str, base: "Costs | None" = None) -> "Costs":
         """Build costs from ``"fwd=1,bwd=2,aux=0.2,update=0.1,comm=0.05"``.
 
-        Keys: ``fwd bwd aux update hstep bwd_in comm bandwidth bytes spread``
+        Keys: ``fwd bwd aux update hstep bwd_in wake comm bandwidth bytes
+        spread wake_tau``
         (``latency`` and ``bw`` are aliases); ``KEY@J=V`` overrides block J.
         Keys not given keep the value of ``base`` (or the defaults).
         """
