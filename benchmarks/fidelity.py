@@ -107,13 +107,39 @@ def _sim_kwargs(cfg: Any, res: Any) -> dict[str, Any]:
     return kw
 
 
-def input_grad_fractions(cfg: Any) -> list[float]:
-    """Input-gradient FLOPs over forward FLOPs of each block of ``cfg``'s net."""
+def _net(cfg: Any) -> Any:
+    """``cfg``'s BlockNet (the runs' seed-0 weights do not matter here)."""
     from bpsim import data, nets
 
     desc = data.describe(cfg.data)
-    net = nets.build(cfg.model, desc.input_shape, desc.n_classes, cfg.blocks,
-                     width=cfg.width, depth=cfg.depth)
+    return nets.build(cfg.model, desc.input_shape, desc.n_classes, cfg.blocks,
+                      width=cfg.width, depth=cfg.depth)
+
+
+def _profile_setup(cfg: Any) -> tuple[Any, Any]:
+    """For the in-process profiles: one torch thread (as each worker has),
+    ``cfg``'s net and a seeded input batch."""
+    import torch
+
+    torch.set_num_threads(1)
+    net = _net(cfg)
+    x = torch.randn(BATCH, *net.input_shape, generator=torch.Generator().manual_seed(0))
+    return net, x
+
+
+def _with_op_costs(costs: Any, durations: dict[tuple[int, str], list[float]],
+                   reduce: Any) -> dict[int, dict[str, float]]:
+    """``costs.per_block`` with each (block, op) cost replaced by ``reduce``
+    of its measured ``durations``."""
+    per = {b: dict(over) for b, over in costs.per_block.items()}
+    for (b, op), ds in durations.items():
+        per.setdefault(b, {})[op] = reduce(ds)
+    return per
+
+
+def input_grad_fractions(cfg: Any) -> list[float]:
+    """Input-gradient FLOPs over forward FLOPs of each block of ``cfg``'s net."""
+    net = _net(cfg)
     return [i / f for i, f in zip(net.input_grad_flops(), net.block_flops())]
 
 
@@ -131,10 +157,7 @@ def mean_costs(trace: Any) -> Any:
     for r in trace.rows:
         if r[1] == "compute" and r[2] in ("fwd", "bwd", "aux", "update", "hstep"):
             sums.setdefault((r[3], r[2]), []).append(r[7] - r[6])
-    per = {b: dict(over) for b, over in base.per_block.items()}
-    for (b, op), ds in sums.items():
-        per.setdefault(b, {})[op] = sum(ds) / len(ds)
-    return replace(base, per_block=per, spread=0.0)
+    return replace(base, per_block=_with_op_costs(base, sums, statistics.mean), spread=0.0)
 
 
 def predict(costs: Any, cfg: Any, res: Any, label: str, alt: Any = None,
@@ -216,14 +239,7 @@ def profile_ratios(cfg: Any, microbatches: int, reps: int = 40) -> dict[int, dic
     """
     import torch
 
-    from bpsim import data, nets
-
-    torch.set_num_threads(1)
-    desc = data.describe(cfg.data)
-    net = nets.build(cfg.model, desc.input_shape, desc.n_classes, cfg.blocks,
-                     width=cfg.width, depth=cfg.depth)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(BATCH, *desc.input_shape, generator=gen)
+    net, x = _profile_setup(cfg)
     out: dict[int, dict[str, float]] = {}
     mb, m = BATCH // microbatches, microbatches
     configs = [(op, b, acc) for b in (BATCH, mb) for op in ("fwd", "bwd", "bwd+in")
@@ -288,13 +304,7 @@ def wake_profile(cfg: Any, reps: int = 30) -> tuple[dict[int, float], float, dic
     """
     import torch
 
-    from bpsim import data, nets
-
-    torch.set_num_threads(1)
-    desc = data.describe(cfg.data)
-    net = nets.build(cfg.model, desc.input_shape, desc.n_classes, cfg.blocks,
-                     width=cfg.width, depth=cfg.depth)
-    x = torch.randn(BATCH, *desc.input_shape, generator=torch.Generator().manual_seed(0))
+    net, x = _profile_setup(cfg)
     extra: dict[int, dict[float, float]] = {}
     for j, blk in enumerate(net.blocks, start=1):
         ds: dict[float, list[float]] = {g: [] for g in (0.0,) + WAKE_GAPS}
@@ -328,6 +338,8 @@ def with_wake(costs: Any, trace: Any, W: dict[int, float], tau: float) -> Any:
     ``trace`` that followed a wait, so it is not counted twice."""
     from dataclasses import replace
 
+    from bpsim.sim import Costs
+
     by_rank: dict[int, list[tuple]] = {}
     for r in trace.rows:
         if r[1] == "compute":
@@ -339,12 +351,10 @@ def with_wake(costs: Any, trace: Any, W: dict[int, float], tau: float) -> Any:
         for r in rows:
             if r[2] in ("fwd", "bwd", "aux", "update", "hstep"):
                 gap = prev[7] - prev[6] if prev is not None and prev[2] == "wait" else 0.0
-                pen = -W.get(r[3], 0.0) * math.expm1(-gap / tau) if gap > 0 else 0.0
+                pen = Costs.after_idle(W.get(r[3], 0.0), tau, gap)
                 ds.setdefault((r[3], r[2]), []).append(r[7] - r[6] - pen)
             prev = r
-    per = {b: dict(over) for b, over in costs.per_block.items()}
-    for (b, op), v in ds.items():
-        per.setdefault(b, {})[op] = max(0.0, statistics.median(v))
+    per = _with_op_costs(costs, ds, lambda v: max(0.0, statistics.median(v)))
     for b, w in W.items():
         per.setdefault(b, {})["wake"] = w
     return replace(costs, per_block=per, wake_tau=tau)

@@ -105,14 +105,13 @@ class RunConfig:
         if c.algo not in ALGORITHMS:
             raise ValueError(f"unknown algorithm {c.algo!r} for bpsim run; choose one of "
                              f"{', '.join(ALGORITHMS)}")
-        for name in ("workers", "steps", "batch_size", "microbatches", "buffer"):
+        for name in ("workers", "steps", "batch_size", "microbatches", "buffer", "max_reuse"):
             v = getattr(c, name)
+            if name == "max_reuse" and v is None:    # unlimited
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        if c.max_reuse is not None and (isinstance(c.max_reuse, bool)
-                                        or not isinstance(c.max_reuse, int) or c.max_reuse < 1):
-            raise ValueError(f"max_reuse must be an integer >= 1 or None (unlimited), "
-                             f"got {c.max_reuse!r}")
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}"
+                                 + (" (or None: unlimited)" if name == "max_reuse" else ""))
         c.blocks = c.workers if c.blocks is None else c.blocks
         if c.blocks < 1:
             raise ValueError(f"blocks must be >= 1, got {c.blocks}")

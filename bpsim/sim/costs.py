@@ -331,6 +331,15 @@ class Costs:
             per.setdefault(j, {})["bwd_in"] = f * self.get("fwd", j)
         return replace(self, per_block=per)
 
+    @staticmethod
+    def after_idle(wake: float, wake_tau: float, gap: float) -> float:
+        """The extra time of an op that starts after ``gap`` of idling:
+        ``wake * (1 - exp(-gap / wake_tau))``, or ``wake`` when ``wake_tau``
+        is 0 (see the ``wake`` parameter); 0 without a gap."""
+        if gap <= 0 or wake <= 0:
+            return 0.0
+        return wake if wake_tau <= 0 else -wake * math.expm1(-gap / wake_tau)
+
     # ---------------------------------------------------------------- query
     def get(self, key: str, block: int) -> float:
         """The (median) cost ``key`` of ``block`` (1-based), overrides applied."""

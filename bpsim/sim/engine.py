@@ -95,9 +95,9 @@ class Engine:
         res = {d: simpy.Resource(self.env, capacity=1) for d, n in counts.items() if n > 1}
         self.res = [None] + [res.get(d) for d in placement]
         self.comm_free = {d: 0.0 for d in counts}
-        self.busy_until = {d: 0.0 for d in counts}   # end of each device's last op
-        self.wake = table.ops["wake"]
+        self.wake = table.ops["wake"] if any(w > 0 for w in table.ops["wake"]) else None
         self.wake_tau = table.costs.wake_tau
+        self.busy_until = {d: 0.0 for d in counts}   # end of each device's last op
         self.rows: list[tuple] = []
         self.updates = [0] * (blocks + 1)
         self.idle = [dict.fromkeys(IDLE_CAUSES, 0.0) for _ in range(blocks + 1)]
@@ -121,7 +121,11 @@ class Engine:
         rows = self.rows
         dev = self.dev[j]
         spread = self.spread
-        extra = self._wake(j, dev, now)
+        extra = 0.0
+        if self.wake is not None:    # off unless Costs.wake is set: keep the hot path lean
+            gap = now - self.busy_until[dev]
+            if gap > 1e-12 * (now if now > 1.0 else 1.0):   # not back to back, up to rounding
+                extra = Costs.after_idle(self.wake[j], self.wake_tau, gap)
         for op in ops:
             d = self.ops[op][j]
             if spread and d > 0:
@@ -130,21 +134,11 @@ class Engine:
             extra = 0.0
             rows.append((dev, "compute", _SPAN_NAME.get(op, op), j, step, mb, t, t + d, None))
             t += d
-        self.busy_until[dev] = t
+        if self.wake is not None:
+            self.busy_until[dev] = t
         yield env.timeout(t - now)
         if req is not None:
             res.release(req)
-
-    def _wake(self, j: int, dev: int, now: float) -> float:
-        """Extra time of block j's next op after its device idled (Costs.wake)."""
-        w = self.wake[j]
-        if w <= 0:
-            return 0.0
-        gap = now - self.busy_until[dev]
-        if gap <= 1e-12 * (now if now > 1.0 else 1.0):   # back to back, up to rounding
-            return 0.0
-        tau = self.wake_tau
-        return w if tau <= 0 else -w * math.expm1(-gap / tau)
 
     # ------------------------------------------------------------ messages
     def _transmit(self, src: int, dst: int, step: int, mb: int) -> float:
