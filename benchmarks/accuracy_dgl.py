@@ -34,6 +34,7 @@ import os
 import platform
 import sys
 import time
+from statistics import mean, stdev
 
 import torch
 
@@ -120,15 +121,12 @@ def aggregate(rows: list[dict]) -> list[dict]:
     out = []
     for rs in groups.values():
         accs = [r["test_accuracy"] for r in rs]
-        m = sum(accs) / len(accs)
-        a = dict(rs[0], test_accuracy=m, accs=accs, seeds=[r.get("seed") for r in rs],
-                 acc_std=(sum((x - m) ** 2 for x in accs) / (len(accs) - 1)) ** 0.5
-                 if len(accs) > 1 else None,
-                 wall_s=sum(r["wall_s"] for r in rs) / len(rs),
-                 cpu_s=sum(r.get("cpu_s", r["wall_s"]) for r in rs) / len(rs))
+        a = dict(rs[0], test_accuracy=mean(accs), accs=accs, seeds=[r.get("seed") for r in rs],
+                 acc_std=stdev(accs) if len(accs) > 1 else None,
+                 wall_s=mean(r["wall_s"] for r in rs),
+                 cpu_s=mean(r.get("cpu_s", r["wall_s"]) for r in rs))
         if rs[0].get("head_test_accuracy"):
-            a["head_test_accuracy"] = [sum(h) / len(h) for h in
-                                       zip(*(r["head_test_accuracy"] for r in rs))]
+            a["head_test_accuracy"] = [mean(h) for h in zip(*(r["head_test_accuracy"] for r in rs))]
         out.append(a)
     return out
 
