@@ -157,7 +157,8 @@ def mean_costs(trace: Any) -> Any:
     for r in trace.rows:
         if r[1] == "compute" and r[2] in ("fwd", "bwd", "aux", "update", "hstep"):
             sums.setdefault((r[3], r[2]), []).append(r[7] - r[6])
-    return replace(base, per_block=_with_op_costs(base, sums, statistics.mean), spread=0.0)
+    return replace(base, per_block=_with_op_costs(base, sums, statistics.mean), spread=0.0,
+                   jitter={})
 
 
 def predict(costs: Any, cfg: Any, res: Any, label: str, alt: Any = None,
@@ -192,10 +193,14 @@ def predict(costs: Any, cfg: Any, res: Any, label: str, alt: Any = None,
            "start_offset_frac": c["start_offset_frac"],
            "noise": noise(res.trace)}
     if alt is not None:
-        m = sim_compare(alt)
-        out["mean_costs"] = {"makespan_error": m["makespan_error"],
-                             "busy_error_mean": m["busy_error_mean"]}
+        _diagnostic(out, "mean_costs", sim_compare(alt))
     return out
+
+
+def _diagnostic(case: dict[str, Any], key: str, other: dict[str, Any]) -> None:
+    """Keep the errors of another prediction of ``case``'s run under ``key``."""
+    case[key] = {"makespan_error": other["makespan_error"],
+                 "busy_error_mean": other["busy_error_mean"]}
 
 
 def noise(trace: Any) -> float:
@@ -382,12 +387,16 @@ def median_costs(all_costs: list[Any]) -> Any:
     bias every prediction towards slow."""
     from dataclasses import replace
 
+    from bpsim.sim.costs import bin_factors
+
     first = all_costs[0]
     med = statistics.median_low
     per = {b: {k: med(c.per_block.get(b, {}).get(k, 0.0) for c in all_costs)
                for k in over} for b, over in first.per_block.items()}
-    return replace(first, comm=med(c.comm for c in all_costs),
-                   spread=med(c.spread for c in all_costs), per_block=per)
+    jitter = {op: bin_factors(sorted(f for c in all_costs for f in c.jitter.get(op, ())))
+              for op in {op for c in all_costs for op in c.jitter}}
+    return replace(first, comm=med(c.comm for c in all_costs), recv=med(c.recv for c in all_costs),
+                   spread=med(c.spread for c in all_costs), jitter=jitter, per_block=per)
 
 
 def per_block_busy(trace: Any, by_block: bool) -> dict[int, float]:
@@ -518,6 +527,10 @@ def main(argv: list[str] | None = None) -> int:
     round_costs = [c.with_input_grad(frac) for c in fitted]
     costs = median_costs(fitted).with_input_grad(frac)
     alt = median_costs([mean_costs(r.trace) for r in calib_runs]).with_input_grad(frac)
+    # diagnostic: the same calibration with lognormal draws instead of the
+    # measured distribution (Costs.jitter)
+    logn = median_costs([Costs.from_trace(r.trace, draws="lognormal")
+                         for r in calib_runs]).with_input_grad(frac)
     ratios = profile_ratios(calib_cfg, 4) if any(c.algo in PIPES for _, c in held) else {}
     print(f"calibrated on dgl, 2 workers, {N} steps: {costs}", flush=True)
     woke, wake_fit = None, None
@@ -542,22 +555,20 @@ def main(argv: list[str] | None = None) -> int:
             c["paired"] = {"makespan_error": per[(R - 1) // 2]["makespan_error"],
                            "busy_error_mean": statistics.median(x["busy_error_mean"] for x in per),
                            "makespan_errors": [x["makespan_error"] for x in per]}
+        _diagnostic(c, "lognormal", predict(logn, cfg, measured[label], label, mb_costs=mb))
         if woke is not None:
-            wk = predict(woke, cfg, measured[label], label, mb_costs=mb)
-            c["wake"] = {"makespan_error": wk["makespan_error"],
-                         "busy_error_mean": wk["busy_error_mean"]}
+            _diagnostic(c, "wake", predict(woke, cfg, measured[label], label, mb_costs=mb))
         if cfg.algo == "gpipe":   # diagnostic: micro-batch = minibatch / m
-            lin = predict(costs, cfg, measured[label], label,
-                          mb_costs=lambda cs, m=cfg.microbatches: _scaled(cs, 1.0 / m))
-            c["linear_microbatch"] = {"makespan_error": lin["makespan_error"],
-                                      "busy_error_mean": lin["busy_error_mean"]}
+            _diagnostic(c, "linear_microbatch", predict(
+                costs, cfg, measured[label], label,
+                mb_costs=lambda cs, m=cfg.microbatches: _scaled(cs, 1.0 / m)))
         print(f"{label:45s} makespan error {100 * c['makespan_error']:+6.1f}%, "
               f"busy error {100 * c['busy_error_mean']:5.1f}% (mean costs: "
               f"{100 * c['mean_costs']['makespan_error']:+6.1f}%, "
               f"{100 * c['mean_costs']['busy_error_mean']:5.1f}%; "
               + (f"after-idle: {100 * c['wake']['makespan_error']:+6.1f}%, "
                  f"{100 * c['wake']['busy_error_mean']:5.1f}%; " if "wake" in c else "")
-              + f"noise "
+              + f"lognormal: {100 * c['lognormal']['makespan_error']:+6.1f}%; noise "
               f"{c['noise']:.3f})", flush=True)
     self_cal = []
     if not args.quick and not args.held_only:
@@ -574,11 +585,14 @@ def main(argv: list[str] | None = None) -> int:
                 for label, cfg in cases_a:
                     runs_a[label].append(measure(cfg))
             c_self = median_costs([Costs.from_trace(r.trace) for r in shorts])
+            c_logn = median_costs([Costs.from_trace(r.trace, draws="lognormal") for r in shorts])
             for label, cfg in cases_a:
                 self_cal.append(predict(c_self, cfg, runs_a[label], label))
                 c = self_cal[-1]
+                _diagnostic(c, "lognormal", predict(c_logn, cfg, runs_a[label], label))
                 print(f"[self] {label:38s} makespan error {100 * c['makespan_error']:+6.1f}%, "
-                      f"busy error {100 * c['busy_error_mean']:5.1f}%", flush=True)
+                      f"busy error {100 * c['busy_error_mean']:5.1f}% (lognormal: "
+                      f"{100 * c['lognormal']['makespan_error']:+6.1f}%)", flush=True)
     over = (oversubscribed(N) if not (args.quick or args.held_only) and DEVICE == "cpu"
             else None)
 
@@ -618,6 +632,16 @@ def main(argv: list[str] | None = None) -> int:
                         if any("paired" in c for c in cases) else None,
                     "self_mean_abs_makespan_error": mean_abs(self_cal, "makespan_error") if self_cal else None,
                     "self_mean_busy_error": mean_abs(self_cal, "busy_error_mean") if self_cal else None,
+                    "lognormal_mean_abs_makespan_error":
+                        mean_abs([c["lognormal"] for c in cases], "makespan_error"),
+                    "lognormal_mean_busy_error":
+                        mean_abs([c["lognormal"] for c in cases], "busy_error_mean"),
+                    "self_lognormal_mean_abs_makespan_error":
+                        mean_abs([c["lognormal"] for c in self_cal], "makespan_error")
+                        if self_cal else None,
+                    "self_lognormal_mean_busy_error":
+                        mean_abs([c["lognormal"] for c in self_cal], "busy_error_mean")
+                        if self_cal else None,
                     "after_idle_mean_abs_makespan_error":
                         mean_abs([c["wake"] for c in cases], "makespan_error") if woke else None,
                     "after_idle_mean_busy_error":
@@ -684,6 +708,16 @@ def _gpu(o: dict[str, Any]) -> str:
     return f" ({gpu})" if gpu and o["setup"].get("device") == "cuda" else ""
 
 
+def _diagnostic_lines(o: dict[str, Any], key: str, prefix: str, intro: str) -> list[str]:
+    """A paragraph on the held-out cases' ``key`` predictions: ``intro``, then
+    the summary's ``prefix`` means and each case's makespan error."""
+    sm = o["summary"]
+    return ["", intro + f"mean |makespan error| {100 * sm[prefix + '_mean_abs_makespan_error']:.1f}%, "
+                f"mean busy error {100 * sm[prefix + '_mean_busy_error']:.1f}%. Per case: "
+                + "; ".join(f"{c['case']} {100 * c[key]['makespan_error']:+.1f}%"
+                            for c in o["held_out"] if key in c) + "."]
+
+
 def markdown(o: dict[str, Any]) -> str:
     s, m = o["setup"], o["machine"]
     lines = [f"# Simulator fidelity{' (quick)' if o['quick'] else ''}", "",
@@ -692,8 +726,11 @@ def markdown(o: dict[str, Any]) -> str:
              f"{s.get('device', 'cpu')}{_gpu(o)}; "
              f"{m['cores']} cores, load average at start {m['load_avg_at_start'][0]:.2f}.", "",
              f"Calibrated on: {o['calibration']['run']} (`Costs.from_trace`, per-key median "
-             f"over {o['calibration'].get('repeats', 1)} repeats; noise "
-             f"{o['calibration']['noise']:.3f}). Blocks after the first of backprop and the pipelines "
+             f"over {o['calibration'].get('repeats', 1)} repeats"
+             + ("" if "lognormal" not in o["held_out"][0] else
+                ", the op times drawn from the measured distribution of duration / median "
+                "(`Costs.jitter`, pooled over the repeats)")
+             + f"; noise {o['calibration']['noise']:.3f}). Blocks after the first of backprop and the pipelines "
              "also "
              "compute their input gradient, which DGL's detached blocks never do: its cost is "
              "the block's forward time times the FLOP fraction of that product "
@@ -712,8 +749,15 @@ def markdown(o: dict[str, Any]) -> str:
              "line up with the simulator's).", "",
              "*noise* = busy time / (ops x median op time) of the measured run: 1.000 when "
              "every op takes its median time; more when other processes on the machine "
-             "slowed some ops down. `Costs.from_trace` uses medians, so the simulator then "
-             "predicts a run that is faster by about that factor. The last column uses each "
+             "slowed some ops down. "
+             + ("Drawn from the measured distribution, the simulated ops take the "
+                "calibration run's mean time, so the simulator is off by about the ratio of "
+                "the two runs' noise; lognormal draws of the same log-spread (the diagnostic "
+                "below the table) fall short of the mean by most of the noise. "
+                if "lognormal" in o["held_out"][0] else
+                "`Costs.from_trace` uses medians, so the simulator then "
+                "predicts a run that is faster by about that factor. ")
+             + "The last column uses each "
              "op's mean duration instead (a diagnostic, not the calibration under test).", ""]
     lines += _table(o["held_out"])
     for c in o["held_out"]:
@@ -728,24 +772,22 @@ def markdown(o: dict[str, Any]) -> str:
                   "(target <= 5%). With mean op costs: "
                   f"{100 * sm['mean_costs_mean_abs_makespan_error']:.1f}% and "
                   f"{100 * sm['mean_costs_mean_busy_error']:.1f}%."]
+    if sm.get("lognormal_mean_abs_makespan_error") is not None:
+        lines += _diagnostic_lines(o, "lognormal", "lognormal", (
+            "Diagnostic, the same calibration with lognormal draws (`Costs.from_trace(trace, "
+            "draws=\"lognormal\")`, the default before `Costs.jitter`): "))
     if sm.get("after_idle_mean_abs_makespan_error") is not None:
         fit = o["calibration"]["after_idle"]
-        lines += ["", "Diagnostic (`--wake`), the same runs predicted with an after-idle cost "
-                      "(`Costs.wake`: an op after an idle gap g costs W (1 - exp(-g / tau)) more; "
-                      "W = " + ", ".join(f"{1e3 * w:.2f}" for w in fit["W"].values())
-                      + f" ms per block, tau = {1e3 * fit['tau']:.1f} ms, from an in-process "
-                      "profile; the calibration run's ops after waits are debiased): mean "
-                      f"|makespan error| {100 * sm['after_idle_mean_abs_makespan_error']:.1f}%, "
-                      f"mean busy error {100 * sm['after_idle_mean_busy_error']:.1f}%. Per case: "
-                      + "; ".join(f"{c['case']} {100 * c['wake']['makespan_error']:+.1f}%"
-                                  for c in o["held_out"] if "wake" in c) + "."]
+        lines += _diagnostic_lines(o, "wake", "after_idle", (
+            "Diagnostic (`--wake`), the same runs predicted with an after-idle cost "
+            "(`Costs.wake`: an op after an idle gap g costs W (1 - exp(-g / tau)) more; "
+            "W = " + ", ".join(f"{1e3 * w:.2f}" for w in fit["W"].values())
+            + f" ms per block, tau = {1e3 * fit['tau']:.1f} ms, from an in-process "
+            "profile; the calibration run's ops after waits are debiased): "))
     if sm.get("paired_mean_abs_makespan_error") is not None:
-        lines += ["", "Paired by round (each round's held-out runs predicted from the same round's "
-                      "calibration run, measured seconds apart; median over the rounds): mean "
-                      f"|makespan error| {100 * sm['paired_mean_abs_makespan_error']:.1f}%, mean busy "
-                      f"error {100 * sm['paired_mean_busy_error']:.1f}%. Per case: "
-                      + "; ".join(f"{c['case']} {100 * c['paired']['makespan_error']:+.1f}%"
-                                  for c in o["held_out"] if "paired" in c) + "."]
+        lines += _diagnostic_lines(o, "paired", "paired", (
+            "Paired by round (each round's held-out runs predicted from the same round's "
+            "calibration run, measured seconds apart; median over the rounds): "))
     nf = noise_floor(o["held_out"])
     if nf is not None:
         lines += ["", f"Noise floor: half the repeat spread, median over the held-out cases, is "
@@ -755,6 +797,12 @@ def markdown(o: dict[str, Any]) -> str:
         lines += _table(o["self_calibrated"])
         lines += ["", f"Mean |makespan error| {100 * sm['self_mean_abs_makespan_error']:.1f}%, "
                       f"mean busy error {100 * sm['self_mean_busy_error']:.1f}%."]
+        if sm.get("self_lognormal_mean_abs_makespan_error") is not None:
+            lines[-1] += (" With lognormal draws: "
+                          f"{100 * sm['self_lognormal_mean_abs_makespan_error']:.1f}% and "
+                          f"{100 * sm['self_lognormal_mean_busy_error']:.1f}% ("
+                          + ", ".join(f"{100 * c['lognormal']['makespan_error']:+.1f}%"
+                                      for c in o["self_calibrated"]) + ").")
     if o["oversubscribed"]:
         lines += ["", "## More workers than cores", "",
                   f"Calibrated on {o['oversubscribed']['calibration']}.", "",

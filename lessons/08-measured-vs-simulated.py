@@ -49,7 +49,8 @@ TRACE_DIR.mkdir(exist_ok=True)
 # model makes five assumptions:
 #
 # 1. **Ops have costs.** Each op of each block (`fwd`, `aux`, `bwd`, `update`) takes a fixed time, or an independent
-#    random draw around it (a lognormal with log-standard-deviation `spread`), whatever else is going on.
+#    random draw around it (from the measured distribution, or a lognormal with log-standard-deviation `spread`),
+#    whatever else is going on.
 # 2. **One op at a time per device**, and a device runs its next op the instant the previous one ends and its inputs are
 #    there. Nothing happens *between* ops.
 # 3. **Devices are independent.** Block $k$ runs on device $k$ and never slows block $j$ down.
@@ -175,13 +176,15 @@ fig
 # `sim.Costs.from_trace(trace)` turns a measurement into simulator costs (lesson 06's cost model):
 #
 # * the cost of each op of each block is the **median** of its spans, so a few slow outliers do not move it;
-# * `spread`, the log-standard-deviation of all durations around their medians, is what the simulator uses if asked to
-#   draw random durations;
-# * the latency $c$ is the median time from posting a `send` to the end of its `recv`.
+# * `jitter` keeps, for each op, every span's duration divided by its median: the simulator draws each op's time as
+#   its median times one of these factors (section 5 shows why); `spread`, the log-standard-deviation of the same
+#   ratios, is the older, lognormal way to draw;
+# * the latency $c$ is the median time from posting a `send` to the moment the receiver can use the message (and
+#   `recv`, a receive's hand-off, is 0 here: this runtime receives on a background thread).
 
 # %%
 costs = sim.Costs.from_trace(measured)
-median_costs = replace(costs, spread=0.0)  # every op takes exactly its median
+median_costs = replace(costs, spread=0.0, jitter={})  # every op takes exactly its median
 OPS = ("fwd", "aux", "bwd", "update")
 print("median cost per minibatch (ms)")
 print("block " + " ".join(f"{op:>7}" for op in OPS) + "   period P_k")
@@ -189,6 +192,8 @@ for k in (1, 2):
     print(f"{k:>5} " + " ".join(f"{1e3 * costs.get(op, k):7.2f}" for op in OPS)
           + f"   {1e3 * sum(costs.get(op, k) for op in OPS):8.2f}")
 print(f"message latency c = {1e3 * costs.comm:.2f} ms; spread (log-std of durations) = {costs.spread:.2f}")
+print("mean of the measured duration / median factors per op:",
+      {op: round(statistics.fmean(f), 3) for op, f in costs.jitter.items()})
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -420,14 +425,17 @@ print(f"load average of this machine (1, 5, 15 min): {os.getloadavg()}, cores av
 # %% [markdown]
 # Most spans sit close to their median, with a long tail to the right: the first step (memory allocation, cold
 # caches), and every moment when another process took the core. The median ignores the tail by design, but the
-# measured makespan contains all of it, so a simulator running on medians tends to be too fast. Two other ways to
+# measured makespan contains all of it, so a simulator running on medians tends to be too fast. Three other ways to
 # turn the calibration run into costs:
 #
 # * **means** instead of medians: every op gets its average duration, tail included;
-# * **random draws**: keep the medians and let the simulator draw every op from the lognormal `Costs.from_trace`
-#   fitted (`spread`); five seeds give a range.
+# * **measured draws** (what `Costs.from_trace` returns): keep the medians and let the simulator draw every op's
+#   duration / median factor from the ones the calibration run measured for that op (`jitter`); five seeds give a
+#   range;
+# * **lognormal draws**: the same, but each factor from the lognormal with the measured log-spread (`spread`), which
+#   fits the narrow bulk of the histogram and misses most of its tail.
 #
-# All three from the same dgl calibration run, for every run of the lesson:
+# All four from the same dgl calibration run, for every run of the lesson:
 
 
 # %%
@@ -441,23 +449,29 @@ def mean_costs(t):
     per_block = {k: dict(over) for k, over in fitted.per_block.items()}
     for (k, op), ds in durations.items():
         per_block[k][op] = statistics.fmean(ds)
-    return replace(fitted, spread=0.0, per_block=per_block)
+    return replace(fitted, spread=0.0, jitter={}, per_block=per_block)
 
 
 average_costs = mean_costs(measured)
-print(f"{'run':<30} {'measured':>9} {'medians':>9} {'means':>9} {'random, 5 seeds':>16}   (ms)")
+lognormal_costs = sim.Costs.from_trace(measured, draws="lognormal")
+print(f"{'run':<30} {'measured':>9} {'medians':>9} {'means':>9} {'measured draws':>16} "
+      f"{'lognormal draws':>16}   (ms)")
 for label, t in ALL_RUNS.items():
-    drawn = [predict(t, costs, seed=seed).makespan for seed in range(5)]  # `costs` keeps the fitted spread
+    drawn = [1e3 * predict(t, costs, seed=seed).makespan for seed in range(5)]  # `costs` keeps the jitter
+    logn = [1e3 * predict(t, lognormal_costs, seed=seed).makespan for seed in range(5)]
     print(f"{label:<30} {1e3 * t.makespan:9.0f} {1e3 * predict(t, median_costs).makespan:9.0f} "
-          f"{1e3 * predict(t, average_costs).makespan:9.0f} {1e3 * min(drawn):7.0f} - {1e3 * max(drawn):<6.0f}")
+          f"{1e3 * predict(t, average_costs).makespan:9.0f} {min(drawn):7.0f} - {max(drawn):<6.0f} "
+          f"{min(logn):7.0f} - {max(logn):<6.0f}")
 
 # %% [markdown]
-# For the dgl runs, means usually land closer than medians, since they put the tail back in; the price is that one long
-# hiccup in the calibration run is then charged to every step of every prediction. (For bp the costs themselves are
-# off, as we will see next, and no way of averaging fixes that.) Independent random draws add the tail too, and
-# more: every synchronisation waits for the *slower* of two draws, whereas real slowness comes in bursts (one busy
-# neighbour slows several consecutive ops), so on a busy machine they tend to overshoot. No choice is right in general:
-# a cost model is a summary of a distribution, and the makespan depends on more of it than one number.
+# For the dgl runs, means and measured draws usually land closer than medians, since they put the tail back in; the
+# price is that one long hiccup in the calibration run is then charged, on average, to every step of every prediction.
+# Measured draws keep the medians *and* the mean of each op, which is why `Costs.from_trace` returns them; lognormal
+# draws add only a little of the tail and stay close to the medians. (For bp the costs themselves are off, as we will
+# see next, and no way of averaging fixes that.) Independent draws are still a model: every synchronisation waits for
+# the *slower* of two draws, whereas real slowness comes in bursts (one busy neighbour slows several consecutive ops).
+# No choice is right in general: a cost model is a summary of a distribution, and the makespan depends on more of it
+# than one number. `benchmarks/fidelity.py` compares measured and lognormal draws over a dozen held-out runs.
 #
 # **Contention for cores (assumption 3).** The two ranks are not independent devices: they share 2 cores with their
 # receiver threads, the notebook and whatever else runs on the machine (the load average above counts it). Start more
@@ -535,7 +549,7 @@ EXPLORER_OPS = ("fwd", "aux", "bwd", "update", "wait")
 EXPLORER_RUNS = list(ALL_RUNS)[:4]  # the calibration run and the first three held-out runs: at most 24 frames
 EXPLORER_STEPS = pick([5, 10], [10, N_CAL])
 COST_CHOICES = ["dgl run, medians", "dgl run, means", "this run, medians"]
-self_costs = {label: replace(sim.Costs.from_trace(ALL_RUNS[label]), spread=0.0) for label in EXPLORER_RUNS}
+self_costs = {label: replace(sim.Costs.from_trace(ALL_RUNS[label]), spread=0.0, jitter={}) for label in EXPLORER_RUNS}
 
 
 def first_steps(t, n):

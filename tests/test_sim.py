@@ -9,12 +9,14 @@ import math
 import subprocess
 import sys
 from collections import defaultdict
+from dataclasses import replace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bpsim.sim import ALGORITHMS, Costs, SimResult, simulate
+from bpsim.sim.costs import bin_factors
 from bpsim.sim.cli import add_parsers
 from bpsim.sim.compare import compare
 from bpsim.trace import Trace
@@ -79,6 +81,55 @@ def test_wake_cost_closed_forms(K, N):
     two = simulate("dgl", blocks=2, steps=N, costs=COST + f",wake={W},wake_tau={tau}")
     assert two.makespan == pytest.approx(F + C + W * (1 - math.exp(-(F + C) / tau))
                                          + N * (F + A + B + U), rel=1e-12)
+
+
+@pytest.mark.parametrize("K,N", [(2, 3), (3, 4), (4, 2)])
+def test_recv_handoff_closed_forms(K, N):
+    # recv = h: a message between devices is usable h after it arrived and
+    # its receiver asked for it. bp's receivers are always waiting: each of
+    # the 2(K-1) messages of a step costs c + h.
+    h = 0.3
+    bp = simulate("bp", blocks=K, steps=N, costs=COST + f",recv={h}")
+    assert bp.makespan == pytest.approx(N * (K * (F + B) + 2 * (K - 1) * (C + h) + U), rel=1e-12)
+    # dgl: block j+1 asks for step t's activation as it finishes step t-1,
+    # when the activation is there (or arrives at that very moment), so
+    # blocks 2..K run a period F + A + B + U + h and the fill pays c + h
+    dgl = simulate("dgl", blocks=K, steps=N, costs=COST + f",recv={h}")
+    assert dgl.makespan == pytest.approx((K - 1) * (F + C + h) + N * (F + A + B + U)
+                                         + (N - 1) * h, rel=1e-12)
+    # blocks on one device hand over in memory: no hand-off
+    one = simulate("dgl", blocks=K, steps=N, costs=COST + f",recv={h}", placement=1)
+    assert one.makespan == pytest.approx(N * K * (F + A + B + U), rel=1e-12)
+
+
+def test_jitter_draws_the_given_factors():
+    # forwards draw from their own factors, backwards (no entry) from all the
+    # ops' factors together; messages keep their latency; spread is unused
+    costs = Costs(fwd=1.0, bwd=2.0, comm=0.1, spread=0.5,
+                  jitter={"fwd": (0.5, 1.5), "update": (1.0,)})
+    r = simulate("dgl", blocks=2, steps=200, costs=costs, seed=3)
+    durations = defaultdict(set)
+    for s in r.trace:
+        if s.lane == "compute":
+            durations[s.op].add(round(s.duration, 9))
+    assert durations["fwd"] == {0.5, 1.5} and durations["bwd"] == {1.0, 2.0, 3.0}
+    sends = {s.msg: s.t0 for s in r.trace if s.op == "send"}
+    assert {round(s.t0 - sends[s.msg], 9) for s in r.trace if s.op == "recv"} == {0.1}
+    assert simulate("dgl", blocks=2, steps=200, costs=costs, seed=3).trace.rows == r.trace.rows
+    fixed = Costs(fwd=1.0, bwd=2.0, spread=0.5, jitter={"fwd": (1.0,)})
+    assert simulate("dgl", blocks=2, steps=5, costs=fixed).makespan == pytest.approx(
+        1.0 + 5 * 3.0, rel=1e-12)
+
+
+@settings(max_examples=80, deadline=None)
+@given(xs=st.lists(st.floats(0.01, 100), min_size=1, max_size=600), bins=st.integers(1, 300))
+def test_bin_factors_keeps_the_distribution(xs, bins):
+    xs.sort()
+    out = bin_factors(xs, bins)
+    assert len(out) == min(len(xs), bins) and list(out) == sorted(out)
+    assert xs[0] - 1e-9 <= out[0] and out[-1] <= xs[-1] + 1e-9
+    if len(xs) % bins == 0 or len(xs) <= bins:
+        assert math.fsum(out) / len(out) == pytest.approx(math.fsum(xs) / len(xs), rel=1e-9)
 
 
 def test_with_input_grad_scales_forward_costs():
@@ -232,6 +283,8 @@ cost_st = st.fixed_dictionaries({
     "bandwidth": st.sampled_from([math.inf, 50.0, 400.0]),
     "spread": st.sampled_from([0.0, 0.3]),
     "wake": st.sampled_from([0.0, 0.3]), "wake_tau": st.sampled_from([0.0, 0.5]),
+    "recv": st.sampled_from([0.0, 0.2]),
+    "jitter": st.sampled_from([{}, {"fwd": (0.5, 2.0), "hstep": (1.0, 3.0)}]),
 })
 
 
@@ -252,10 +305,15 @@ def test_trace_invariants_random_costs(algo, K, N, costs, shared, m, nh, seed, s
 def test_determinism_equal_seeds_identical_traces():
     kw = dict(blocks=4, steps=30, costs=COST + ",spread=0.4,bytes=10,bandwidth=100",
               slowdown={2: 1.3})
+    jittered = dict(kw, costs=Costs.parse(kw["costs"] + ",recv=0.1",
+                                          base=Costs(jitter={"bwd": (0.8, 1.3), "aux": (1, 4)})))
     for algo in ("dgl-async", "gpipe", "blockprop"):
         a, b = simulate(algo, seed=7, **kw), simulate(algo, seed=7, **kw)
         assert a.trace.rows == b.trace.rows and a.to_dict() == b.to_dict()
         assert simulate(algo, seed=8, **kw).trace.rows != a.trace.rows
+        a, b = simulate(algo, seed=7, **jittered), simulate(algo, seed=7, **jittered)
+        assert a.trace.rows == b.trace.rows
+        assert simulate(algo, seed=8, **jittered).trace.rows != a.trace.rows
 
 
 def test_shared_placement_serialises_compute():
@@ -320,6 +378,59 @@ def test_from_trace_recovers_costs():
     assert c.transfer(2) == pytest.approx(0.3)
     with pytest.raises(ValueError, match="no compute spans"):
         Costs.from_trace(Trace([]))
+
+
+def test_from_trace_jitter_keeps_the_measured_distribution():
+    # nine forwards of 1.0 and one of 5.0: median 1.0, mean 1.4
+    rows, t = [], 0.0
+    for i, d in enumerate([1.0] * 9 + [5.0]):
+        rows.append((0, "compute", "fwd", 1, i, 0, t, t + d, None))
+        t += d
+    c = Costs.from_trace(Trace(rows))
+    assert c.get("fwd", 1) == 1.0 and sorted(c.jitter["fwd"]) == [1.0] * 9 + [5.0]
+    # drawn from it, a long run spends the mean per forward; a lognormal
+    # with the same log-spread (exp(sigma^2 / 2) = 1.12) falls short of it
+    N = 4000
+    emp = simulate("dgl", blocks=1, steps=N, costs=c, seed=0).per_block[0]["busy"] / N
+    logn = Costs.from_trace(Trace(rows), draws="lognormal")
+    assert logn.jitter == {} and logn.spread > 0
+    ln = simulate("dgl", blocks=1, steps=N, costs=logn, seed=0).per_block[0]["busy"] / N
+    assert emp == pytest.approx(1.4, abs=0.05) and ln == pytest.approx(1.12, abs=0.05)
+    with pytest.raises(ValueError, match="draws"):
+        Costs.from_trace(Trace(rows), draws="normal")
+    assert Costs.coerce(c.to_dict()) == c                        # JSON round trip
+
+
+def test_from_trace_splits_receive_handoff_from_latency():
+    rows = [(0, "compute", "fwd", 1, 0, 0, 0.0, 1.0, None)]
+    # three receives posted when the send started: 0.5 from send to use
+    for i in range(3):
+        t = 10.0 * i
+        rows += [(0, "comm", "send", 1, i, 0, t, t + 0.1, i),
+                 (1, "comm", "recv", 2, i, 0, t, t + 0.5, i)]
+    # two the receiver's compute thread asked for (began waiting, posted the
+    # receive) 2.0 after their send started: usable 0.1 and 0.3 after asking
+    for i, h in ((3, 0.1), (4, 0.3)):
+        t = 10.0 * i
+        rows += [(0, "comm", "send", 1, i, 0, t, t + 0.1, i),
+                 (1, "comm", "recv", 2, i, 0, t + 2.0, t + 2.0 + h, i),
+                 (1, "compute", "wait", 2, i, 0, t + 2.0, t + 2.0 + h, None)]
+    c = Costs.from_trace(Trace(rows))
+    assert c.recv == pytest.approx(0.2) and c.comm == pytest.approx(0.3)   # mean, median
+    # so a simulated waiting receiver gets it after comm + recv = 0.5 again
+    again = simulate("bp", blocks=2, steps=3, costs=replace(c, jitter={}))
+    sends = {s.msg: s.t0 for s in again.trace if s.op == "send"}
+    waits = [s for s in again.trace if s.op == "recv"]
+    assert waits and all(s.t0 - sends[s.msg] == pytest.approx(0.3) for s in waits)
+
+
+@pytest.mark.parametrize("jitter,msg", [
+    ("1,2", "must be a dict"), ({"speed": [1.0]}, "not an op"), ({"fwd": []}, "at least one"),
+    ({"fwd": [1.0, 0.0]}, "each > 0"), ({"fwd": 3}, "list of numbers"),
+    ({"fwd": [1.0, -2]}, ">= 0")])
+def test_bad_jitter_raises_valueerror(jitter, msg):
+    with pytest.raises(ValueError, match=msg):
+        Costs(jitter=jitter)
 
 
 def test_from_trace_latency_ends_when_the_waiting_receiver_resumes():

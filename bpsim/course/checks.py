@@ -481,7 +481,7 @@ def makespan_error(measured: Any, simulated: Any, answer: Any) -> Feedback:
 def bp_makespan(costs: Any, blocks: int, steps: int, answer: Any) -> Feedback:
     """Lesson 08: the makespan of fully locked backprop on K devices for N steps
     with per-block ``costs`` (a ``bpsim.sim.Costs``, e.g. from
-    ``Costs.from_trace``, a cost string or a dict); the spread is ignored, every
+    ``Costs.from_trace``, a cost string or a dict); spread and jitter are ignored, every
     op takes its median cost.
 
     The expected value is the simulator's makespan; the closed form (lesson 06,
@@ -491,7 +491,7 @@ def bp_makespan(costs: Any, blocks: int, steps: int, answer: Any) -> Feedback:
 
     from bpsim import sim
 
-    fixed = replace(sim.Costs.coerce(costs), spread=0.0)
+    fixed = replace(sim.Costs.coerce(costs), spread=0.0, jitter={})
     K, N = blocks, steps
     expected = sim.simulate("bp", blocks=K, steps=N, costs=fixed).makespan
 

@@ -12,8 +12,10 @@ between devices costs ``comm`` (latency) plus ``bytes / bandwidth``
 * from a measured trace: :meth:`Costs.from_trace` (median per op and block,
   lognormal spread, latency and bandwidth fitted from send/recv pairs).
 
-Every cost is either fixed (``spread=0``) or drawn per op from a lognormal
-whose median is the cost and whose log-standard-deviation is ``spread``.
+Every cost is fixed (``spread=0``, no ``jitter``), drawn per op from a
+lognormal whose median is the cost and whose log-standard-deviation is
+``spread``, or multiplied per op by a factor drawn from ``jitter``, the
+empirical distribution of measured durations over their op's median.
 """
 
 from __future__ import annotations
@@ -28,15 +30,18 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 if TYPE_CHECKING:  # pragma: no cover
     from bpsim.trace import Trace
 
-__all__ = ["Costs", "COMPUTE_OPS", "CostTable"]
+__all__ = ["Costs", "COMPUTE_OPS", "CostTable", "JITTER_BINS", "bin_factors"]
 
 COMPUTE_OPS = ("fwd", "bwd", "aux", "update", "hstep")
 # Costs that are not trace ops: ``bwd_in`` is the extra backward work of a
 # block whose input gradient is needed too (backprop, gpipe), ``wake`` the
 # extra time of an op that starts after its device idled, see Costs.
 _COST_OPS = COMPUTE_OPS + ("bwd_in", "wake")
-_LINK_KEYS = ("comm", "bandwidth", "bytes")
+_LINK_KEYS = ("comm", "recv", "bandwidth", "bytes")
 _KEYS = _COST_OPS + _LINK_KEYS + ("spread", "wake_tau")
+# A table op's draws (CostTable.jitter) come from the factors of this op:
+_JITTER_OF = {"bwd+in": "bwd", "loss": "aux"}
+JITTER_BINS = 256   # most relative durations Costs.from_trace keeps in ``jitter``
 _ALIASES = {"latency": "comm", "bw": "bandwidth", "activation_bytes": "bytes"}
 
 
@@ -86,12 +91,33 @@ class Costs:
         block; ``wake_tau`` is one time constant.
     comm : float
         Latency of one message between two devices.
+    recv : float
+        Hand-off of a receive (LogP's receive overhead *o*, Culler et al.
+        1993): a message between devices is usable ``recv`` after it has
+        arrived *and* its receiver asks for it, so a receiver that comes to
+        a message late still pays it. Default 0: a message is usable when
+        it arrives. A runtime that posts its receives early on a
+        background thread (``dgl``, ``bp``) has ~0 here; one that receives
+        in the compute thread when the op needs the input (torch's
+        pipelining schedules behind ``gpipe`` and ``1f1b``) has more.
     bandwidth : float
         Bytes per time unit; ``inf`` makes transfers instantaneous.
     bytes : float
         Bytes of one activation (or gradient, or ``h*``) message.
     spread : float
         Log-standard-deviation of lognormal draws; 0 for fixed costs.
+    jitter : dict of str to list of float
+        Measured relative durations, ``{op: [duration / median, ...]}``
+        (each duration over the median of its op on its block, pooled over
+        blocks). When given, every op's cost is multiplied by one of its
+        op's factors drawn uniformly (an op without an entry, e.g.
+        ``bwd_in``, draws from all of them together) instead of a lognormal
+        factor; ``spread`` is then not used. :meth:`Costs.from_trace` fills
+        it. It keeps what a lognormal loses on a shared machine: the long
+        right tail of ops another process slowed down, and an op whose
+        times have two modes (a micro-batch backward that writes or adds
+        to the gradients), and so the mean, which is what a makespan, a sum
+        of op times, adds up to.
     per_block : dict
         ``{block: {key: value}}`` overrides, blocks 1-based.
     """
@@ -104,10 +130,12 @@ class Costs:
     bwd_in: float = 0.0
     wake: float = 0.0
     comm: float = 0.0
+    recv: float = 0.0
     bandwidth: float = math.inf
     bytes: float = 0.0
     spread: float = 0.0
     wake_tau: float = 0.0
+    jitter: dict[str, tuple[float, ...]] = field(default_factory=dict)
     per_block: dict[int, dict[str, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -115,6 +143,20 @@ class Costs:
             v = getattr(self, k)
             if v is not None:
                 setattr(self, k, _number(k, v))
+        if not isinstance(self.jitter, Mapping):
+            raise ValueError(f"jitter must be a dict {{op: [duration / median, ...]}}, "
+                             f"got {self.jitter!r}")
+        jit: dict[str, tuple[float, ...]] = {}
+        for op, vs in self.jitter.items():
+            if op not in COMPUTE_OPS:
+                raise ValueError(f"jitter of {op!r}: not an op; use one of {COMPUTE_OPS}")
+            if isinstance(vs, (str, bytes)) or not hasattr(vs, "__iter__"):
+                raise ValueError(f"jitter of {op!r} must be a list of numbers, got {vs!r}")
+            jit[op] = tuple(_number(f"jitter of {op}", v) for v in vs)
+            if not jit[op] or 0 in jit[op]:
+                raise ValueError(f"jitter of {op!r} needs at least one factor, each > 0 "
+                                 "(a duration over its median)")
+        self.jitter = jit
         clean: dict[int, dict[str, float]] = {}
         for b, over in dict(self.per_block).items():
             if isinstance(b, bool) or int(b) != b or int(b) < 1:
@@ -133,8 +175,8 @@ class Costs:
     def parse(cls, text: str, base: "Costs | None" = None) -> "Costs":
         """Build costs from ``"fwd=1,bwd=2,aux=0.2,update=0.1,comm=0.05"``.
 
-        Keys: ``fwd bwd aux update hstep bwd_in wake comm bandwidth bytes
-        spread wake_tau``
+        Keys: ``fwd bwd aux update hstep bwd_in wake comm recv bandwidth
+        bytes spread wake_tau``
         (``latency`` and ``bw`` are aliases); ``KEY@J=V`` overrides block J.
         Keys not given keep the value of ``base`` (or the defaults).
         """
@@ -231,21 +273,40 @@ class Costs:
                    spread=spread, per_block=per)
 
     @classmethod
-    def from_trace(cls, trace: "Trace") -> "Costs":
+    def from_trace(cls, trace: "Trace", draws: str = "empirical") -> "Costs":
         """Calibrate costs on a measured trace.
 
         Each compute op's cost per block is the median of its spans; the
         spread is the pooled standard deviation of log durations around
-        those medians. For messages, the one-way time of a send/recv pair
-        is ``recv.t1 - send.t0``, or, when the receiving rank's compute
-        thread was waiting for it (a ``wait`` span around ``recv.t1``), the
-        end of that wait minus ``send.t0``: the message counts as delivered
-        when the computation that needed it can go on, which in a measured
-        run is a little after the receive completes (a thread hand-off),
-        and is what the simulator's latency means. With sizes in
-        ``trace.meta["bytes"]`` (a number, or ``{block: bytes}``) latency
-        and bandwidth come from a least-squares line through (bytes, time),
-        else the median time is taken as pure latency.
+        those medians. With ``draws="empirical"`` (the default) ``jitter``
+        holds each op's ratios duration / median themselves, pooled over
+        blocks (at most
+        ``JITTER_BINS`` of them: the means of that many equal groups of the
+        sorted ratios, which keeps their mean), so a simulation draws op
+        times from the measured distribution; ``draws="lognormal"`` leaves
+        ``jitter`` empty and the simulator draws lognormal factors with that
+        spread. On a shared machine the measured ratios have a long right
+        tail (ops another process slowed down, 5 % of the busy time in the
+        runs of ``benchmarks/fidelity.py``) that a lognormal with the same
+        log-spread does not reproduce.
+
+        For messages, a send/recv pair counts as delivered when the
+        computation that needed it could go on: ``recv.t1``, or, when the
+        receiving rank's compute thread was waiting for it (a ``wait`` span
+        around ``recv.t1``), the end of that wait (a thread hand-off later).
+        A receive that began after its send and no earlier than the wait
+        it ended (the compute thread posted it when it came to need a
+        message already under way, as torch's pipelining schedules do)
+        times the receiver's hand-off, delivery minus ``recv.t0``; their
+        *mean* is ``recv``: a slow hand-off (the sender's side of the
+        transfer waiting for a core) is part of what such a receive costs
+        on average. Every other pair times the one-way trip, delivery minus
+        ``send.t0``, which less ``recv`` is the latency ``comm`` (their
+        median: a message to a waiting receiver; the long ones went to a
+        receiver whose compute thread was busy anyway). With sizes in ``trace.meta["bytes"]`` (a
+        number, or ``{block: bytes}``) latency and bandwidth come from a
+        least-squares line through (bytes, time), else the median time is
+        taken as pure latency.
         """
         by: dict[tuple[str, int], list[float]] = defaultdict(list)
         sends: dict[Any, tuple] = {}
@@ -263,22 +324,34 @@ class Costs:
                 waits[r[0]].append((r[6], r[7]))
         for w in waits.values():
             w.sort()
+        if draws not in ("empirical", "lognormal"):
+            raise ValueError(f"draws must be 'empirical' or 'lognormal', got {draws!r}")
         if not by:
             raise ValueError("the trace has no compute spans (fwd/bwd/aux/update/hstep) to "
                              "calibrate on; record a run with `bpsim run ... --trace`")
         per: dict[int, dict[str, float]] = defaultdict(dict)
-        logdev: list[float] = []
+        ratios: dict[str, list[float]] = defaultdict(list)
         for (op, block), ds in sorted(by.items()):
             med = statistics.median(ds)
             per[block][op] = med
             if med > 0:
-                logdev += [math.log(d / med) for d in ds if d > 0]
+                ratios[op] += [d / med for d in ds if d > 0]
+        logdev = [math.log(r) for rs in ratios.values() for r in rs]
         spread = statistics.pstdev(logdev) if len(logdev) > 1 else 0.0
+        jitter = ({op: bin_factors(sorted(rs)) for op, rs in ratios.items() if rs}
+                  if draws == "empirical" else {})
         meta_bytes = trace.meta.get("bytes")
         pts: list[tuple[float | None, float]] = []
+        late: list[float] = []
         for msg, s in sends.items():
             rv = recvs.get(msg)
             if rv is None:
+                continue
+            done, asked = _delivered(rv, waits.get(rv[0], ()))
+            if asked is not None and rv[6] > s[6] and rv[6] >= asked:
+                # the receiver posted it when its compute thread came to need
+                # it, after the send had started: only the hand-off
+                late.append(max(done - rv[6], 0.0))
                 continue
             b = None
             if isinstance(meta_bytes, (int, float)):
@@ -286,7 +359,9 @@ class Costs:
             elif isinstance(meta_bytes, Mapping):
                 v = meta_bytes.get(str(s[3]), meta_bytes.get(s[3]))
                 b = None if v is None else float(v)
-            pts.append((b, max(_delivered(rv, waits.get(rv[0], ())) - s[6], 0.0)))
+            pts.append((b, done - s[6]))
+        recv = statistics.fmean(late) if late else 0.0
+        pts = [(b, max(t - recv, 0.0)) for b, t in pts]
         comm, bandwidth = 0.0, math.inf
         if pts:
             sizes = [b for b, _ in pts]
@@ -308,9 +383,9 @@ class Costs:
         # An op a block never ran (e.g. aux in bp) costs nothing: defaults are 0.
         # Bandwidth stays infinite unless fitted, so latency then absorbs the
         # transfer time of the (fixed-size) messages.
-        return cls(fwd=0.0, bwd=0.0, aux=0.0, update=0.0, comm=comm, bandwidth=bandwidth,
-                   bytes=float(meta_bytes) if isinstance(meta_bytes, (int, float)) else 0.0,
-                   spread=spread, per_block=dict(per))
+        return cls(fwd=0.0, bwd=0.0, aux=0.0, update=0.0, comm=comm, recv=recv,
+                   bandwidth=bandwidth, bytes=float(meta_bytes) if isinstance(meta_bytes, (int, float)) else 0.0,
+                   spread=spread, jitter=jitter, per_block=dict(per))
 
     def with_input_grad(self, fractions: Sequence[float]) -> "Costs":
         """A copy whose block j pays ``bwd_in = fractions[j-1] * fwd_j`` for
@@ -366,6 +441,8 @@ class Costs:
         d = {k: getattr(self, k) for k in _KEYS}
         if math.isinf(d["bandwidth"]):
             d["bandwidth"] = "inf"
+        if self.jitter:
+            d["jitter"] = {op: list(v) for op, v in self.jitter.items()}
         d["per_block"] = {str(b): dict(v) for b, v in self.per_block.items()}
         return d
 
@@ -378,15 +455,32 @@ class Costs:
         return ",".join(parts)
 
 
-def _delivered(recv: tuple, waits: Sequence[tuple[float, float]], tol: float = 1e-6) -> float:
-    """When the receiving compute thread could use a message: the end of the
-    wait span (sorted ``waits`` of its rank) in progress when the receive
-    completed, else the receive's end."""
+def bin_factors(xs: Sequence[float], bins: int = JITTER_BINS) -> tuple[float, ...]:
+    """Shrink sorted factors to at most ``bins`` numbers for ``Costs.jitter``:
+    ``xs`` itself when short, else the means of ``bins`` contiguous groups
+    of (almost) equal size, the same distribution in fewer numbers, with the
+    same mean (exactly when ``bins`` divides ``len(xs)``). Pool the jitter of
+    several calibrations with ``bin_factors(sorted(a + b + ...))``."""
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins!r}")
+    n = len(xs)
+    if n <= bins:
+        return tuple(xs)
+    cuts = [i * n // bins for i in range(bins + 1)]
+    return tuple(statistics.fmean(xs[a:b]) for a, b in zip(cuts, cuts[1:]))
+
+
+def _delivered(recv: tuple, waits: Sequence[tuple[float, float]],
+               tol: float = 1e-6) -> tuple[float, float | None]:
+    """When the receiving compute thread could use a message, and when it
+    began waiting for it: the end and start of the wait span (sorted
+    ``waits`` of its rank) in progress when the receive completed, else the
+    receive's end and None."""
     t = recv[7]
     i = bisect.bisect_right(waits, (t + tol, math.inf)) - 1
     if i >= 0 and waits[i][0] <= t + tol and waits[i][1] >= t - tol:
-        return waits[i][1]
-    return t
+        return waits[i][1], waits[i][0] - tol
+    return t, None
 
 
 class CostTable:
@@ -407,6 +501,7 @@ class CostTable:
         self.blocks = blocks
         self.spread = costs.spread
         self.latency = costs.comm
+        self.handoff = costs.recv
         self.ops: dict[str, list[float]] = {}
         for op in _COST_OPS:
             self.ops[op] = [0.0] + [costs.get(op, j) * slowdown.get(j, 1.0)
@@ -417,6 +512,14 @@ class CostTable:
         # BWBPF's global output layer is a head like the others: cost of aux.
         self.ops["loss"] = list(self.ops["aux"])
         self.xfer = [0.0] + [costs.transfer(j) for j in range(1, blocks + 1)]
+        # Factors each table op draws from (Costs.jitter): its own op's, or,
+        # for an op the calibration never saw, all of them together.
+        jit = costs.jitter
+        pooled = tuple(sorted(v for op, vs in jit.items() if op in _COST_OPS for v in vs))
+        self.jitter: dict[str, tuple[float, ...]] = {}
+        if jit:
+            for op in self.ops:
+                self.jitter[op] = jit.get(_JITTER_OF.get(op, op), pooled)
 
     def __getitem__(self, op: str) -> list[float]:
         return self.ops[op]

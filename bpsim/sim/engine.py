@@ -75,7 +75,7 @@ class Engine:
     placement : list of int
         Device index of each block (``placement[j-1]`` for block j).
     seed : int
-        Seed of the lognormal cost draws.
+        Seed of the cost draws (lognormal or from ``Costs.jitter``).
     """
 
     def __init__(self, blocks: int, table: CostTable, placement: Sequence[int],
@@ -86,7 +86,9 @@ class Engine:
         self.ops = table.ops
         self.xfer = table.xfer
         self.latency = table.latency
+        self.handoff = table.handoff
         self.spread = table.spread
+        self.jitter = table.jitter
         self.rng = random.Random(seed)
         self.dev = [-1] + [int(d) for d in placement]
         counts: dict[int, int] = {}
@@ -121,6 +123,7 @@ class Engine:
         rows = self.rows
         dev = self.dev[j]
         spread = self.spread
+        jitter = self.jitter
         extra = 0.0
         if self.wake is not None:    # off unless Costs.wake is set: keep the hot path lean
             gap = now - self.busy_until[dev]
@@ -128,8 +131,12 @@ class Engine:
                 extra = Costs.after_idle(self.wake[j], self.wake_tau, gap)
         for op in ops:
             d = self.ops[op][j]
-            if spread and d > 0:
-                d *= math.exp(spread * self.rng.gauss(0.0, 1.0))
+            if d > 0:
+                if jitter:    # the measured distribution (Costs.jitter)
+                    f = jitter[op]
+                    d *= f[int(self.rng.random() * len(f))]
+                elif spread:
+                    d *= math.exp(spread * self.rng.gauss(0.0, 1.0))
             d += extra
             extra = 0.0
             rows.append((dev, "compute", _SPAN_NAME.get(op, op), j, step, mb, t, t + d, None))
@@ -171,7 +178,8 @@ class Engine:
         box = self.boxes.get((dst, kind))
         if box is None:
             box = self.boxes[(dst, kind)] = _Box()
-        box.q.append((arrival, payload))
+        # a message between devices costs its receiver the hand-off ``recv``
+        box.q.append((arrival, payload, self.handoff if self.dev[src] != self.dev[dst] else 0.0))
         if box.waiter is not None:
             w, box.waiter = box.waiter, None
             w.succeed()
@@ -186,9 +194,11 @@ class Engine:
         if not box.q:
             box.waiter = env.event()
             yield box.waiter
-        arrival, payload = box.q.popleft()
-        if arrival > env.now:
-            yield env.timeout(arrival - env.now)
+        arrival, payload, handoff = box.q.popleft()
+        # usable a hand-off after it has arrived and block j asks for it
+        ready = (arrival if arrival > env.now else env.now) + handoff
+        if ready > env.now:
+            yield env.timeout(ready - env.now)
         if env.now > t:
             self.idle[j][cause] += env.now - t
         return payload
@@ -310,7 +320,8 @@ def simulate(algo: str, blocks: int = 4, steps: int = 100,
     placement : None, int, str or list of int
         Device of each block (see :func:`parse_placement`).
     seed : int
-        Seed of the cost draws (only used when ``costs.spread > 0``).
+        Seed of the cost draws (only used when ``costs.spread > 0`` or
+        ``costs.jitter`` is set).
     max_reuse : int or None
         Reuse cap of the ``dgl-async`` buffers.
 
