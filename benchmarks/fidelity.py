@@ -92,7 +92,7 @@ def _sim_kwargs(cfg: Any, res: Any) -> dict[str, Any]:
     """simulate() arguments describing the measured run ``cfg``."""
     kw: dict[str, Any] = {"blocks": cfg.blocks, "steps": cfg.steps}
     if cfg.slowdown:
-        kw["slowdown"] = {r + 1: s for r, s in cfg.slowdown.items()}   # rank -> block
+        kw["slowdown"] = dict(cfg.slowdown)   # by block, as the runtime's
     if cfg.workers == 1:
         kw["placement"] = [0] * cfg.blocks
     if cfg.algo == "dgl-async":
@@ -494,13 +494,13 @@ def main(argv: list[str] | None = None) -> int:
     R = args.repeats
     calib_cfg = _cfg("dgl", N)
     held = [("dgl, 2x the steps", _cfg("dgl", 2 * N)),
-            ("dgl, rank 1 slowed S=2", _cfg("dgl", N, slowdown={1: 2.0})),
+            ("dgl, block 2 slowed S=2", _cfg("dgl", N, slowdown={2: 2.0})),
             ("bp", _cfg("bp", N))]
     if not args.quick:
         held += [("dgl-async", _cfg("dgl-async", N)),
-                 ("dgl-async, rank 0 slowed S=2", _cfg("dgl-async", N, slowdown={0: 2.0})),
-                 ("dgl-async, rank 1 slowed S=2", _cfg("dgl-async", N, slowdown={1: 2.0})),
-                 ("bp, rank 0 slowed S=2", _cfg("bp", N, slowdown={0: 2.0})),
+                 ("dgl-async, block 1 slowed S=2", _cfg("dgl-async", N, slowdown={1: 2.0})),
+                 ("dgl-async, block 2 slowed S=2", _cfg("dgl-async", N, slowdown={2: 2.0})),
+                 ("bp, block 1 slowed S=2", _cfg("bp", N, slowdown={1: 2.0})),
                  ("gpipe, 4 micro-batches", _cfg("gpipe", N, microbatches=4)),
                  ("1f1b, 4 micro-batches", _cfg("1f1b", N, microbatches=4)),
                  ("blockprop, N_h=1", _cfg("blockprop", N, options={"nh": 1})),
@@ -578,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
             if algo in PIPES and not any(c.algo in PIPES for _, c in held):
                 continue
             cases_a = [(f"{algo}, 2x the steps", _cfg(algo, 2 * N, **extra)),
-                       (f"{algo}, rank 1 slowed S=2", _cfg(algo, N, slowdown={1: 2.0}, **extra))]
+                       (f"{algo}, block 2 slowed S=2", _cfg(algo, N, slowdown={2: 2.0}, **extra))]
             shorts, runs_a = [], {label: [] for label, _ in cases_a}
             for _ in range(R):
                 shorts.append(measure(_cfg(algo, N, **extra)))

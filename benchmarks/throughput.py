@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     reps = 1 if args.quick else 2
     base = measure(_cfg("dgl-async", 2, steps, W, B), warmup, reps)
     for slowed in ((1,) if args.quick else (0, 1)):
-        r = measure(_cfg("dgl-async", 2, steps, W, B, slowdown={slowed: 2.0}), warmup, reps)
+        r = measure(_cfg("dgl-async", 2, steps, W, B, slowdown={slowed + 1: 2.0}), warmup, reps)
         other = str(1 - slowed)
         slow.append({"slowed_rank": slowed, "S": 2.0, "other_rank": int(other),
                      "other_updates_per_s": r["updates_per_s"][other],

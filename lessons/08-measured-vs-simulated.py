@@ -276,20 +276,20 @@ checks.bp_makespan(median_costs, 2, N_HELD, predicted_bp)
 #
 # * **dgl, twice the steps** — the same program, longer: does the error grow with $N$?
 # * **bp** — another algorithm on the same blocks: backprop's timeline has the long locked chain of lesson 06;
-# * **dgl-async, rank 1 slowed 2x** — the runtime's `--slowdown 1:2` makes rank 1 do real extra work (64x64 matrix
-#   products) for as long again after each of its ops; the simulator multiplies block 2's costs by 2 (lesson 07's
-#   experiment, now with real processes).
+# * **dgl-async, rank 1 slowed 2x** — the runtime's `--slowdown 2:2` makes block 2, on rank 1, do real extra work
+#   (64x64 matrix products) for as long again after each of its ops; the simulator's `--slowdown 2:2` multiplies block
+#   2's costs by 2 (lesson 07's experiment, now with real processes).
 #
 # In full mode two more runs join: synchronous dgl with the slowed rank, and dgl-async without a slowdown.
 #
 # 🔮 **Predict:** which of the held-out runs will the simulator predict worst, and why?
 
 # %%
-HELD_OUT = [  # (label, algorithm, slowdown {rank: S}; rank k holds block k + 1)
+HELD_OUT = [  # (label, algorithm, slowdown {block: S}; rank k holds block k + 1)
     ("dgl, twice the steps", "dgl", {}),
     ("bp", "bp", {}),
-    ("dgl-async, rank 1 slowed 2x", "dgl-async", {1: 2.0}),
-] + pick([], [("dgl, rank 1 slowed 2x", "dgl", {1: 2.0}), ("dgl-async", "dgl-async", {})])
+    ("dgl-async, rank 1 slowed 2x", "dgl-async", {2: 2.0}),
+] + pick([], [("dgl, rank 1 slowed 2x", "dgl", {2: 2.0}), ("dgl-async", "dgl-async", {})])
 SLOWED = "dgl-async, rank 1 slowed 2x"
 
 t_call = time.perf_counter()

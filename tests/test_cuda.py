@@ -40,7 +40,7 @@ def test_cuda_run_trains_the_same_weights_as_the_cpu_run(algo, extra):
 
 def test_cuda_dgl_async_runs_and_records_its_buffer():
     res = run(RunConfig("dgl-async", workers=2, steps=16, buffer=4, device="cuda",
-                        slowdown={0: 2.0}))
+                        slowdown={1: 2.0}))
     s = res.summary
     assert [p["updates"] for p in s["per_rank"]] == [16, 16]
     assert s["buffers"]["2"]["puts"] == 16

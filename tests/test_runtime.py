@@ -180,7 +180,7 @@ def test_one_worker_runs_every_block_with_the_same_steps():
 
 @pytest.mark.slow
 def test_dgl_async_slowed_rank_reuses_buffer_entries():
-    res = run(RunConfig("dgl-async", workers=2, steps=16, buffer=4, slowdown={0: 3.0},
+    res = run(RunConfig("dgl-async", workers=2, steps=16, buffer=4, slowdown={1: 3.0},
                         evaluate=False))
     s = res.summary
     assert [p["updates"] for p in s["per_rank"]] == [16, 16]
@@ -193,7 +193,7 @@ def test_dgl_async_slowed_rank_reuses_buffer_entries():
 def test_dgl_async_max_reuse_makes_the_consumer_wait_for_fresh_entries():
     # producer 3x slower; each entry may be read once, so the consumer waits for every
     # new entry and reads each exactly once (without the cap it would reuse them)
-    res = run(RunConfig("dgl-async", workers=2, steps=12, buffer=4, slowdown={0: 3.0},
+    res = run(RunConfig("dgl-async", workers=2, steps=12, buffer=4, slowdown={1: 3.0},
                         max_reuse=1, evaluate=False))
     buf = res.summary["buffers"]["2"]
     assert buf["max_reuse"] == 1 and buf["puts"] == 12 and buf["gets"] == 12
@@ -342,6 +342,7 @@ def test_cli_rejects_bad_input_with_one_line():
 
     for argv in (["run", "bp", "--workers", "3", "--blocks", "2"],
                  ["run", "dgl", "--slowdown", "5:2"],
+                 ["run", "dgl", "--slowdown", "0:2"],
                  ["run", "gpipe", "--batch-size", "10", "--microbatches", "4"],
                  ["run", "dgl", "--lam", "1.0"]):
         assert main(argv) == 2

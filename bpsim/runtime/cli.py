@@ -13,18 +13,9 @@ import json
 import sys
 from typing import Any
 
-from bpsim.cli import _floats, _positive_int, add_net_and_sgd_args
+from bpsim.cli import _floats, _positive_int, _slowdown, add_net_and_sgd_args
 
 __all__ = ["add_parsers", "config_from_args"]
-
-
-def _slowdown(s: str) -> tuple[int, float]:
-    try:
-        r, f = s.split(":")
-        return int(r), float(f)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected RANK:FACTOR such as 1:2 (rank 1 twice as "
-                                         f"slow), got {s!r}") from None
 
 
 def _cpus(s: str) -> list[int]:
@@ -133,9 +124,10 @@ def add_parsers(subparsers: Any) -> None:
     g.add_argument("--max-reuse", type=_positive_int, default=None, metavar="R",
                    help="dgl-async: reads allowed per buffer entry (default: unlimited); a "
                         "block waits for a fresh entry when every entry is used up")
-    g.add_argument("--slowdown", type=_slowdown, action="append", metavar="RANK:S",
-                   help="make rank RANK (0-based) S times slower by doing S-1 times each op's "
-                        "duration of extra real work (repeatable)")
+    g.add_argument("--slowdown", type=_slowdown, action="append", metavar="BLOCK:S",
+                   help="make block BLOCK (1-based, as in bpsim simulate; its process is rank "
+                        "BLOCK-1) S times slower by doing S-1 times each op's duration of extra "
+                        "real work (repeatable)")
     g.add_argument("--lam", type=_floats, help="blockprop penalty weight(s) lambda > 0")
     g.add_argument("--nh", type=int, help="blockprop h-steps per gluing variable")
     g.add_argument("--lr-h", type=_floats, help="blockprop per-example h-step size")

@@ -60,8 +60,10 @@ class RunConfig:
     all ``blocks`` blocks with the same step code (the speedup reference).
     ``cpus`` confines every worker to those CPU ids (``sched_setaffinity``),
     e.g. ``[0, 1]`` runs K ranks on two cores: the runtime side of the
-    simulator's shared ``placement``. ``slowdown`` maps a rank (0-based;
-    rank k holds block k + 1) to its slowdown factor S >= 1. ``options``
+    simulator's shared ``placement``. ``slowdown`` maps a block (1-based,
+    as in ``bpsim simulate`` and ``bpsim train``; rank k holds block k + 1
+    when every block has its own process) to its slowdown factor S >= 1.
+    ``options``
     are the trainer's method options (``lam``, ``nh``, ``lr_h``,
     ``cache_every``). ``threads`` defaults to
     ``cores // workers`` (at least 1; cores = ``len(cpus)`` when given).
@@ -124,14 +126,15 @@ class RunConfig:
         if c.timeout <= 0:
             raise ValueError(f"--timeout must be > 0 seconds, got {c.timeout}")
         slow = {}
-        for r, s in dict(c.slowdown).items():
-            r, s = int(r), float(s)
-            if not 0 <= r < c.workers:
-                raise ValueError(f"--slowdown names rank {r}, but ranks are 0..{c.workers - 1}")
+        for b, s in dict(c.slowdown).items():
+            b, s = int(b), float(s)
+            if not 1 <= b <= c.blocks:
+                raise ValueError(f"--slowdown names block {b}, but blocks are 1..{c.blocks} "
+                                 f"(BLOCK:S is 1-based, as in bpsim simulate)")
             if not (s >= 1 and math.isfinite(s)):
-                raise ValueError(f"--slowdown factor of rank {r} must be >= 1 (S times slower), "
+                raise ValueError(f"--slowdown factor of block {b} must be >= 1 (S times slower), "
                                  f"got {s}")
-            slow[r] = s
+            slow[b] = s
         c.slowdown = slow
         if c.cpus is not None:
             c.cpus = _check_cpus(c.cpus)
@@ -502,7 +505,7 @@ def _meta(cfg: RunConfig, results: dict[int, dict[str, Any]]) -> dict[str, Any]:
         "buffer": cfg.buffer, "device": cfg.device, "backend": cfg.backend,
         "threads": cfg.threads, "cpus": cfg.cpus, "data": cfg.data, "model": cfg.model,
         "width": cfg.width, "depth": cfg.depth, "seed": cfg.seed,
-        "slowdown": {str(r + 1): s for r, s in cfg.slowdown.items()},   # by block, as the simulator
+        "slowdown": {str(b): s for b, s in cfg.slowdown.items()},   # by block, as the simulator
         "placement": placement,
         "clock": {str(r): res["clock"] for r, res in sorted(results.items())},
         "options": {k: v for k, v in cfg.options.items()},

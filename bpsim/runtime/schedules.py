@@ -30,7 +30,7 @@ between two ops -- indexing the next batch, queueing a message -- counts
 towards the next op: a busy rank's compute lane has no holes, and the
 simulator, which knows only op costs, sees every second the rank spent.
 ``wait`` spans cover the time the thread waited for a message. A slowed block
-(``--slowdown RANK:S``) does ``S - 1`` times each op's duration of extra
+(``--slowdown BLOCK:S``) does ``S - 1`` times each op's duration of extra
 real work (small matrix products) inside the same span. ``dgl``'s
 ``local_update`` runs head, loss, backward and step in one call; the runtime
 hands it an optimizer stand-in whose ``zero_grad``/``step`` mark the cuts,

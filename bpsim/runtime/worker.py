@@ -292,7 +292,7 @@ def run_rank(rank: int, cfg: Any, data: tuple[torch.Tensor, torch.Tensor] | None
     status["spool"] = spool
     cursor = Cursor()    # one compute thread per rank: one timeline cursor
     ctxs = [BlockCtx(b, K, rank if world > 1 else 0, net, trainer, plan, now, rows, device,
-                     slow=cfg.slowdown.get(b - 1, 1.0), cursor=cursor) for b in here]
+                     slow=cfg.slowdown.get(b, 1.0), cursor=cursor) for b in here]
     fault = _fault()
 
     def check_fault(step_done: int) -> None:
