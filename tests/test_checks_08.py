@@ -35,6 +35,10 @@ def test_bp_makespan_accepts_strings_and_dicts():
     assert checks.bp_makespan("fwd=1,bwd=2,update=0.5,comm=0.1", 3, 5, 5 * (9 + 4 * 0.1 + 0.5)).status == "correct"
     costs = {"fwd": 1.0, "bwd": 2.0, "update": 0.5, "comm": 0.1, "spread": 0.3}
     assert checks.bp_makespan(costs, 2, 4, 4 * (6 + 0.2 + 0.5)).status == "correct"
+    # costs from a pipeline run carry a receive hand-off and measured draws: a message
+    # costs comm + recv, every op its median
+    piped = dict(costs, recv=0.05, jitter={"fwd": [0.5, 3.0]})
+    assert checks.bp_makespan(piped, 2, 4, 4 * (6 + 0.3 + 0.5)).status == "correct"
 
 
 @pytest.mark.parametrize("wrong, words", [

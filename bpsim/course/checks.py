@@ -481,11 +481,13 @@ def makespan_error(measured: Any, simulated: Any, answer: Any) -> Feedback:
 def bp_makespan(costs: Any, blocks: int, steps: int, answer: Any) -> Feedback:
     """Lesson 08: the makespan of fully locked backprop on K devices for N steps
     with per-block ``costs`` (a ``bpsim.sim.Costs``, e.g. from
-    ``Costs.from_trace``, a cost string or a dict); spread and jitter are ignored, every
-    op takes its median cost.
+    ``Costs.from_trace``, a cost string or a dict); spread and jitter are
+    ignored, every op takes its median cost.
 
     The expected value is the simulator's makespan; the closed form (lesson 06,
-    with per-block costs) is ``T_bp = N (sum_k (F_k + B_k) + 2 (K - 1) c + U_1)``.
+    with per-block costs) is ``T_bp = N (sum_k (F_k + B_k) + 2 (K - 1) c + U_1)``,
+    where a message costs ``c = costs.comm + costs.recv`` (the receive hand-off
+    ``recv`` is 0 for costs calibrated on dgl or bp runs).
     """
     from dataclasses import replace
 
@@ -500,7 +502,7 @@ def bp_makespan(costs: Any, blocks: int, steps: int, answer: Any) -> Feedback:
         return sum(fixed.get(op, k) for k in range(1, K + 1))
 
     F, B, A, U = total("fwd"), total("bwd"), total("aux"), total("update")
-    U1, c, msgs = fixed.get("update", 1), fixed.comm, 2 * (K - 1)
+    U1, c, msgs = fixed.get("update", 1), fixed.comm + fixed.recv, 2 * (K - 1)
     return compare(answer, expected, rtol=1e-6, close_rtol=2e-2, mistakes=[
         (N * (F + B + U1), "each step sends an activation forward and a gradient back across every boundary: "
                            "2 (K - 1) messages of latency c"),

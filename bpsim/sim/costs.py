@@ -447,6 +447,8 @@ class Costs:
         return d
 
     def __str__(self) -> str:
+        """The costs as a ``--cost`` string (``Costs.parse`` reads it back);
+        ``jitter`` has no string form: keep it with :meth:`to_dict`."""
         parts = [f"{k}={getattr(self, k):g}" for k in _KEYS
                  if getattr(self, k) is not None and not (k == "bandwidth"
                                                           and math.isinf(self.bandwidth))]
