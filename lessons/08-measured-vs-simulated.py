@@ -642,7 +642,7 @@ print("HTML report (both timelines and the error table):", REPORT_FILE)
 # The same three steps from a terminal, with the file the first run wrote:
 #
 # ```
-# bpsim simulate dgl --blocks 2 --steps 20 --calibrate dgl-calibration.json --cost spread=0 --trace sim.json
+# bpsim simulate dgl --blocks 2 --steps 20 --calibrate dgl-calibration.json --draws median --trace sim.json
 # bpsim compare dgl-calibration.json sim.json --html report.html
 # ```
 #
@@ -652,8 +652,9 @@ print("HTML report (both timelines and the error table):", REPORT_FILE)
 # `cuda:(k mod #GPUs)`. With at least as many GPUs as workers the ranks talk over **NCCL**; with fewer, two ranks share
 # a GPU and the runtime falls back to gloo through host memory (NCCL cannot put two ranks on one GPU). Every compute
 # span ends with `torch.cuda.synchronize`, so that it times the kernels and not just their launch; that costs a little
-# per op, and it is one more reason to calibrate on the machine you predict. (The CUDA path has not been exercised on a
-# GPU in this repository's tests; the CPU path is what they run.)
+# per op, and it is one more reason to calibrate on the machine you predict. (The CUDA tests, `tests/test_cuda.py`, run
+# only where torch sees a GPU: they passed on one H200, where NCCL between ranks could not run with a single GPU. The
+# CPU path is what every machine tests.)
 #
 # ```
 # bpsim run dgl --workers 2 --device cuda --steps 200 --width 1024 --depth 3 --aux linear \

@@ -496,6 +496,29 @@ def test_add_parsers_simulate_json(capsys, tmp_path):
     assert "measured" in html.read_text() and "plotly" in html.read_text()
 
 
+def test_simulate_calibrate_draws(capsys, tmp_path):
+    # a "measured" trace with spread: calibrated on it, the simulator draws op times
+    # from its measured distribution, from a lognormal, or takes the medians
+    p = _parser()
+    meas = tmp_path / "m.json"
+    simulate("dgl", blocks=2, steps=40, costs=COST + ",spread=0.5", seed=1).trace.save(meas)
+    fwd = {}
+    for draws in ("empirical", "lognormal", "median"):
+        out = tmp_path / f"{draws}.json"
+        a = p.parse_args(["simulate", "dgl", "--blocks", "2", "--steps", "40", "--calibrate",
+                          str(meas), "--draws", draws, "--trace", str(out), "--json"])
+        assert a.func(a) == 0
+        capsys.readouterr()
+        fwd[draws] = [(s.block, s.duration) for s in Trace.load(out) if s.op == "fwd"]
+    c = Costs.from_trace(Trace.load(meas))
+    factors = {round(f, 9) for f in c.jitter["fwd"]}
+    assert {(b, round(d, 12)) for b, d in fwd["median"]} == {
+        (b, round(c.get("fwd", b), 12)) for b in (1, 2)}     # one median per block
+    assert {round(d / c.get("fwd", b), 9) for b, d in fwd["empirical"]} <= factors
+    assert len({d for _, d in fwd["empirical"]}) > 10
+    assert not {round(d / c.get("fwd", b), 9) for b, d in fwd["lognormal"]} & factors
+
+
 def test_cli_subprocess_json_and_errors(tmp_path):
     out = tmp_path / "s.json"
     cmd = [sys.executable, "-m", "bpsim", "simulate", "dgl", "--blocks", "4", "--steps", "100",

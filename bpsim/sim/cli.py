@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from typing import Any
 
 from bpsim.trace import json_safe
@@ -36,7 +37,11 @@ def _simulate(args: argparse.Namespace) -> int:
 
     costs = Costs()
     if args.calibrate:
-        costs = Costs.from_trace(Trace.load(args.calibrate))
+        measured = Trace.load(args.calibrate)
+        if args.draws == "median":   # every op exactly its median
+            costs = replace(Costs.from_trace(measured, draws="lognormal"), spread=0.0)
+        else:
+            costs = Costs.from_trace(measured, draws=args.draws)
     if args.cost:
         costs = Costs.parse(args.cost, base=costs)
     res = simulate(args.algo, blocks=args.blocks, steps=args.steps, costs=costs,
@@ -99,6 +104,10 @@ def add_parsers(subparsers: Any) -> None:
                    help="device per block, e.g. 0,0,1,1, or a device count D")
     p.add_argument("--calibrate", default=None, metavar="MEASURED.json",
                    help="take costs from a measured trace (--cost then overrides keys)")
+    p.add_argument("--draws", choices=("empirical", "lognormal", "median"), default="empirical",
+                   help="with --calibrate: draw each op's time from the measured distribution "
+                        "(default), from a lognormal with the measured spread, or take every "
+                        "op's median")
     p.add_argument("--trace", default=None, metavar="SIM.json",
                    help="write the simulated Chrome trace (Perfetto)")
     p.add_argument("--seed", type=int, default=0, help="seed of random cost draws")
