@@ -286,8 +286,8 @@ class Costs:
         times from the measured distribution; ``draws="lognormal"`` leaves
         ``jitter`` empty and the simulator draws lognormal factors with that
         spread. On a shared machine the measured ratios have a long right
-        tail (ops another process slowed down, 5 % of the busy time in the
-        runs of ``benchmarks/fidelity.py``) that a lognormal with the same
+        tail (ops another process slowed down, 3-18 % of the busy time in the
+        2-core runs of ``benchmarks/fidelity.py``) that a lognormal with the same
         log-spread does not reproduce.
 
         For messages, a send/recv pair counts as delivered when the
