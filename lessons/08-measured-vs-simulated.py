@@ -532,9 +532,10 @@ for op in ("fwd", "bwd", "update"):
 #
 # * **run** — which measured run (the calibration run or one of the held-out runs);
 # * **steps** — show only its first $n$ steps (and simulate $n$ steps);
-# * **costs** — predict with the medians or the means of the dgl calibration run (real predictions), or with the
-#   medians of the run itself (a fit: what the schedule does with that run's own fixed costs; a slowed run's costs then
-#   already contain its slowdown).
+# * **costs** — predict with the medians of the dgl calibration run or with op times drawn from its measured
+#   distribution (real predictions; what `Costs.from_trace` returns, seed 0), or with the medians of the run itself
+#   (a fit: what the schedule does with that run's own fixed costs; a slowed run's costs then already contain its
+#   slowdown).
 #
 # Only the compute lanes are drawn; the dashed lines mark the makespans.
 #
@@ -548,8 +549,11 @@ for op in ("fwd", "bwd", "update"):
 EXPLORER_OPS = ("fwd", "aux", "bwd", "update", "wait")
 EXPLORER_RUNS = list(ALL_RUNS)[:4]  # the calibration run and the first three held-out runs: at most 24 frames
 EXPLORER_STEPS = pick([5, 10], [10, N_CAL])
-COST_CHOICES = ["dgl run, medians", "dgl run, means", "this run, medians"]
+COST_CHOICES = ["dgl run, medians", "dgl run, measured draws", "this run, medians"]
 self_costs = {label: replace(sim.Costs.from_trace(ALL_RUNS[label]), spread=0.0, jitter={}) for label in EXPLORER_RUNS}
+
+
+costs_drawn = costs  # section 3: the medians and the measured duration / median factors (`jitter`)
 
 
 def first_steps(t, n):
@@ -563,7 +567,7 @@ def measured_vs_predicted(run, steps, costs):
     if costs == "this run, medians":
         p = predict(m, self_costs[run], slowed=False)
     else:
-        p = predict(m, median_costs if costs == "dgl run, medians" else average_costs)
+        p = predict(m, median_costs if costs == "dgl run, medians" else costs_drawn)
     fig = viz.timelines([compute_lanes(in_ms(m)), compute_lanes(in_ms(p.trace))], ["measured", "predicted"])
     out = []
     for i, axis in enumerate(("y", "y2")):
@@ -603,7 +607,8 @@ widgets.explorer(
 # * The *shape* is right in every frame: who waits for whom, where the grey gaps are, which rank finishes first. The
 #   schedules of `bpsim.sim` and of the runtime are the same schedules.
 # * Even the run's own medians leave the prediction short when the run had a slow start or bursts; what is missing is
-#   the tail of the durations and the time between ops. Means close most of the makespan gap, not the bursts.
+#   the tail of the durations and the time between ops. Measured draws put the tail back on average, not the bursts:
+#   in a short window they can land on either side.
 # * For bp, the gap between "dgl run, medians" and "this run, medians" is the price of carrying op costs from one
 #   algorithm to another.
 # * The first steps are the slowest, so the relative error over a few steps is usually larger than over many.
