@@ -517,6 +517,9 @@ def test_simulate_calibrate_draws(capsys, tmp_path):
     assert {round(d / c.get("fwd", b), 9) for b, d in fwd["empirical"]} <= factors
     assert len({d for _, d in fwd["empirical"]}) > 10
     assert not {round(d / c.get("fwd", b), 9) for b, d in fwd["lognormal"]} & factors
+    a = p.parse_args(["simulate", "dgl", "--draws", "median"])
+    with pytest.raises(ValueError, match="--calibrate"):
+        a.func(a)
 
 
 def test_cli_subprocess_json_and_errors(tmp_path):

@@ -36,12 +36,15 @@ def _simulate(args: argparse.Namespace) -> int:
     from bpsim.trace import Trace
 
     costs = Costs()
+    if args.draws and not args.calibrate:
+        raise ValueError("--draws chooses how costs from --calibrate MEASURED.json are drawn; give "
+                         "--calibrate too, or --cost spread=S for lognormal draws of --cost costs")
     if args.calibrate:
         measured = Trace.load(args.calibrate)
         if args.draws == "median":   # every op exactly its median
             costs = replace(Costs.from_trace(measured, draws="lognormal"), spread=0.0)
         else:
-            costs = Costs.from_trace(measured, draws=args.draws)
+            costs = Costs.from_trace(measured, draws=args.draws or "empirical")
     if args.cost:
         costs = Costs.parse(args.cost, base=costs)
     res = simulate(args.algo, blocks=args.blocks, steps=args.steps, costs=costs,
@@ -104,7 +107,7 @@ def add_parsers(subparsers: Any) -> None:
                    help="device per block, e.g. 0,0,1,1, or a device count D")
     p.add_argument("--calibrate", default=None, metavar="MEASURED.json",
                    help="take costs from a measured trace (--cost then overrides keys)")
-    p.add_argument("--draws", choices=("empirical", "lognormal", "median"), default="empirical",
+    p.add_argument("--draws", choices=("empirical", "lognormal", "median"), default=None,
                    help="with --calibrate: draw each op's time from the measured distribution "
                         "(default), from a lognormal with the measured spread, or take every "
                         "op's median")
