@@ -72,7 +72,7 @@ notebooks: $(STAMP)
 	BPSIM_FAST=1 $(BIN)/bpsim course build
 
 bench: $(STAMP)
-	@for s in benchmarks/*.py; do echo "== $$s"; $(BIN)/python $$s --quick || exit 1; done
+	@for s in benchmarks/[!_]*.py; do echo "== $$s"; $(BIN)/python $$s --quick || exit 1; done
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .hypothesis

@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from _render import render  # noqa: E402
 from bpsim import nets, theory  # noqa: E402
 from bpsim.algorithms.backprop import BackpropTrainer  # noqa: E402
 from bpsim.algorithms.blockprop import BlockPropTrainer  # noqa: E402
@@ -99,6 +100,53 @@ def measure(name: str, net: BlockNet, batch: int, steps: int, repeat: int,
     return rows
 
 
+def slopes(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Per case, the least-squares slope of the predicted and measured ratios against N_h."""
+    out = {}
+    for name in dict.fromkeys(r["case"] for r in rows):
+        rs = [r for r in rows if r["case"] == name]
+        nh = [r["n_h"] for r in rs]
+        out[name] = {"predicted": float(np.polyfit(nh, [r["predicted_ratio"] for r in rs], 1)[0]),
+                     "measured": float(np.polyfit(nh, [r["measured_ratio"] for r in rs], 1)[0])}
+    return out
+
+
+def markdown(saved: dict) -> str:
+    """The Markdown tables of a saved ``costmodel.json``."""
+    rows, info = saved["results"], saved["info"]
+    md = ["# BlockProp cost model (Appendix A): predicted vs measured", "",
+          "Predicted: `C(total) / C(backprop)` in FLOPs from `bpsim.theory.cost_model` "
+          "(C(bp) = 3F, C(h-backprop) = 2 x forward FLOPs of blocks 2..K). Measured: CPU time "
+          "(`time.process_time`, one torch thread) of one `BlockPropTrainer.train_step` over one "
+          "`BackpropTrainer.train_step` (same batch, same run, best of "
+          f"{info['repeat']} interleaved timings of {info['steps']} steps).", "",
+          "| case | batch | N_h | predicted ratio | measured ratio | measured / predicted "
+          "| BlockProp ms/step | bp ms/step |",
+          "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        md.append(f"| {r['case']} | {r['batch']} | {r['n_h']} | {r['predicted_ratio']:.2f} | "
+                  f"{r['measured_ratio']:.2f} | {1 + r['rel_diff']:.2f} | {r['step_ms']:.1f} | {r['bp_step_ms']:.1f} |")
+    md += ["", "Cost of one more h-step, in units of one backprop step (least-squares slope of the ratio "
+               "against N_h), and a forward pass alone over one backprop step (the model says 1/3):", "",
+           "| case | slope predicted | slope measured | forward / bp measured |",
+           "| --- | ---: | ---: | ---: |"]
+    for name, sl in slopes(rows).items():
+        first = next(r for r in rows if r["case"] == name)
+        md.append(f"| {name} | {sl['predicted']:.3f} | {sl['measured']:.3f} | "
+                  f"{first['forward_over_bp_measured']:.2f} |")
+    load = info["load_average_1min"]
+    md += ["", "Known simplifications of the model: backward = 2 x forward for every layer; FLOPs of "
+               "biases, activations, normalisation and the optimizer step are ignored, and so is the fixed "
+               "cost of each call (Python, autograd bookkeeping), which dominates when a block is tiny; "
+               "the initialisation is priced as a full forward pass, while the implementation runs blocks "
+               "1..K-1 only (block K's forward is part of its first h-step).", "",
+           f"Command: `{info['command']}` (torch {info['torch']}, Python {info['python']}; "
+           f"{info['cpus']} CPUs, 1-minute load average {load[0]:.1f} at the start and "
+           f"{load[1]:.1f} at the end: other jobs shared the machine; CPU time keeps their "
+           "share of the core out of the ratios, not their use of the shared caches)", ""]
+    return "\n".join(md)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=3, help="steps per timing")
@@ -108,7 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="N_h in {0, 2}, 1 step, 1 repeat; writes nothing without --out")
     ap.add_argument("--out", help=f"folder for the results (full mode default: {RESULTS})")
+    ap.add_argument("--render", metavar="JSON",
+                    help="only rewrite the .md beside JSON from its saved results")
     args = ap.parse_args(argv)
+    if args.render:
+        return render(args.render, markdown)
     torch.set_num_threads(1)
     nhs = NHS
     if args.quick:
@@ -127,46 +179,15 @@ def main(argv: list[str] | None = None) -> int:
             "model": "C(total) = C(bp) + C(fwd) + N_h C(h-bp); C(bp) = 3F, C(h-bp) = 2 sum_{k>=2} F_k",
             "cpus": os.cpu_count(),
             "load_average_1min": [load0, os.getloadavg()[0] if hasattr(os, "getloadavg") else None]}
-    md = ["# BlockProp cost model (Appendix A): predicted vs measured", "",
-          "Predicted: `C(total) / C(backprop)` in FLOPs from `bpsim.theory.cost_model` "
-          "(C(bp) = 3F, C(h-backprop) = 2 x forward FLOPs of blocks 2..K). Measured: CPU time "
-          "(`time.process_time`, one torch thread) of one `BlockPropTrainer.train_step` over one "
-          "`BackpropTrainer.train_step` (same batch, same run, best of "
-          f"{args.repeat} interleaved timings of {args.steps} steps).", "",
-          "| case | batch | N_h | predicted ratio | measured ratio | measured / predicted "
-          "| BlockProp ms/step | bp ms/step |",
-          "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in rows:
-        md.append(f"| {r['case']} | {r['batch']} | {r['n_h']} | {r['predicted_ratio']:.2f} | "
-                  f"{r['measured_ratio']:.2f} | {1 + r['rel_diff']:.2f} | {r['step_ms']:.1f} | {r['bp_step_ms']:.1f} |")
-    md += ["", "Cost of one more h-step, in units of one backprop step (least-squares slope of the ratio "
-               "against N_h), and a forward pass alone over one backprop step (the model says 1/3):", "",
-           "| case | slope predicted | slope measured | forward / bp measured |",
-           "| --- | ---: | ---: | ---: |"]
-    slopes = {}
-    for name in dict.fromkeys(r["case"] for r in rows):
-        rs = [r for r in rows if r["case"] == name]
-        nh = [r["n_h"] for r in rs]
-        sp = float(np.polyfit(nh, [r["predicted_ratio"] for r in rs], 1)[0])
-        sm = float(np.polyfit(nh, [r["measured_ratio"] for r in rs], 1)[0])
-        slopes[name] = {"predicted": sp, "measured": sm}
-        md.append(f"| {name} | {sp:.3f} | {sm:.3f} | {rs[0]['forward_over_bp_measured']:.2f} |")
-    info["slopes"] = slopes
-    md += ["", "Known simplifications of the model: backward = 2 x forward for every layer; FLOPs of "
-               "biases, activations, normalisation and the optimizer step are ignored, and so is the fixed "
-               "cost of each call (Python, autograd bookkeeping), which dominates when a block is tiny; "
-               "the initialisation is priced as a full forward pass, while the implementation runs blocks "
-               "1..K-1 only (block K's forward is part of its first h-step).", "",
-           f"Command: `{command}` (torch {torch.__version__}, Python {platform.python_version()}; "
-           f"{info['cpus']} CPUs, 1-minute load average {info['load_average_1min'][0]:.1f} at the start and "
-           f"{info['load_average_1min'][1]:.1f} at the end: other jobs shared the machine; CPU time keeps their "
-           "share of the core out of the ratios, not their use of the shared caches)", ""]
-    print("\n".join(md))
+    info["slopes"] = slopes(rows)
+    saved = {"results": rows, "info": info}
+    md = markdown(saved)
+    print(md)
     out = args.out or (None if args.quick else RESULTS)
     if out:
         os.makedirs(out, exist_ok=True)
-        atomic_write_text(os.path.join(out, "costmodel.json"), json.dumps({"results": rows, "info": info}, indent=2))
-        atomic_write_text(os.path.join(out, "costmodel.md"), "\n".join(md))
+        atomic_write_text(os.path.join(out, "costmodel.json"), json.dumps(saved, indent=2))
+        atomic_write_text(os.path.join(out, "costmodel.md"), md)
     return 0
 
 

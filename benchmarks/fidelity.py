@@ -474,13 +474,9 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             p.error("--device cuda, but torch sees no CUDA GPU here; leave --device out")
     if args.render:
-        from bpsim.trace import atomic_write_text
+        from _render import render
 
-        with open(args.render, encoding="utf-8") as f:
-            md = markdown(json.load(f))
-        atomic_write_text(Path(args.render).with_suffix(".md"), md)
-        print(md)
-        return 0
+        return render(args.render, markdown)
     WIDTH, DEVICE = args.width, args.device
     from bpsim.sim import Costs
     from bpsim.trace import atomic_write_text, json_safe

@@ -186,7 +186,13 @@ def main(argv: list[str] | None = None) -> int:
                         "memory; gpipe and 1f1b, which need one GPU per rank, are skipped)")
     p.add_argument("--out", default=None,
                    help="results folder (default benchmarks/results; --quick writes none)")
+    p.add_argument("--render", metavar="JSON",
+                   help="only rewrite the .md beside JSON from its saved results")
     args = p.parse_args(argv)
+    if args.render:
+        from _render import render
+
+        return render(args.render, markdown)
     if args.device == "cuda":
         import torch
 
