@@ -129,6 +129,13 @@ for algo, r in results.items():
 # $$T_{\text{gpipe}} = N\,\big((m+K-1)(F+B) + U\big), \qquad
 #   \text{bubble} = \frac{K-1}{m+K-1}\ \text{of each step (for } U = 0).$$
 #
+# With $c > 0$ it matters *when* a message leaves. torch's pipelining schedules post each receive right before the op
+# that needs it, and the data moves only once both sides are ready (a *rendezvous*), so every micro-batch pays $c$:
+# for $K = 2$ a step takes $(m+1)(F+B) + 2mc + U$. The simulator moves gpipe's and 1F1B's messages this way
+# (`protocol="rendezvous"`). The other schedules send *eagerly*, as bpsim's runtime does with its receives posted in
+# advance on a background thread; sent eagerly, only the first activation and the first gradient of a GPipe step would
+# wait, $2c$ in all (`protocol="eager"`).
+#
 # **Synchronous DGL** (Alg. 1, lines 3–6; Alg. 3 in App. D). Block $k$ only waits for $x_{k-1}^t$. Every block
 # repeats *forward, send, head, backward, update*, period $F + A + B + U$; block $K$ starts $(K-1)(F+c)$ after block 1:
 #

@@ -150,6 +150,28 @@ def test_pipeline_closed_form(algo, K, N, m):
     assert r.makespan == pytest.approx(N * ((m + K - 1) * (F + B) + U), rel=1e-12)
 
 
+@pytest.mark.parametrize("N,m", [(1, 1), (3, 4), (2, 6)])
+def test_gpipe_rendezvous_and_eager_closed_forms(N, m):
+    # K = 2, latency c. Eager: block 2's forwards follow block 1's back to back, and
+    # only the first activation and the first gradient of a step wait c. Rendezvous
+    # (torch's pipelining, the default for gpipe): a message leaves when its receiver
+    # asks, and every receiver asks only when it is done with the previous micro-batch,
+    # so each of the m activations and m gradients waits c.
+    costs = f"fwd={F},bwd={B},update={U},comm={C}"
+    rdv = simulate("gpipe", blocks=2, steps=N, microbatches=m, costs=costs)
+    assert rdv.trace.meta["protocol"] == "rendezvous"
+    assert rdv.makespan == pytest.approx(N * ((m + 1) * (F + B) + 2 * m * C + U), rel=1e-12)
+    eager = simulate("gpipe", blocks=2, steps=N, microbatches=m, costs=costs, protocol="eager")
+    assert eager.makespan == pytest.approx(N * ((m + 1) * (F + B) + 2 * C + U), rel=1e-12)
+    # block 2 asks for micro-batch i when it has done i - 1, then waits c for it
+    fwd2 = sorted((s.t0, s.t1) for s in rdv.trace if s.op == "fwd" and s.block == 2 and s.step == 0)
+    assert all(b[0] - a[1] == pytest.approx(C) for a, b in zip(fwd2, fwd2[1:]))
+    for algo in ("bp", "dgl"):   # eager by default: the closed forms above
+        assert simulate(algo, blocks=2, steps=N, costs=COST).trace.meta["protocol"] == "eager"
+    with pytest.raises(ValueError, match="protocol"):
+        simulate("gpipe", protocol="lazy")
+
+
 def test_1f1b_order_is_torch_schedule_1f1b():
     from bpsim.sim.schedules import _1f1b_order
 
@@ -291,12 +313,13 @@ cost_st = st.fixed_dictionaries({
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(algo=st.sampled_from(ALGORITHMS), K=st.integers(2, 4), N=st.integers(1, 4),
        costs=cost_st, shared=st.booleans(), m=st.integers(1, 3), nh=st.integers(0, 2),
-       seed=st.integers(0, 5), slow=st.floats(0.5, 3))
-def test_trace_invariants_random_costs(algo, K, N, costs, shared, m, nh, seed, slow):
+       seed=st.integers(0, 5), slow=st.floats(0.5, 3),
+       protocol=st.sampled_from(["auto", "eager", "rendezvous"]))
+def test_trace_invariants_random_costs(algo, K, N, costs, shared, m, nh, seed, slow, protocol):
     placement = [(j * 2) // K for j in range(K)] if shared else None
     r = simulate(algo, blocks=K, steps=N, costs=costs, microbatches=m, nh=nh, seed=seed,
                  placement=placement, slowdown={K: slow}, buffer=3,
-                 cache_every=EVERY, epochs_steps=EPOCH)
+                 cache_every=EVERY, epochs_steps=EPOCH, protocol=protocol)
     check_invariants(r, algo, K, N, nh)
     if shared:
         assert {s.rank for s in r.trace if s.lane == "compute"} <= {0, 1}

@@ -51,7 +51,8 @@ def _simulate(args: argparse.Namespace) -> int:
                    microbatches=args.microbatches, buffer=args.buffer,
                    slowdown=parse_slowdown(args.slowdown), nh=args.nh,
                    cache_every=args.cache_every, epochs_steps=args.epoch_steps,
-                   placement=args.placement, seed=args.seed, max_reuse=args.max_reuse)
+                   placement=args.placement, seed=args.seed, max_reuse=args.max_reuse,
+                   protocol=args.protocol)
     if args.trace:
         res.trace.save(args.trace)
     if args.json:
@@ -113,6 +114,10 @@ def add_parsers(subparsers: Any) -> None:
                         "op's median")
     p.add_argument("--trace", default=None, metavar="SIM.json",
                    help="write the simulated Chrome trace (Perfetto)")
+    p.add_argument("--protocol", choices=("auto", "eager", "rendezvous"), default="auto",
+                   help="how messages move: eager (sent when ready, the runtime's background "
+                        "receivers), rendezvous (sent when the receiver asks, torch's pipelining), "
+                        "auto (default: rendezvous for gpipe and 1f1b)")
     p.add_argument("--seed", type=int, default=0, help="seed of random cost draws")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_simulate)

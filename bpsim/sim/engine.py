@@ -79,7 +79,7 @@ class Engine:
     """
 
     def __init__(self, blocks: int, table: CostTable, placement: Sequence[int],
-                 seed: int = 0) -> None:
+                 seed: int = 0, rendezvous: bool = False) -> None:
         self.env = simpy.Environment()
         self.K = blocks
         self.table = table
@@ -87,6 +87,7 @@ class Engine:
         self.xfer = table.xfer
         self.latency = table.latency
         self.handoff = table.handoff
+        self.rendezvous = rendezvous
         self.spread = table.spread
         self.jitter = table.jitter
         self.rng = random.Random(seed)
@@ -173,13 +174,22 @@ class Engine:
 
     def send(self, src: int, dst: int, kind: str, step: int, mb: int = 0,
              payload: Any = None) -> None:
-        """Send a message of ``kind`` ('act', 'grad', 'target') from src to dst."""
-        arrival = self._transmit(src, dst, step, mb)
+        """Send a message of ``kind`` ('act', 'grad', 'target') from src to dst.
+
+        Eager (the default): the message leaves now and arrives after the
+        latency (and transfer). Rendezvous (``Engine.rendezvous``, a message
+        between devices): it leaves only when dst asks for it (``recv``),
+        or now if dst is already waiting.
+        """
         box = self.boxes.get((dst, kind))
         if box is None:
             box = self.boxes[(dst, kind)] = _Box()
-        # a message between devices costs its receiver the hand-off ``recv``
-        box.q.append((arrival, payload, self.handoff if self.dev[src] != self.dev[dst] else 0.0))
+        if self.dev[src] == self.dev[dst]:
+            box.q.append((self.env.now, payload, 0.0))
+        elif self.rendezvous:
+            box.q.append((None, payload, (src, step, mb)))
+        else:   # a message between devices also costs its receiver the hand-off ``recv``
+            box.q.append((self._transmit(src, dst, step, mb), payload, self.handoff))
         if box.waiter is not None:
             w, box.waiter = box.waiter, None
             w.succeed()
@@ -195,6 +205,9 @@ class Engine:
             box.waiter = env.event()
             yield box.waiter
         arrival, payload, handoff = box.q.popleft()
+        if arrival is None:   # rendezvous: the transfer starts now that both sides are ready
+            src, step, mb = handoff
+            arrival, handoff = self._transmit(src, j, step, mb), self.handoff
         # usable a hand-off after it has arrived and block j asks for it
         ready = (arrival if arrival > env.now else env.now) + handoff
         if ready > env.now:
@@ -274,6 +287,7 @@ def parse_placement(placement: Any, blocks: int) -> list[int]:
 
 ALGORITHMS = ("bp", "gpipe", "1f1b", "dgl", "dgl-async", "greedy", "blockprop",
               "blockprop-cached", "bwbpf")
+PROTOCOLS = ("auto", "eager", "rendezvous")
 
 
 def _positive_int(name: str, v: Any, lo: int = 1) -> int:
@@ -288,7 +302,7 @@ def simulate(algo: str, blocks: int = 4, steps: int = 100,
              slowdown: Mapping[int, float] | None = None, nh: int = 1,
              cache_every: int = 1, epochs_steps: int | None = None,
              placement: Any = None, seed: int = 0,
-             max_reuse: int | None = None) -> "SimResult":
+             max_reuse: int | None = None, protocol: str = "auto") -> "SimResult":
     """Simulate the device timeline of one training regime.
 
     Parameters
@@ -324,6 +338,16 @@ def simulate(algo: str, blocks: int = 4, steps: int = 100,
         ``costs.jitter`` is set).
     max_reuse : int or None
         Reuse cap of the ``dgl-async`` buffers.
+    protocol : str
+        How messages between devices move. ``"eager"``: a message leaves
+        when it is sent and waits at the receiver (bpsim's runtime receives
+        on a background thread, posted early). ``"rendezvous"``: it leaves
+        only once its receiver asks for it, so a receiver that comes to a
+        message late still waits the latency (and transfer); this is how
+        torch's pipelining schedules behind the runtime's ``gpipe`` and
+        ``1f1b`` move data, posting each receive right before the op that
+        needs it. ``"auto"`` (default): rendezvous for ``gpipe`` and
+        ``1f1b``, eager for the others.
 
     Returns
     -------
@@ -349,16 +373,20 @@ def simulate(algo: str, blocks: int = 4, steps: int = 100,
     if name.startswith("blockprop") and blocks < 2:
         raise ValueError(f"{name} needs at least 2 blocks (gluing variables h_2..h_K), "
                          f"got blocks={blocks}")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    proto = protocol if protocol != "auto" else (
+        "rendezvous" if name in ("gpipe", "1f1b") else "eager")
     cost = Costs.coerce(costs)
     slow = {int(k): float(v) for k, v in (slowdown or {}).items()}
     table = cost.table(blocks, slow)
     place = parse_placement(placement, blocks)
-    eng = Engine(blocks, table, place, seed=seed)
+    eng = Engine(blocks, table, place, seed=seed, rendezvous=proto == "rendezvous")
     params = dict(microbatches=microbatches, buffer=buffer, nh=nh, cache_every=cache_every,
                   epochs_steps=epochs_steps or steps, max_reuse=max_reuse)
     schedules.SCHEDULES[name](eng, steps, **params)
     eng.env.run()
     meta = {"source": "bpsim.sim", "algo": name, "blocks": blocks, "steps": steps,
             "costs": cost.to_dict(), "slowdown": {str(k): v for k, v in slow.items()},
-            "placement": place, "seed": seed, **params}
+            "placement": place, "seed": seed, "protocol": proto, **params}
     return SimResult.from_engine(eng, name, steps, meta)

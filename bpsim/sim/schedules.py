@@ -79,7 +79,11 @@ def gpipe(eng: Engine, steps: int, microbatches: int = 1, **_: Any) -> None:
     update per step after the last backward. Blocks 2..K add ``bwd_in`` to
     each backward, as in :func:`bp`. With c = 0, ``bwd_in`` = 0 and
     per-micro-batch costs a step takes ``(m + K - 1)(F + B) + U`` (in either
-    backward order). For m = 2 (digits are micro-batches)::
+    backward order). Messages move by rendezvous unless ``simulate`` is
+    told otherwise (``protocol``): a block asks for micro-batch i's input
+    when it is done with i - 1, as torch's schedule posts its receives, and
+    the transfer starts then; for K = 2 and latency c a step takes
+    ``(m + 1)(F + B) + 2 m c + U``. For m = 2 (digits are micro-batches)::
 
         block 1 |01......0011U
         block 2 |.01...0011U..
