@@ -440,6 +440,16 @@ def test_from_trace_splits_receive_handoff_from_latency():
                  (1, "compute", "wait", 2, i, 0, t + 2.0, t + 2.0 + h, None)]
     c = Costs.from_trace(Trace(rows))
     assert c.recv == pytest.approx(0.2) and c.comm == pytest.approx(0.3)   # mean, median
+    # a receive posted (and waited for) before its send began times the whole trip,
+    # and so does a late receive that no wait ended (the message was already there)
+    for i, (ask, end, wait) in enumerate(((-1.0, 0.5, True), (2.0, 2.1, False)), start=5):
+        t = 10.0 * i
+        rows += [(0, "comm", "send", 1, i, 0, t, t + 0.1, i),
+                 (1, "comm", "recv", 2, i, 0, t + ask, t + end, i)]
+        if wait:
+            rows.append((1, "compute", "wait", 2, i, 0, t + ask, t + end, None))
+    c2 = Costs.from_trace(Trace(rows))
+    assert c2.recv == pytest.approx(0.2) and c2.comm == pytest.approx(0.3)
     # so a simulated waiting receiver gets it after comm + recv = 0.5 again
     again = simulate("bp", blocks=2, steps=3, costs=replace(c, jitter={}))
     sends = {s.msg: s.t0 for s in again.trace if s.op == "send"}
