@@ -330,7 +330,7 @@ for S_ in S_VALUES:
     reuse_by_S.append(mean(reuse))
 by_M = [mean([accuracy(S_FOR_M, M, J_, s)[0] for J_ in SLOWED for s in SEEDS]) for M in M_VALUES]
 
-fig = make_subplots(rows=1, cols=2, subplot_titles=[f"accuracy vs slowdown S (M = 50), cf. DGL Fig. 5",
+fig = make_subplots(rows=1, cols=2, subplot_titles=["accuracy vs slowdown S (M = 50), cf. DGL Fig. 5",
                                                     f"accuracy vs buffer size M (S = {S_FOR_M:g}), cf. DGL Fig. 6"])
 fig.add_scatter(x=S_VALUES, y=by_S, mode="lines+markers", name="dgl-async", line={"color": "#F58518"}, row=1, col=1)
 fig.add_scatter(x=M_VALUES, y=by_M, mode="lines+markers", name="dgl-async", line={"color": "#F58518"},

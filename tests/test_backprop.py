@@ -1,7 +1,5 @@
 """The Trainer protocol through the backprop baseline: learning, seeding, resume, errors."""
 
-import math
-
 import pytest
 import torch
 

@@ -3,7 +3,6 @@
 import gzip
 import hashlib
 import io
-import os
 import pickle
 import struct
 import tarfile

@@ -27,12 +27,15 @@ from __future__ import annotations
 import math
 import random
 from collections import deque
-from typing import Any, Generator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Generator, Mapping, Sequence
 
 import simpy
 
 from bpsim.replay import ReplayBuffer
 from bpsim.sim.costs import Costs, CostTable
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bpsim.sim.results import SimResult
 
 __all__ = ["Engine", "simulate", "ALGORITHMS", "ALIASES", "parse_placement"]
 
