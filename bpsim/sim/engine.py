@@ -79,6 +79,9 @@ class Engine:
         Device index of each block (``placement[j-1]`` for block j).
     seed : int
         Seed of the cost draws (lognormal or from ``Costs.jitter``).
+    rendezvous : bool
+        Messages between devices leave when their receiver asks for them
+        (see :meth:`send` and ``simulate(protocol=)``); eager otherwise.
     """
 
     def __init__(self, blocks: int, table: CostTable, placement: Sequence[int],
