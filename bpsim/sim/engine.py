@@ -11,6 +11,9 @@ sender's comm lane for its transfer time ``o = bytes / bandwidth`` (a
 comm lane for ``o`` (a ``recv`` span ending when the data has arrived).
 Lanes are reserved first-come-first-served, so comm spans never overlap.
 Blocks on one device exchange data in memory: no comm spans, no delay.
+The transfer starts when the message is sent (eager) or, with
+``rendezvous``, when its receiver asks for it; either way the receiver can
+use it a hand-off ``recv`` after it has arrived (``Costs.recv``, default 0).
 
 Determinism: SimPy orders simultaneous events by scheduling order, the
 schedules create processes in block order, and every random draw comes
