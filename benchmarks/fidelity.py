@@ -45,6 +45,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -78,8 +79,6 @@ def measure(cfg: Any) -> Any:
     is blockprop-cached, whose epochs with and without h-step must stay
     where the simulator puts them (``epochs_steps``): it keeps every step.
     """
-    from dataclasses import replace
-
     from bpsim.runtime import run
 
     w = 0 if cfg.algo == "blockprop-cached" else WARMUP
@@ -143,22 +142,27 @@ def input_grad_fractions(cfg: Any) -> list[float]:
     return [i / f for i, f in zip(net.input_grad_flops(), net.block_flops())]
 
 
+def _op_durations(trace: Any) -> dict[tuple[int, str], list[float]]:
+    """``{(block, op): [durations]}`` of the compute ops (no waits) of ``trace``."""
+    from bpsim.sim.costs import COMPUTE_OPS
+
+    out: dict[tuple[int, str], list[float]] = {}
+    for r in trace.rows:
+        if r[1] == "compute" and r[2] in COMPUTE_OPS:
+            out.setdefault((r[3], r[2]), []).append(r[7] - r[6])
+    return out
+
+
 def mean_costs(trace: Any) -> Any:
     """``Costs.from_trace`` with each op's *mean* duration instead of its
     median and no spread: a diagnostic. On a shared machine a few ops are
     much slower than the rest (another process took the core), so the
     median underestimates the time a run really spends."""
-    from dataclasses import replace
-
     from bpsim.sim import Costs
 
     base = Costs.from_trace(trace)
-    sums: dict[tuple[int, str], list[float]] = {}
-    for r in trace.rows:
-        if r[1] == "compute" and r[2] in ("fwd", "bwd", "aux", "update", "hstep"):
-            sums.setdefault((r[3], r[2]), []).append(r[7] - r[6])
-    return replace(base, per_block=_with_op_costs(base, sums, statistics.mean), spread=0.0,
-                   jitter={})
+    return replace(base, per_block=_with_op_costs(base, _op_durations(trace), statistics.mean),
+                   spread=0.0, jitter={})
 
 
 def predict(costs: Any, cfg: Any, res: Any, label: str, alt: Any = None,
@@ -206,11 +210,7 @@ def _diagnostic(case: dict[str, Any], key: str, other: dict[str, Any]) -> None:
 def noise(trace: Any) -> float:
     """Busy time over (op count x median op time): 1.0 on a quiet machine,
     more when other processes slow some ops down."""
-
-    by: dict[tuple[int, str], list[float]] = {}
-    for r in trace.rows:
-        if r[1] == "compute" and r[2] != "wait":
-            by.setdefault((r[3], r[2]), []).append(r[7] - r[6])
+    by = _op_durations(trace)
     tot = sum(sum(v) for v in by.values())
     med = sum(statistics.median(v) * len(v) for v in by.values())
     return tot / med if med > 0 else float("nan")
@@ -219,8 +219,6 @@ def noise(trace: Any) -> float:
 def _scaled(costs: Any, f: float) -> Any:
     """Per-micro-batch costs assuming time proportional to batch size (the
     update is once per step and keeps its cost)."""
-    from dataclasses import replace
-
     per = {b: {k: (v * f if k in ("fwd", "bwd", "aux", "hstep", "bwd_in") else v)
                for k, v in over.items()} for b, over in costs.per_block.items()}
     return replace(costs, per_block=per)
@@ -341,8 +339,6 @@ def with_wake(costs: Any, trace: Any, W: dict[int, float], tau: float) -> Any:
     """``costs`` (from ``trace``) with the after-idle cost ``W``, ``tau`` added,
     and each op's median taken after removing that cost from the ops of
     ``trace`` that followed a wait, so it is not counted twice."""
-    from dataclasses import replace
-
     from bpsim.sim import Costs
 
     by_rank: dict[int, list[tuple]] = {}
@@ -367,8 +363,6 @@ def with_wake(costs: Any, trace: Any, W: dict[int, float], tau: float) -> Any:
 
 def profiled(costs: Any, ratios: dict[int, dict[str, float]]) -> Any:
     """Micro-batch costs: each block's whole-batch costs times the profiled ratios."""
-    from dataclasses import replace
-
     per = {b: dict(v) for b, v in costs.per_block.items()}
     for j, r in ratios.items():
         d = per.setdefault(j, {})
@@ -385,8 +379,6 @@ def median_costs(all_costs: list[Any]) -> Any:
     repeat at index (R - 1) // 2 of the sorted makespans): with an even
     number of repeats an average here against the faster run there would
     bias every prediction towards slow."""
-    from dataclasses import replace
-
     from bpsim.sim.costs import bin_factors
 
     first = all_costs[0]
@@ -524,9 +516,8 @@ def main(argv: list[str] | None = None) -> int:
     costs = median_costs(fitted).with_input_grad(frac)
     alt = median_costs([mean_costs(r.trace) for r in calib_runs]).with_input_grad(frac)
     # diagnostic: the same calibration with lognormal draws instead of the
-    # measured distribution (Costs.jitter)
-    logn = median_costs([Costs.from_trace(r.trace, draws="lognormal")
-                         for r in calib_runs]).with_input_grad(frac)
+    # measured distribution (what Costs.from_trace(draws="lognormal") returns)
+    logn = replace(costs, jitter={})
     ratios = profile_ratios(calib_cfg, 4) if any(c.algo in PIPES for _, c in held) else {}
     print(f"calibrated on dgl, 2 workers, {N} steps: {costs}", flush=True)
     woke, wake_fit = None, None
@@ -581,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
                 for label, cfg in cases_a:
                     runs_a[label].append(measure(cfg))
             c_self = median_costs([Costs.from_trace(r.trace) for r in shorts])
-            c_logn = median_costs([Costs.from_trace(r.trace, draws="lognormal") for r in shorts])
+            c_logn = replace(c_self, jitter={})   # lognormal draws
             for label, cfg in cases_a:
                 self_cal.append(predict(c_self, cfg, runs_a[label], label))
                 c = self_cal[-1]
@@ -591,10 +582,6 @@ def main(argv: list[str] | None = None) -> int:
                       f"{100 * c['lognormal']['makespan_error']:+6.1f}%)", flush=True)
     over = (oversubscribed(N) if not (args.quick or args.held_only) and DEVICE == "cpu"
             else None)
-
-    def mean_abs(xs: list[dict[str, Any]], key: str) -> float:
-        vals = [abs(x[key]) for x in xs if x[key] is not None and math.isfinite(x[key])]
-        return sum(vals) / len(vals) if vals else math.nan
 
     import torch
 
@@ -614,34 +601,13 @@ def main(argv: list[str] | None = None) -> int:
                         "after_idle": wake_fit,
                         "noise": statistics.median(noise(r.trace) for r in calib_runs)},
         "held_out": cases, "self_calibrated": self_cal, "oversubscribed": over,
-        "summary": {"held_out_mean_abs_makespan_error": mean_abs(cases, "makespan_error"),
-                    "held_out_mean_busy_error": mean_abs(cases, "busy_error_mean"),
-                    "mean_costs_mean_abs_makespan_error":
-                        mean_abs([c["mean_costs"] for c in cases], "makespan_error"),
-                    "mean_costs_mean_busy_error":
-                        mean_abs([c["mean_costs"] for c in cases], "busy_error_mean"),
-                    "paired_mean_abs_makespan_error":
-                        mean_abs([c["paired"] for c in cases if "paired" in c], "makespan_error")
-                        if any("paired" in c for c in cases) else None,
-                    "paired_mean_busy_error":
-                        mean_abs([c["paired"] for c in cases if "paired" in c], "busy_error_mean")
-                        if any("paired" in c for c in cases) else None,
-                    "self_mean_abs_makespan_error": mean_abs(self_cal, "makespan_error") if self_cal else None,
-                    "self_mean_busy_error": mean_abs(self_cal, "busy_error_mean") if self_cal else None,
-                    "lognormal_mean_abs_makespan_error":
-                        mean_abs([c["lognormal"] for c in cases], "makespan_error"),
-                    "lognormal_mean_busy_error":
-                        mean_abs([c["lognormal"] for c in cases], "busy_error_mean"),
-                    "self_lognormal_mean_abs_makespan_error":
-                        mean_abs([c["lognormal"] for c in self_cal], "makespan_error")
-                        if self_cal else None,
-                    "self_lognormal_mean_busy_error":
-                        mean_abs([c["lognormal"] for c in self_cal], "busy_error_mean")
-                        if self_cal else None,
-                    "after_idle_mean_abs_makespan_error":
-                        mean_abs([c["wake"] for c in cases], "makespan_error") if woke else None,
-                    "after_idle_mean_busy_error":
-                        mean_abs([c["wake"] for c in cases], "busy_error_mean") if woke else None},
+        "summary": {**_errors("held_out", cases),
+                    **_errors("mean_costs", [c["mean_costs"] for c in cases]),
+                    **_errors("paired", [c["paired"] for c in cases if "paired" in c]),
+                    **_errors("self", self_cal),
+                    **_errors("lognormal", [c["lognormal"] for c in cases]),
+                    **_errors("self_lognormal", [c["lognormal"] for c in self_cal]),
+                    **_errors("after_idle", [c["wake"] for c in cases if "wake" in c])},
         "seconds": time.time() - t_start,
     }
     s = out["summary"]
@@ -658,6 +624,18 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(folder / f"{name}.md", markdown(out))
     print(f"wrote {folder / name}.json and .md")
     return 0
+
+
+def _mean_abs(xs: list[dict[str, Any]], key: str) -> float:
+    vals = [abs(x[key]) for x in xs if x[key] is not None and math.isfinite(x[key])]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
+def _errors(prefix: str, xs: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Summary entries ``PREFIX_mean_abs_makespan_error`` and
+    ``PREFIX_mean_busy_error`` over the predictions ``xs`` (None without any)."""
+    return {f"{prefix}_mean_abs_makespan_error": _mean_abs(xs, "makespan_error") if xs else None,
+            f"{prefix}_mean_busy_error": _mean_abs(xs, "busy_error_mean") if xs else None}
 
 
 def _spread(c: dict[str, Any]) -> str:

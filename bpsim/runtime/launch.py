@@ -63,10 +63,9 @@ class RunConfig:
     simulator's shared ``placement``. ``slowdown`` maps a block (1-based,
     as in ``bpsim simulate`` and ``bpsim train``; rank k holds block k + 1
     when every block has its own process) to its slowdown factor S >= 1.
-    ``options``
-    are the trainer's method options (``lam``, ``nh``, ``lr_h``,
-    ``cache_every``). ``threads`` defaults to
-    ``cores // workers`` (at least 1; cores = ``len(cpus)`` when given).
+    ``options`` are the trainer's method options (``lam``, ``nh``,
+    ``lr_h``, ``cache_every``). ``threads`` defaults to ``cores // workers``
+    (at least 1; cores = ``len(cpus)`` when given).
     """
 
     algo: str

@@ -79,7 +79,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 def add_parsers(subparsers: Any) -> None:
     """Add ``simulate`` and ``compare`` to an argparse subparsers object."""
-    from bpsim.sim.engine import ALGORITHMS
+    from bpsim.sim.engine import ALGORITHMS, PROTOCOLS
 
     p = subparsers.add_parser(
         "simulate", help="predict a training timeline with the SimPy simulator",
@@ -114,7 +114,7 @@ def add_parsers(subparsers: Any) -> None:
                         "op's median")
     p.add_argument("--trace", default=None, metavar="SIM.json",
                    help="write the simulated Chrome trace (Perfetto)")
-    p.add_argument("--protocol", choices=("auto", "eager", "rendezvous"), default="auto",
+    p.add_argument("--protocol", choices=PROTOCOLS, default="auto",
                    help="how messages move: eager (sent when ready, the runtime's background "
                         "receivers), rendezvous (sent when the receiver asks, torch's pipelining), "
                         "auto (default: rendezvous for gpipe and 1f1b)")

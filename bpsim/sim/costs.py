@@ -517,7 +517,7 @@ class CostTable:
         # Factors each table op draws from (Costs.jitter): its own op's, or,
         # for an op the calibration never saw, all of them together.
         jit = costs.jitter
-        pooled = tuple(sorted(v for op, vs in jit.items() if op in _COST_OPS for v in vs))
+        pooled = tuple(sorted(v for vs in jit.values() for v in vs))
         self.jitter: dict[str, tuple[float, ...]] = {}
         if jit:
             for op in self.ops:
