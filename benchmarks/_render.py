@@ -28,3 +28,9 @@ def render(json_path: str, markdown: Callable[[dict[str, Any]], str]) -> int:
     atomic_write_text(Path(json_path).with_suffix(".md"), md)
     print(md)
     return 0
+
+
+def gpu_suffix(o: dict[str, Any]) -> str:
+    """`` (GPU name)`` for a saved run whose setup says it ran on CUDA, else nothing."""
+    gpu = o["machine"].get("gpu")
+    return f" ({gpu})" if gpu and o["setup"].get("device") == "cuda" else ""

@@ -52,6 +52,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from _render import gpu_suffix, render  # noqa: E402
+
 WIDTH, BATCH, N_TRAIN = 1024, 128, 1280
 WARMUP = 3   # untimed first steps of every measured run (see measure)
 DEVICE = "cpu"
@@ -466,8 +468,6 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             p.error("--device cuda, but torch sees no CUDA GPU here; leave --device out")
     if args.render:
-        from _render import render
-
         return render(args.render, markdown)
     WIDTH, DEVICE = args.width, args.device
     from bpsim.sim import Costs
@@ -676,12 +676,6 @@ def _table(cases: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _gpu(o: dict[str, Any]) -> str:
-    """`` (GPU name)`` for a run on CUDA, else nothing."""
-    gpu = o["machine"].get("gpu")
-    return f" ({gpu})" if gpu and o["setup"].get("device") == "cuda" else ""
-
-
 def _diagnostic_lines(o: dict[str, Any], key: str, prefix: str, intro: str) -> list[str]:
     """A paragraph on the held-out cases' ``key`` predictions: ``intro``, then
     the summary's ``prefix`` means and each case's makespan error."""
@@ -697,7 +691,7 @@ def markdown(o: dict[str, Any]) -> str:
     lines = [f"# Simulator fidelity{' (quick)' if o['quick'] else ''}", "",
              f"{s['model']}; {s['data']}, batch {s['batch_size']}, {s['steps']} steps unless "
              f"said otherwise, {s['threads_per_worker']} torch thread per worker, on "
-             f"{s.get('device', 'cpu')}{_gpu(o)}; "
+             f"{s.get('device', 'cpu')}{gpu_suffix(o)}; "
              f"{m['cores']} cores, load average at start {m['load_avg_at_start'][0]:.2f}.", "",
              f"Calibrated on: {o['calibration']['run']} (`Costs.from_trace`, per-key median "
              f"over {o['calibration'].get('repeats', 1)} repeats"

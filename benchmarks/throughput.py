@@ -46,6 +46,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from _render import gpu_suffix, render  # noqa: E402
+
 ALGOS = ("bp", "gpipe", "1f1b", "dgl", "dgl-async", "blockprop", "blockprop-cached")
 DEVICE = "cpu"
 
@@ -190,8 +192,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="only rewrite the .md beside JSON from its saved results")
     args = p.parse_args(argv)
     if args.render:
-        from _render import render
-
         return render(args.render, markdown)
     if args.device == "cuda":
         import torch
@@ -282,12 +282,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _gpu(o: dict[str, Any]) -> str:
-    """`` (GPU name)`` for a run on CUDA, else nothing."""
-    gpu = o["machine"].get("gpu")
-    return f" ({gpu})" if gpu and o["setup"].get("device") == "cuda" else ""
-
-
 def markdown(o: dict[str, Any]) -> str:
     s = o["setup"]
     lines = [f"# Runtime throughput{' (quick)' if o['quick'] else ''}", "",
@@ -295,7 +289,7 @@ def markdown(o: dict[str, Any]) -> str:
              f"(rates after {s['warmup_steps']} warm-up steps, best of 3 runs for dgl and bp, "
              f"of 2 for the others; 1 with --quick), {s['threads_per_worker']} torch "
              f"thread per worker, {s['device']}/{s['backend']}"
-             f"{_gpu(o)}"
+             f"{gpu_suffix(o)}"
              f"; {o['machine']['cores']} cores, "
              f"load average at start {o['machine']['load_avg_at_start'][0]:.2f}, torch "
              f"{o['machine']['torch']}.", "",
