@@ -308,6 +308,8 @@ class Costs:
         least-squares line through (bytes, time), else the median time is
         taken as pure latency.
         """
+        if draws not in ("empirical", "lognormal"):
+            raise ValueError(f"draws must be 'empirical' or 'lognormal', got {draws!r}")
         by: dict[tuple[str, int], list[float]] = defaultdict(list)
         sends: dict[Any, tuple] = {}
         recvs: dict[Any, tuple] = {}
@@ -324,8 +326,6 @@ class Costs:
                 waits[r[0]].append((r[6], r[7]))
         for w in waits.values():
             w.sort()
-        if draws not in ("empirical", "lognormal"):
-            raise ValueError(f"draws must be 'empirical' or 'lognormal', got {draws!r}")
         if not by:
             raise ValueError("the trace has no compute spans (fwd/bwd/aux/update/hstep) to "
                              "calibrate on; record a run with `bpsim run ... --trace`")
@@ -338,7 +338,7 @@ class Costs:
                 ratios[op] += [d / med for d in ds if d > 0]
         logdev = [math.log(r) for rs in ratios.values() for r in rs]
         spread = statistics.pstdev(logdev) if len(logdev) > 1 else 0.0
-        jitter = ({op: bin_factors(sorted(rs)) for op, rs in ratios.items() if rs}
+        jitter = ({op: bin_factors(sorted(rs)) for op, rs in ratios.items()}
                   if draws == "empirical" else {})
         meta_bytes = trace.meta.get("bytes")
         pts: list[tuple[float | None, float]] = []
