@@ -6,9 +6,10 @@
    models: the input-gradient product that backprop's blocks 2..K compute
    and DGL's detached blocks skip (``Costs.with_input_grad`` with FLOP
    fractions from ``BlockNet.input_grad_flops``), and how op times shrink at
-   the pipelines' micro-batch size (a short in-process profile of each block at
-   both batch sizes, ``profile_ratios``: a ratio, the level stays the
-   measured one).
+   the pipelines' micro-batch size (a short profile of each block at both
+   batch sizes, ``profile_ratios``: a ratio, the level stays the measured
+   one; run in fresh processes, two per repeat, and the per-key median
+   taken, since one process's ratios are one draw of a per-process speed).
 2. **Predict** held-out measured runs with ``bpsim.sim.simulate`` and those
    costs: more steps, the other algorithms, a slowed rank (``--slowdown``,
    real extra work; the simulator multiplies that block's costs), the
@@ -26,12 +27,16 @@
    4-block net (undisturbed); the simulator shares devices (``placement=2``: blocks 1-2 on device 0,
    3-4 on device 1). Makespan and per-block busy errors are reported.
 
+A ``speed_probe`` (one fixed matrix product, timed second by second for
+``PROBE_SECONDS`` before and after the measurements) reports how much the
+machine's own speed moved meanwhile: the noise any prediction sits in.
+
 Blocks are compute-heavy (MLP width 1024, batch 128, two layers per block,
 DGL heads ``linear``), one torch thread per worker, and the training set is
 cut to a multiple of the batch size so that every step costs the same.
 Results: ``benchmarks/results/fidelity.{json,md}``.
 
-    python benchmarks/fidelity.py            # full (about 7 minutes, 3 repeats)
+    python benchmarks/fidelity.py            # full (about 4 minutes, 3 repeats)
     python benchmarks/fidelity.py --quick    # < 1 min: calibration + 3 held-out runs; writes nothing
 """
 
@@ -58,6 +63,8 @@ WIDTH, BATCH, N_TRAIN = 1024, 128, 1280
 WARMUP = 3   # untimed first steps of every measured run (see measure)
 DEVICE = "cpu"
 PIPES = ("gpipe", "1f1b")   # micro-batched: costs per micro-batch from profile_ratios
+PROFILES_PER_ROUND = 2      # profile_ratios processes per repeat (median over all of them)
+PROBE_SECONDS = 5           # speed_probe before and after the measurements
 OVER_CORES = 2   # the oversubscribed runs put 4 ranks on this many cores (--cpus)
 
 
@@ -276,6 +283,56 @@ def profile_ratios(cfg: Any, microbatches: int, reps: int = 40) -> dict[int, dic
         with torch.no_grad():
             x = blk(x)
     return out
+
+
+def _profile_in_child(cfg: Any, microbatches: int) -> dict[int, dict[str, float]]:
+    """``profile_ratios`` in a fresh interpreter (``spawn``).
+
+    How fast a given GEMM runs differs from one process to the next on this
+    kind of machine (block 2's input-gradient ratio came out near 0.35 in
+    some processes and 0.68 in others, in four back-to-back tries), and stays
+    so for the process's lifetime. One profile is one draw of that; the
+    workers of every measured run are fresh processes too. So the profile,
+    like the runs, is repeated in new processes and the per-key median taken
+    (``median_ratios``)."""
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing as mp
+
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+        return pool.submit(profile_ratios, cfg, microbatches).result()
+
+
+def speed_probe(seconds: float) -> list[float]:
+    """How fast this machine is, second by second: the median time (s) of one
+    fixed single-thread matrix product (128 x WIDTH by WIDTH x WIDTH, the
+    size of a block's forward) in each second of ``seconds``. Taken before and
+    after the measurements, the spread of these says how much the machine's
+    speed moved on its own, whatever the runs did."""
+    import torch
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(BATCH, WIDTH, generator=g), torch.randn(WIDTH, WIDTH, generator=g)
+    out = []
+    for _ in range(max(1, round(seconds))):
+        ds, end = [], time.perf_counter() + 1.0
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            ds.append(time.perf_counter() - t0)
+        out.append(statistics.median(ds))
+    return out
+
+
+def probe_spread(xs: list[float]) -> float:
+    """(max - min) / median of ``speed_probe`` results."""
+    return (max(xs) - min(xs)) / statistics.median(xs)
+
+
+def median_ratios(profiles: list[dict[int, dict[str, float]]]) -> dict[int, dict[str, float]]:
+    """Per-key median of several ``profile_ratios`` results."""
+    return {j: {op: statistics.median(p[j][op] for p in profiles) for op in ops}
+            for j, ops in profiles[0].items()} if profiles else {}
 
 
 WAKE_GAPS = (0.005, 0.02)   # idle gaps (s) that wake_profile sleeps before an op
@@ -502,14 +559,20 @@ def main(argv: list[str] | None = None) -> int:
             held = [(label, cfg) for label, cfg in held if cfg.algo not in PIPES]
     # Repeats are interleaved (calibration, every held-out run, again...) so
     # that a slow spell of the shared machine hits all cases alike.
+    probe = speed_probe(PROBE_SECONDS)
     calib_runs, measured = [], {label: [] for label, _ in held}
+    pipes = any(c.algo in PIPES for _, c in held)
+    profiles = []   # the micro-batch profile, in fresh processes like the runs
     for rep in range(R):
         calib_runs.append(measure(calib_cfg))
+        if pipes:
+            profiles += [_profile_in_child(calib_cfg, 4) for _ in range(PROFILES_PER_ROUND)]
         for label, cfg in held:
             measured[label].append(measure(cfg))
         print(f"repeat {rep + 1}/{R} measured", flush=True)
     # DGL's blocks have detached inputs; backprop and the pipelines also compute the
     # gradient with respect to block 2's input: add it from the FLOP model.
+    probe += speed_probe(PROBE_SECONDS)
     frac = input_grad_fractions(calib_cfg)
     fitted = [Costs.from_trace(r.trace) for r in calib_runs]
     round_costs = [c.with_input_grad(frac) for c in fitted]
@@ -518,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     # diagnostic: the same calibration with lognormal draws instead of the
     # measured distribution (what Costs.from_trace(draws="lognormal") returns)
     logn = replace(costs, jitter={})
-    ratios = profile_ratios(calib_cfg, 4) if any(c.algo in PIPES for _, c in held) else {}
+    ratios = median_ratios(profiles)
     print(f"calibrated on dgl, 2 workers, {N} steps: {costs}", flush=True)
     woke, wake_fit = None, None
     if args.wake:   # diagnostic: the same predictions with an after-idle cost
@@ -594,10 +657,14 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cores": len(os.sched_getaffinity(0)), "platform": platform.platform(),
                     "torch": torch.__version__,
                     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                    "load_avg_at_start": os.getloadavg()},
+                    "load_avg_at_start": os.getloadavg(),
+                    "speed_probe_s": probe, "speed_probe_shape": [BATCH, WIDTH, WIDTH],
+                    "speed_probe_spread": probe_spread(probe)},
         "calibration": {"run": f"dgl, 2 workers, {N} steps", "costs": costs.to_dict(),
                         "repeats": R, "input_grad_fractions": frac,
                         "microbatch_ratios": {str(j): r for j, r in ratios.items()},
+                        "microbatch_profiles": [{str(j): r for j, r in pr.items()}
+                                                for pr in profiles],
                         "after_idle": wake_fit,
                         "noise": statistics.median(noise(r.trace) for r in calib_runs)},
         "held_out": cases, "self_calibrated": self_cal, "oversubscribed": over,
@@ -705,8 +772,13 @@ def markdown(o: dict[str, Any]) -> str:
              f"({', '.join(f'{f:.2f}' for f in o['calibration'].get('input_grad_fractions', []))}"
              " per block, `Costs.with_input_grad`). gpipe's and 1f1b's micro-batch costs are the DGL "
              "costs "
-             "times the ratio t(B/m) / t(B) of a short in-process profile of each block "
-             "(`profile_ratios`); scaling by 1/m instead gives the gpipe diagnostic below.", "",
+             "times the ratio t(B/m) / t(B) of a short "
+             + ("in-process profile of each block (`profile_ratios`)"
+                if "microbatch_profiles" not in o["calibration"] else
+                f"profile of each block in {len(o['calibration']['microbatch_profiles'])} fresh "
+                "single-thread processes interleaved with the repeats (`profile_ratios`; per-key "
+                "median)")
+             + "; scaling by 1/m instead gives the gpipe diagnostic below.", "",
              f"Every run was measured {o['calibration'].get('repeats', 1)} times, interleaved "
              "with the others; each row compares the repeat with the median makespan (all "
              "repeats' makespans are in the JSON). *repeat spread* = (max - min) / median of "
@@ -760,6 +832,15 @@ def markdown(o: dict[str, Any]) -> str:
     if nf is not None:
         lines += ["", f"Noise floor: half the repeat spread, median over the held-out cases, is "
                       f"{100 * nf:.1f}% of the makespan."]
+    if "speed_probe_s" in m:
+        ps = [1e3 * x for x in m["speed_probe_s"]]
+        lines += ["", f"Machine speed (`speed_probe`: median time of one "
+                      f"{' x '.join(map(str, m['speed_probe_shape'][:2]))} by "
+                      f"{' x '.join(map(str, m['speed_probe_shape'][1:]))} matrix product, one "
+                      "thread, in each second of "
+                      f"{len(ps) // 2} s before and {len(ps) - len(ps) // 2} s after the measurements): "
+                      f"{min(ps):.2f}-{max(ps):.2f} ms, a spread of "
+                      f"{100 * m['speed_probe_spread']:.0f}% of the median with nothing else running."]
     if o["self_calibrated"]:
         lines += ["", "## Each algorithm calibrated on its own short run", ""]
         lines += _table(o["self_calibrated"])

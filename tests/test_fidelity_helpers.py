@@ -1,0 +1,52 @@
+"""The small pure helpers of ``benchmarks/fidelity.py``: how several micro-batch
+profiles are combined, how the machine-speed probe is summarised, and how
+profiled ratios turn whole-batch costs into micro-batch costs."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def fidelity():
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    return importlib.import_module("fidelity")
+
+
+def test_median_ratios_is_per_key(fidelity):
+    profiles = [{1: {"fwd": 0.3, "bwd": 0.40}, 2: {"fwd": 0.35, "bwd": 0.70}},
+                {1: {"fwd": 0.5, "bwd": 0.42}, 2: {"fwd": 0.37, "bwd": 0.34}},
+                {1: {"fwd": 0.4, "bwd": 0.90}, 2: {"fwd": 0.36, "bwd": 0.36}}]
+    assert fidelity.median_ratios(profiles) == {1: {"fwd": 0.4, "bwd": 0.42},
+                                                2: {"fwd": 0.36, "bwd": 0.36}}
+    assert fidelity.median_ratios([]) == {}
+
+
+def test_probe_spread(fidelity):
+    assert fidelity.probe_spread([3.0, 3.3, 3.6]) == pytest.approx(0.6 / 3.3)
+    assert fidelity.probe_spread([2.0]) == 0.0
+
+
+def test_speed_probe_one_second(fidelity):
+    xs = fidelity.speed_probe(1)
+    assert len(xs) == 1 and 0 < xs[0] < 1
+
+
+def test_profiled_scales_each_op(fidelity):
+    from bpsim.sim import Costs
+
+    c = Costs(per_block={1: {"fwd": 4.0, "bwd": 8.0, "bwd_in": 0.0, "update": 1.0},
+                         2: {"fwd": 4.0, "bwd": 4.0, "bwd_in": 4.0, "update": 1.0}})
+    mb = fidelity.profiled(c, {1: {"fwd": 0.25, "bwd": 0.5, "bwd+in": 0.5},
+                               2: {"fwd": 0.5, "bwd": 0.5, "bwd+in": 0.75}})
+    assert mb.get("fwd", 1) == 1.0 and mb.get("bwd", 1) == 4.0 and mb.get("bwd_in", 1) == 0.0
+    # block 2: bwd + bwd_in = (4 + 4) * 0.75 = 6, of which bwd = 4 * 0.5 = 2
+    assert mb.get("bwd", 2) == 2.0 and mb.get("bwd_in", 2) == 4.0
+    assert mb.get("update", 2) == 1.0   # once per step: not scaled
