@@ -511,9 +511,10 @@ for op in ("fwd", "bwd", "update"):
 # the backward of blocks 2..K (`benchmarks/fidelity.py` does this). GPipe needs one more correction: a micro-batch op
 # costs more than $1/m$ of the minibatch op (small products use the hardware less well), and the backward of
 # micro-batches 2..m *adds* to the weight gradients that the first one wrote, an extra read and write of every gradient
-# that is bound by memory bandwidth, not arithmetic. On this course's CPU, $t(B/4)/t(B)$ came out at 0.3-0.6 instead of
-# 0.25 (`profile_ratios` in `benchmarks/fidelity.py`). Whichever you pick, repeat measurements before
-# trusting a difference. The explorer below puts
+# that is bound by memory bandwidth, not arithmetic. On this course's CPU, $t(B/4)/t(B)$ came out at 0.3-0.9 instead of
+# 0.25, and one op's ratio could land anywhere from 0.34 to 0.74 depending on the process that timed it
+# (`profile_ratios` in `benchmarks/fidelity.py`, which therefore profiles in several fresh processes). Whichever you
+# pick, repeat measurements before trusting a difference. The explorer below puts
 # "calibrated on dgl" and "calibrated on the run itself" side by side.
 #
 # So, to the question of section 1: on this machine the assumptions that break worst are 1 and 3, stable op costs on
