@@ -204,7 +204,7 @@ def predict(costs: Any, cfg: Any, res: Any, label: str, alt: Any = None,
            "makespan_error": c["makespan_error"], "busy": c["busy"],
            "busy_error_mean": c["busy_error_mean"],
            "start_offset_frac": c["start_offset_frac"],
-           "noise": noise(res.trace)}
+           "noise": noise(res.trace), "overlap": res.trace.overlap()}
     if alt is not None:
         _diagnostic(out, "mean_costs", sim_compare(alt))
     return out
@@ -666,7 +666,8 @@ def main(argv: list[str] | None = None) -> int:
                         "microbatch_profiles": [{str(j): r for j, r in pr.items()}
                                                 for pr in profiles],
                         "after_idle": wake_fit,
-                        "noise": statistics.median(noise(r.trace) for r in calib_runs)},
+                        "noise": statistics.median(noise(r.trace) for r in calib_runs),
+                        "overlap": statistics.median(r.trace.overlap() for r in calib_runs)},
         "held_out": cases, "self_calibrated": self_cal, "oversubscribed": over,
         "summary": {**_errors("held_out", cases),
                     **_errors("mean_costs", [c["mean_costs"] for c in cases]),
@@ -724,9 +725,10 @@ def noise_floor(cases: list[dict[str, Any]]) -> float | None:
 
 def _table(cases: list[dict[str, Any]]) -> list[str]:
     alt = all("mean_costs" in c for c in cases)
+    ov = all("overlap" in c for c in cases)
     head = ("| held-out run | measured makespan (s) | repeat spread | simulated (s) | makespan error | "
-            "busy error per rank | mean busy error | noise |")
-    rule = "|---|---:|---:|---:|---:|---|---:|---:|"
+            "busy error per rank | mean busy error | noise |" + (" overlap |" if ov else ""))
+    rule = "|---|---:|---:|---:|---:|---|---:|---:|" + ("---:|" if ov else "")
     if alt:
         head += " with mean op costs: makespan / busy error |"
         rule += "---:|"
@@ -736,11 +738,30 @@ def _table(cases: list[dict[str, Any]]) -> list[str]:
         line = (f"| {c['case']} | {c['makespan_measured']:.3f} | {_spread(c)} | "
                 f"{c['makespan_simulated']:.3f} | {100 * c['makespan_error']:+.1f}% | {busy} | "
                 f"{100 * c['busy_error_mean']:.1f}% | {c['noise']:.3f} |")
+        if ov:
+            line += f" {c['overlap']:.2f} |"
         if alt:
             m = c["mean_costs"]
             line += f" {100 * m['makespan_error']:+.1f}% / {100 * m['busy_error_mean']:.1f}% |"
         lines.append(line)
     return lines
+
+
+def overlap_line(o: dict[str, Any]) -> str:
+    """How the held-out errors go with the runs' overlap (``Trace.overlap``)."""
+    cases = o["held_out"]
+    line = (f"*overlap* = share of the compute time during which another rank computed too "
+            f"(`Trace.overlap`; {o['calibration']['overlap']:.2f} in the calibration runs). "
+            "If ranks that compute at the same time slow each other down, runs with less "
+            "overlap than the calibration come out faster than predicted (positive errors).")
+    xs = [o["calibration"]["overlap"] - c["overlap"] for c in cases]
+    ys = [c["makespan_error"] for c in cases]
+    try:
+        r = statistics.correlation(xs, ys)
+    except statistics.StatisticsError:   # fewer than 2 cases, or a constant
+        return line
+    return line + (f" Correlation of the makespan error with (calibration overlap - run "
+                   f"overlap) over the {len(cases)} held-out runs: r = {r:+.2f}.")
 
 
 def _diagnostic_lines(o: dict[str, Any], key: str, prefix: str, intro: str) -> list[str]:
@@ -828,6 +849,8 @@ def markdown(o: dict[str, Any]) -> str:
         lines += _diagnostic_lines(o, "paired", "paired", (
             "Paired by round (each round's held-out runs predicted from the same round's "
             "calibration run, measured seconds apart; median over the rounds): "))
+    if "overlap" in o["calibration"]:
+        lines += ["", overlap_line(o)]
     nf = noise_floor(o["held_out"])
     if nf is not None:
         lines += ["", f"Noise floor: half the repeat spread, median over the held-out cases, is "

@@ -163,6 +163,34 @@ class Trace:
         span = self.makespan
         return {k: (tot[k] / span if span > 0 else 0.0) for k in self.ranks}
 
+    def overlap(self, lane: str = "compute") -> float:
+        """Share of the busy time on ``lane`` (``wait`` spans excluded) spent
+        while at least one other rank was busy on that lane too.
+
+        0 with one rank or when the ranks take turns (backprop's locked
+        schedule), near 1 when every op runs beside another rank's (DGL
+        with balanced blocks). Ranks that share a core or a memory bus slow
+        each other down in the overlapped part, so two runs with the same
+        ops but different overlap need not have the same op times.
+        """
+        edges: list[tuple[float, int, int]] = []
+        for r in self._rows:
+            if r[1] == lane and r[2] != "wait" and r[7] > r[6]:
+                edges += [(r[6], 1, r[0]), (r[7], -1, r[0])]
+        edges.sort(key=lambda e: (e[0], e[1]))   # at equal times, ends before starts
+        active: dict[int, int] = defaultdict(int)
+        busy = shared = 0.0
+        t_prev = None
+        for t, d, rank in edges:
+            if t_prev is not None and t > t_prev:
+                n = sum(1 for v in active.values() if v > 0)
+                busy += n * (t - t_prev)
+                if n > 1:
+                    shared += n * (t - t_prev)
+            active[rank] += d
+            t_prev = t
+        return shared / busy if busy > 0 else 0.0
+
     def steps(self) -> list[int]:
         return sorted({r[4] for r in self._rows})
 

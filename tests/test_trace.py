@@ -37,6 +37,37 @@ def test_statistics():
     assert t.ranks == [0, 1] and len(t) == 6
 
 
+def test_overlap():
+    # small(): rank 0 computes over [0, 1.2], rank 1 over [1.35, 2.35] (the
+    # wait and the comm spans do not count): they never compute at once
+    assert small().overlap() == 0.0
+    t = Trace([Span(0, "compute", "fwd", 1, 0, t0=0.0, t1=2.0),
+               Span(1, "compute", "fwd", 2, 0, t0=1.0, t1=3.0),
+               Span(1, "compute", "wait", 2, 1, t0=3.0, t1=9.0),
+               Span(0, "comm", "send", 1, 0, t0=2.0, t1=9.0)])
+    # [1, 2] is shared: 2 of the 4 busy seconds
+    assert t.overlap() == pytest.approx(0.5)
+    assert t.overlap("comm") == 0.0
+    assert Trace([Span(0, "compute", "fwd", 1, 0, t0=0.0, t1=1.0)]).overlap() == 0.0
+    assert Trace([]).overlap() == 0.0
+    # back to back on one rank beside a long op on the other: all shared
+    t = Trace([Span(0, "compute", "fwd", 1, 0, t0=0.0, t1=1.0),
+               Span(0, "compute", "bwd", 1, 0, t0=1.0, t1=2.0),
+               Span(1, "compute", "fwd", 2, 0, t0=0.0, t1=2.0)])
+    assert t.overlap() == pytest.approx(1.0)
+
+
+def test_overlap_of_simulated_schedules():
+    from bpsim.sim import Costs, simulate
+
+    c = Costs(fwd=1.0, bwd=2.0, aux=0.2, update=0.1, comm=0.05)
+    # bp takes turns, except that block 2's update [U] runs while its gradient
+    # travels (c) and block 1's backward begins: U - c = 0.05 of each step's
+    # 2 (F + B + U) = 6.2 busy seconds is shared, on both ranks
+    assert simulate("bp", blocks=2, steps=20, costs=c).trace.overlap() == pytest.approx(0.1 / 6.2)
+    assert simulate("dgl", blocks=2, steps=20, costs=c).trace.overlap() > 0.9   # pipelined
+
+
 def test_check_accepts_valid_and_rejects_overlap():
     small().check()
     bad = Trace([Span(0, "compute", "fwd", 1, 0, t0=0.0, t1=1.0),
