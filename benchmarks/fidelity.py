@@ -289,9 +289,9 @@ def _profile_in_child(cfg: Any, microbatches: int) -> dict[int, dict[str, float]
     """``profile_ratios`` in a fresh interpreter (``spawn``).
 
     How fast a given GEMM runs differs from one process to the next on this
-    kind of machine (block 2's input-gradient ratio came out near 0.35 in
-    some processes and 0.68 in others, in four back-to-back tries), and stays
-    so for the process's lifetime. One profile is one draw of that; the
+    kind of machine (block 2's input-gradient ratio came out anywhere from
+    0.34 to 0.74 in eleven fresh processes), and stays so for the process's
+    lifetime. One profile is one draw of that; the
     workers of every measured run are fresh processes too. So the profile,
     like the runs, is repeated in new processes and the per-key median taken
     (``median_ratios``)."""
@@ -570,9 +570,9 @@ def main(argv: list[str] | None = None) -> int:
         for label, cfg in held:
             measured[label].append(measure(cfg))
         print(f"repeat {rep + 1}/{R} measured", flush=True)
+    probe += speed_probe(PROBE_SECONDS)
     # DGL's blocks have detached inputs; backprop and the pipelines also compute the
     # gradient with respect to block 2's input: add it from the FLOP model.
-    probe += speed_probe(PROBE_SECONDS)
     frac = input_grad_fractions(calib_cfg)
     fitted = [Costs.from_trace(r.trace) for r in calib_runs]
     round_costs = [c.with_input_grad(frac) for c in fitted]
