@@ -102,6 +102,43 @@ def test_recv_handoff_closed_forms(K, N):
     assert one.makespan == pytest.approx(N * K * (F + A + B + U), rel=1e-12)
 
 
+@pytest.mark.parametrize("alpha", [0.25, 0.5])
+@pytest.mark.parametrize("N", [1, 4, 9])
+def test_contention_closed_forms(alpha, N):
+    # contention = a: while both devices compute, each op runs at 1 / (1 + a)
+    S = F + A + B + U
+    costs = COST + f",contention={alpha}"
+    # dgl, K = 2: block 1 computes alone until block 2's first input arrives
+    # (F + c of work), then both compute until block 1 is done, at the shared
+    # speed (block 2 never waits: it lags by more than c), then block 2 does
+    # its last F + c of work alone
+    dgl = simulate("dgl", blocks=2, steps=N, costs=costs)
+    assert dgl.makespan == pytest.approx(2 * (F + C) + (N * S - F - C) * (1 + alpha), rel=1e-9)
+    # bp, K = 2: the blocks take turns except that block 2's update (after c
+    # alone, while its gradient travels) overlaps block 1's backward
+    bp = simulate("bp", blocks=2, steps=N, costs=costs)
+    assert bp.makespan == pytest.approx(
+        N * (2 * (F + B) + 2 * C + U + alpha * (U - C)), rel=1e-9)
+    # blocks on one device take turns: no contention at all
+    one = simulate("dgl", blocks=2, steps=N, costs=costs, placement=1)
+    assert one.makespan == pytest.approx(2 * N * S, rel=1e-9)
+    # the work done is the same; only the speed changed
+    for r in (dgl, bp, one):
+        r.trace.check()
+    assert sum(dgl.trace.busy(k) for k in (0, 1)) > 2 * N * S
+
+
+def test_contention_parses_and_validates():
+    c = Costs.parse(COST + ",contention=0.3")
+    assert c.contention == 0.3 and Costs.parse(str(c)) == c
+    assert "contention" not in str(Costs.parse(COST))   # 0 is left out
+    assert Costs.coerce(c.to_dict()).contention == 0.3
+    with pytest.raises(ValueError, match="contention"):
+        Costs(contention=-0.1)
+    with pytest.raises(ValueError, match="per-block override"):
+        Costs.parse("contention@2=0.3")
+
+
 def test_jitter_draws_the_given_factors():
     # forwards draw from their own factors, backwards (no entry) from all the
     # ops' factors together; messages keep their latency; spread is unused
@@ -306,6 +343,7 @@ cost_st = st.fixed_dictionaries({
     "spread": st.sampled_from([0.0, 0.3]),
     "wake": st.sampled_from([0.0, 0.3]), "wake_tau": st.sampled_from([0.0, 0.5]),
     "recv": st.sampled_from([0.0, 0.2]),
+    "contention": st.sampled_from([0.0, 0.0, 0.5]),
     "jitter": st.sampled_from([{}, {"fwd": (0.5, 2.0), "hstep": (1.0, 3.0)}]),
 })
 
@@ -328,7 +366,7 @@ def test_trace_invariants_random_costs(algo, K, N, costs, shared, m, nh, seed, s
 def test_determinism_equal_seeds_identical_traces():
     kw = dict(blocks=4, steps=30, costs=COST + ",spread=0.4,bytes=10,bandwidth=100",
               slowdown={2: 1.3})
-    jittered = dict(kw, costs=Costs.parse(kw["costs"] + ",recv=0.1",
+    jittered = dict(kw, costs=Costs.parse(kw["costs"] + ",recv=0.1,contention=0.4",
                                           base=Costs(jitter={"bwd": (0.8, 1.3), "aux": (1, 4)})))
     for algo in ("dgl-async", "gpipe", "blockprop"):
         a, b = simulate(algo, seed=7, **kw), simulate(algo, seed=7, **kw)

@@ -90,7 +90,8 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--steps", type=int, default=100, metavar="N", help="minibatch steps")
     p.add_argument("--cost", default=None, metavar="SPEC",
                    help="costs, e.g. fwd=1,bwd=2,aux=0.2,update=0.1,comm=0.05 "
-                        "(also hstep, bwd_in, wake, wake_tau, recv, bandwidth, bytes, spread; KEY@BLOCK=V "
+                        "(also hstep, bwd_in, wake, wake_tau, recv, bandwidth, bytes, spread, "
+                        "contention; KEY@BLOCK=V "
                         "per block)")
     p.add_argument("--microbatches", type=int, default=1, metavar="m",
                    help="gpipe/1f1b micro-batches")

@@ -38,7 +38,7 @@ COMPUTE_OPS = ("fwd", "bwd", "aux", "update", "hstep")
 # extra time of an op that starts after its device idled, see Costs.
 _COST_OPS = COMPUTE_OPS + ("bwd_in", "wake")
 _LINK_KEYS = ("comm", "recv", "bandwidth", "bytes")
-_KEYS = _COST_OPS + _LINK_KEYS + ("spread", "wake_tau")
+_KEYS = _COST_OPS + _LINK_KEYS + ("spread", "wake_tau", "contention")
 # A table op's draws (CostTable.jitter) come from the factors of this op:
 _JITTER_OF = {"bwd+in": "bwd", "loss": "aux"}
 JITTER_BINS = 256   # most relative durations Costs.from_trace keeps in ``jitter``
@@ -118,6 +118,16 @@ class Costs:
         times have two modes (a micro-batch backward that writes or adds
         to the gradients), and so the mean, which is what a makespan, a sum
         of op times, adds up to.
+    contention : float
+        How much devices slow each other down: while another device
+        computes, an op proceeds at ``1 / (1 + contention)`` of its speed,
+        and at full speed otherwise. Processes of one host share caches,
+        the memory bus and, through their communication threads, the cores
+        (``docs/simulator.md``). An op's cost is its work at full speed; the
+        simulator re-rates the ops in progress whenever a device starts or
+        stops computing (processor sharing). Blocks placed on one device
+        take turns and never slow each other this way. Default 0: devices
+        are independent, and every closed form holds.
     per_block : dict
         ``{block: {key: value}}`` overrides, blocks 1-based.
     """
@@ -135,6 +145,7 @@ class Costs:
     bytes: float = 0.0
     spread: float = 0.0
     wake_tau: float = 0.0
+    contention: float = 0.0
     jitter: dict[str, tuple[float, ...]] = field(default_factory=dict)
     per_block: dict[int, dict[str, float]] = field(default_factory=dict)
 
@@ -176,7 +187,7 @@ class Costs:
         """Build costs from ``"fwd=1,bwd=2,aux=0.2,update=0.1,comm=0.05"``.
 
         Keys: ``fwd bwd aux update hstep bwd_in wake comm recv bandwidth
-        bytes spread wake_tau``
+        bytes spread wake_tau contention``
         (``latency`` and ``bw`` are aliases); ``KEY@J=V`` overrides block J.
         Keys not given keep the value of ``base`` (or the defaults).
         """
@@ -450,8 +461,9 @@ class Costs:
         """The costs as a ``--cost`` string (``Costs.parse`` reads it back);
         ``jitter`` has no string form: keep it with :meth:`to_dict`."""
         parts = [f"{k}={getattr(self, k):g}" for k in _KEYS
-                 if getattr(self, k) is not None and not (k == "bandwidth"
-                                                          and math.isinf(self.bandwidth))]
+                 if getattr(self, k) is not None
+                 and not (k == "bandwidth" and math.isinf(self.bandwidth))
+                 and not (k == "contention" and self.contention == 0)]
         for b, over in sorted(self.per_block.items()):
             parts += [f"{k}@{b}={v:g}" for k, v in over.items()]
         return ",".join(parts)

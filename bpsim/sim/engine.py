@@ -15,6 +15,11 @@ The transfer starts when the message is sent (eager) or, with
 ``rendezvous``, when its receiver asks for it; either way the receiver can
 use it a hand-off ``recv`` after it has arrived (``Costs.recv``, default 0).
 
+Devices are independent unless ``Costs.contention`` is set: then an op
+runs at ``1 / (1 + contention)`` of its speed while another device
+computes, and the ops in progress are re-rated whenever that changes
+(processor sharing; ops of blocks on one device take turns as before).
+
 Determinism: SimPy orders simultaneous events by scheduling order, the
 schedules create processes in block order, and every random draw comes
 from one ``random.Random(seed)`` in event order -- so equal seeds give
@@ -110,6 +115,11 @@ class Engine:
         self.wake = table.ops["wake"] if any(w > 0 for w in table.ops["wake"]) else None
         self.wake_tau = table.costs.wake_tau
         self.busy_until = {d: 0.0 for d in counts}   # end of each device's last op
+        # Costs.contention: devices computing now, and the speed of an op while
+        # another device computes too
+        self.contention = table.costs.contention
+        self.computing: dict[int, simpy.Process] = {}
+        self.shared_speed = 1.0 / (1.0 + self.contention)
         self.rows: list[tuple] = []
         self.updates = [0] * (blocks + 1)
         self.idle = [dict.fromkeys(IDLE_CAUSES, 0.0) for _ in range(blocks + 1)]
@@ -139,6 +149,11 @@ class Engine:
             gap = now - self.busy_until[dev]
             if gap > 1e-12 * (now if now > 1.0 else 1.0):   # not back to back, up to rounding
                 extra = Costs.after_idle(self.wake[j], self.wake_tau, gap)
+        if self.contention:
+            yield from self._run_shared(j, dev, ops, step, mb, extra)
+            if req is not None:
+                res.release(req)
+            return
         for op in ops:
             d = self.ops[op][j]
             if d > 0:
@@ -156,6 +171,57 @@ class Engine:
         yield env.timeout(t - now)
         if req is not None:
             res.release(req)
+
+    def _run_shared(self, j: int, dev: int, ops: Sequence[str], step: int, mb: int,
+                    extra: float) -> Generator[simpy.Event, Any, None]:
+        """``run`` with ``Costs.contention``: each op is an amount of work, done
+        at full speed while no other device computes and at ``shared_speed``
+        while one does. Whenever the number of computing devices crosses
+        between one and two, the ops in progress are interrupted and carry
+        on at their new speed with the work they have left (processor
+        sharing, as in fluid models of shared resources)."""
+        env = self.env
+        self._set_computing(dev, env.active_process)
+        for op in ops:
+            work = self.ops[op][j]
+            if work > 0:
+                if self.jitter:
+                    f = self.jitter[op]
+                    work *= f[int(self.rng.random() * len(f))]
+                elif self.spread:
+                    work *= math.exp(self.spread * self.rng.gauss(0.0, 1.0))
+            work += extra
+            extra = 0.0
+            t0 = env.now
+            while work > 0:
+                speed = self.shared_speed if len(self.computing) > 1 else 1.0
+                t = env.now
+                try:
+                    yield env.timeout(work / speed)
+                    work = 0.0
+                except simpy.Interrupt:
+                    work -= (env.now - t) * speed
+                    if work <= 1e-12 * (1.0 + env.now):   # done, up to rounding
+                        work = 0.0
+            self.rows.append((dev, "compute", _SPAN_NAME.get(op, op), j, step, mb, t0,
+                              env.now, None))
+        self._set_computing(dev, None)
+        if self.wake is not None:
+            self.busy_until[dev] = env.now
+
+    def _set_computing(self, dev: int, proc: simpy.Process | None) -> None:
+        """Mark ``dev`` computing (``proc``) or idle (None); when that changes
+        whether devices share the host, re-rate the others' ops."""
+        before = len(self.computing)
+        if proc is None:
+            self.computing.pop(dev, None)
+        else:
+            self.computing[dev] = proc
+        after = len(self.computing)
+        if (before > 1) != (after > 1):
+            for d, p in self.computing.items():
+                if d != dev:
+                    p.interrupt("speed")
 
     # ------------------------------------------------------------ messages
     def _transmit(self, src: int, dst: int, step: int, mb: int) -> float:
