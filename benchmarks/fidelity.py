@@ -65,6 +65,7 @@ DEVICE = "cpu"
 PIPES = ("gpipe", "1f1b")   # micro-batched: costs per micro-batch from profile_ratios
 PROFILES_PER_ROUND = 2      # profile_ratios processes per repeat (median over all of them)
 PROBE_SECONDS = 5           # speed_probe before and after the measurements
+CONTENTION = (0.1, 0.25)    # Costs.contention of the side-by-side what-if predictions
 OVER_CORES = 2   # the oversubscribed runs put 4 ranks on this many cores (--cpus)
 
 
@@ -581,6 +582,11 @@ def main(argv: list[str] | None = None) -> int:
     # diagnostic: the same calibration with lognormal draws instead of the
     # measured distribution (what Costs.from_trace(draws="lognormal") returns)
     logn = replace(costs, jitter={})
+    # what-if: ranks slow each other down by a in the overlapped part
+    # (Costs.contention), the calibration ops turned into work at full speed
+    contended = {a: median_costs([Costs.from_trace(r.trace, contention=a)
+                                  for r in calib_runs]).with_input_grad(frac)
+                 for a in CONTENTION}
     ratios = median_ratios(profiles)
     print(f"calibrated on dgl, 2 workers, {N} steps: {costs}", flush=True)
     woke, wake_fit = None, None
@@ -606,6 +612,9 @@ def main(argv: list[str] | None = None) -> int:
                            "busy_error_mean": statistics.median(x["busy_error_mean"] for x in per),
                            "makespan_errors": [x["makespan_error"] for x in per]}
         _diagnostic(c, "lognormal", predict(logn, cfg, measured[label], label, mb_costs=mb))
+        for a, ca in contended.items():
+            _diagnostic(c, f"contention_{a:g}", predict(ca, cfg, measured[label], label,
+                                                        mb_costs=mb))
         if woke is not None:
             _diagnostic(c, "wake", predict(woke, cfg, measured[label], label, mb_costs=mb))
         if cfg.algo == "gpipe":   # diagnostic: micro-batch = minibatch / m
@@ -667,13 +676,16 @@ def main(argv: list[str] | None = None) -> int:
                                                 for pr in profiles],
                         "after_idle": wake_fit,
                         "noise": statistics.median(noise(r.trace) for r in calib_runs),
-                        "overlap": statistics.median(r.trace.overlap() for r in calib_runs)},
+                        "overlap": statistics.median(r.trace.overlap() for r in calib_runs),
+                        "contention_what_if": list(CONTENTION)},
         "held_out": cases, "self_calibrated": self_cal, "oversubscribed": over,
         "summary": {**_errors("held_out", cases),
                     **_errors("mean_costs", [c["mean_costs"] for c in cases]),
                     **_errors("paired", [c["paired"] for c in cases if "paired" in c]),
                     **_errors("self", self_cal),
                     **_errors("lognormal", [c["lognormal"] for c in cases]),
+                    **{k: v for a in CONTENTION for k, v in _errors(
+                        f"contention_{a:g}", [c[f"contention_{a:g}"] for c in cases]).items()},
                     **_errors("self_lognormal", [c["lognormal"] for c in self_cal]),
                     **_errors("after_idle", [c["wake"] for c in cases if "wake" in c])},
         "seconds": time.time() - t_start,
@@ -837,6 +849,13 @@ def markdown(o: dict[str, Any]) -> str:
         lines += _diagnostic_lines(o, "lognormal", "lognormal", (
             "Diagnostic, the same calibration with lognormal draws (`Costs.from_trace(trace, "
             "draws=\"lognormal\")`, the default before `Costs.jitter`): "))
+    for a in o["calibration"].get("contention_what_if", []):
+        key = f"contention_{a:g}"
+        lines += _diagnostic_lines(o, key, key, (
+            f"What if ranks slowed each other down by {100 * a:g}% while both compute "
+            f"(`Costs.contention = {a:g}`, the calibration's ops turned into their work at full "
+            "speed by `Costs.from_trace(trace, contention=...)`; not fitted, a sensitivity "
+            "check): "))
     if sm.get("after_idle_mean_abs_makespan_error") is not None:
         fit = o["calibration"]["after_idle"]
         lines += _diagnostic_lines(o, "wake", "after_idle", (

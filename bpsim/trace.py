@@ -16,6 +16,7 @@ This module never imports torch: the runtime records into a
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import os
@@ -171,25 +172,51 @@ class Trace:
         schedule), near 1 when every op runs beside another rank's (DGL
         with balanced blocks). Ranks that share a core or a memory bus slow
         each other down in the overlapped part, so two runs with the same
-        ops but different overlap need not have the same op times.
+        ops but different overlap need not have the same op times
+        (``Costs.contention``).
         """
-        edges: list[tuple[float, int, int]] = []
-        for r in self._rows:
-            if r[1] == lane and r[2] != "wait" and r[7] > r[6]:
-                edges += [(r[6], 1, r[0]), (r[7], -1, r[0])]
-        edges.sort(key=lambda e: (e[0], e[1]))   # at equal times, ends before starts
-        active: dict[int, int] = defaultdict(int)
+        fr = self.span_overlaps(lane)
         busy = shared = 0.0
-        t_prev = None
-        for t, d, rank in edges:
-            if t_prev is not None and t > t_prev:
-                n = sum(1 for v in active.values() if v > 0)
-                busy += n * (t - t_prev)
-                if n > 1:
-                    shared += n * (t - t_prev)
-            active[rank] += d
-            t_prev = t
+        for r, f in zip(self._rows, fr):
+            if f is not None:
+                busy += r[7] - r[6]
+                shared += (r[7] - r[6]) * f
         return shared / busy if busy > 0 else 0.0
+
+    def span_overlaps(self, lane: str = "compute") -> list[float | None]:
+        """For each row, the fraction of its time during which another rank
+        was busy on ``lane`` (``wait`` spans do not count as busy); None for
+        rows on other lanes, ``wait`` spans and zero-length spans."""
+        def busy(r: Row) -> bool:
+            return r[1] == lane and r[2] != "wait" and r[7] > r[6]
+
+        by_rank: dict[int, list[tuple[float, float]]] = defaultdict(list)
+        for r in self._rows:
+            if busy(r):
+                by_rank[r[0]].append((r[6], r[7]))
+        others: dict[int, tuple[list[float], list[float]]] = {}
+        for rank in by_rank:   # the union of every other rank's busy time
+            merged: list[list[float]] = []
+            for a, b in sorted(iv for k, ivs in by_rank.items() if k != rank for iv in ivs):
+                if merged and a <= merged[-1][1]:
+                    merged[-1][1] = max(merged[-1][1], b)
+                else:
+                    merged.append([a, b])
+            others[rank] = ([m[0] for m in merged], [m[1] for m in merged])
+        out: list[float | None] = []
+        for r in self._rows:
+            if not busy(r):
+                out.append(None)
+                continue
+            starts, ends = others[r[0]]
+            a, b = r[6], r[7]
+            i = max(bisect.bisect_right(starts, a) - 1, 0)
+            shared = 0.0
+            while i < len(starts) and starts[i] < b:
+                shared += max(0.0, min(b, ends[i]) - max(a, starts[i]))
+                i += 1
+            out.append(shared / (b - a))
+        return out
 
     def steps(self) -> list[int]:
         return sorted({r[4] for r in self._rows})

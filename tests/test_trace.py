@@ -47,6 +47,7 @@ def test_overlap():
                Span(0, "comm", "send", 1, 0, t0=2.0, t1=9.0)])
     # [1, 2] is shared: 2 of the 4 busy seconds
     assert t.overlap() == pytest.approx(0.5)
+    assert t.span_overlaps() == [pytest.approx(0.5), pytest.approx(0.5), None, None]
     assert t.overlap("comm") == 0.0
     assert Trace([Span(0, "compute", "fwd", 1, 0, t0=0.0, t1=1.0)]).overlap() == 0.0
     assert Trace([]).overlap() == 0.0

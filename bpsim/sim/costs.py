@@ -284,7 +284,8 @@ class Costs:
                    spread=spread, per_block=per)
 
     @classmethod
-    def from_trace(cls, trace: "Trace", draws: str = "empirical") -> "Costs":
+    def from_trace(cls, trace: "Trace", draws: str = "empirical",
+                   contention: float = 0.0) -> "Costs":
         """Calibrate costs on a measured trace.
 
         Each compute op's cost per block is the median of its spans; the
@@ -318,17 +319,29 @@ class Costs:
         number, or ``{block: bytes}``) latency and bandwidth come from a
         least-squares line through (bytes, time), else the median time is
         taken as pure latency.
+
+        With ``contention`` (see the field of that name) each op is first
+        turned into its work at full speed: an op that took ``d`` with
+        another rank computing for a fraction ``f`` of it did
+        ``d (1 - f) + d f / (1 + contention)`` of work
+        (``Trace.span_overlaps``). The costs keep that ``contention``, so a
+        simulation of the traced run itself gives its durations back.
         """
         if draws not in ("empirical", "lognormal"):
             raise ValueError(f"draws must be 'empirical' or 'lognormal', got {draws!r}")
+        alpha = _number("contention", contention)
+        shared = trace.span_overlaps() if alpha else None
         by: dict[tuple[str, int], list[float]] = defaultdict(list)
         sends: dict[Any, tuple] = {}
         recvs: dict[Any, tuple] = {}
         waits: dict[int, list[tuple[float, float]]] = defaultdict(list)
-        for r in trace.rows:
+        for i, r in enumerate(trace.rows):
             op = r[2]
             if r[1] == "compute" and op in COMPUTE_OPS:
-                by[(op, r[3])].append(r[7] - r[6])
+                d = r[7] - r[6]
+                if shared is not None and shared[i]:
+                    d *= 1.0 - shared[i] * alpha / (1.0 + alpha)
+                by[(op, r[3])].append(d)
             elif op == "send" and r[8] is not None:
                 sends[r[8]] = r
             elif op == "recv" and r[8] is not None:
@@ -396,7 +409,7 @@ class Costs:
         # transfer time of the (fixed-size) messages.
         return cls(fwd=0.0, bwd=0.0, aux=0.0, update=0.0, comm=comm, recv=recv,
                    bandwidth=bandwidth, bytes=float(meta_bytes) if isinstance(meta_bytes, (int, float)) else 0.0,
-                   spread=spread, jitter=jitter, per_block=dict(per))
+                   spread=spread, jitter=jitter, contention=alpha, per_block=dict(per))
 
     def with_input_grad(self, fractions: Sequence[float]) -> "Costs":
         """A copy whose block j pays ``bwd_in = fractions[j-1] * fwd_j`` for
