@@ -15,7 +15,8 @@
    real extra work; the simulator multiplies that block's costs), the
    one-process reference (both blocks on one device). Report the makespan
    error and the per-rank busy-time error of each (``bpsim.sim.compare``).
-   Every run is measured ``--repeats`` times, interleaved with the others,
+   Every run is measured ``--repeats`` times, interleaved with the others
+   (each round starting at another place in the order, against drift),
    after ``WARMUP`` untimed steps, and the repeat with the median makespan
    is compared; the calibration takes the per-key median over its repeats.
 3. Separately, **self-calibrated** predictions: each algorithm calibrated
@@ -564,12 +565,22 @@ def main(argv: list[str] | None = None) -> int:
     calib_runs, measured = [], {label: [] for label, _ in held}
     pipes = any(c.algo in PIPES for _, c in held)
     profiles = []   # the micro-batch profile, in fresh processes like the runs
+    # Each round starts at another place in the order (calibration, then the
+    # held-out runs), so that a machine whose speed drifts over the minutes of
+    # a round (speed_probe saw 3.06 ms at the start of one run, 3.91 ms at its
+    # end) does not always favour the runs measured first.
+    order = [None] + [label for label, _ in held]
+    cfg_of = dict(held)
     for rep in range(R):
-        calib_runs.append(measure(calib_cfg))
-        if pipes:
-            profiles += [_profile_in_child(calib_cfg, 4) for _ in range(PROFILES_PER_ROUND)]
-        for label, cfg in held:
-            measured[label].append(measure(cfg))
+        k = rep * len(order) // R
+        for label in order[k:] + order[:k]:
+            if label is None:
+                calib_runs.append(measure(calib_cfg))
+                if pipes:
+                    profiles += [_profile_in_child(calib_cfg, 4)
+                                 for _ in range(PROFILES_PER_ROUND)]
+            else:
+                measured[label].append(measure(cfg_of[label]))
         print(f"repeat {rep + 1}/{R} measured", flush=True)
     probe += speed_probe(PROBE_SECONDS)
     # DGL's blocks have detached inputs; backprop and the pipelines also compute the
@@ -677,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
                         "after_idle": wake_fit,
                         "noise": statistics.median(noise(r.trace) for r in calib_runs),
                         "overlap": statistics.median(r.trace.overlap() for r in calib_runs),
-                        "contention_what_if": list(CONTENTION)},
+                        "contention_what_if": list(CONTENTION), "rounds_rotated": True},
         "held_out": cases, "self_calibrated": self_cal, "oversubscribed": over,
         "summary": {**_errors("held_out", cases),
                     **_errors("mean_costs", [c["mean_costs"] for c in cases]),
@@ -813,7 +824,11 @@ def markdown(o: dict[str, Any]) -> str:
                 "median)")
              + "; scaling by 1/m instead gives the gpipe diagnostic below.", "",
              f"Every run was measured {o['calibration'].get('repeats', 1)} times, interleaved "
-             "with the others; each row compares the repeat with the median makespan (all "
+             "with the others"
+             + ("" if not o["calibration"].get("rounds_rotated") else
+                " (each round starting at another place in the order, so that a drift of the "
+                "machine's speed does not always favour the same runs)")
+             + "; each row compares the repeat with the median makespan (all "
              "repeats' makespans are in the JSON). *repeat spread* = (max - min) / median of "
              "those makespans: identical runs differ by this much on this machine, so it bounds "
              "how small a prediction error can be told apart from noise. Each measured run first took "
