@@ -98,6 +98,33 @@ def measure(cfg: Any) -> Any:
     return res
 
 
+CALIB = "calibration"
+
+
+def measure_rounds(runs: list[tuple[str, Any]], rounds: int,
+                   after: Any = None) -> dict[str, list[Any]]:
+    """Measure every ``(label, cfg)`` of ``runs`` ``rounds`` times, round by
+    round, and return ``{label: [results]}``; ``after(label)`` runs after each.
+
+    Each round starts at another place in the order (round r at
+    ``r * len(runs) // rounds``). On a machine whose speed drifts over the
+    minutes of a round (``speed_probe`` saw 3.06 ms at the start of one
+    benchmark run and 3.91 ms at its end) a fixed order always measures the
+    first runs, the calibration above all, at another speed than the last:
+    in two of three full runs with the calibration always first, 9 and 11
+    of the 12 held-out errors had the same sign.
+    """
+    out: dict[str, list[Any]] = {label: [] for label, _ in runs}
+    for r in range(rounds):
+        k = r * len(runs) // rounds
+        for label, cfg in runs[k:] + runs[:k]:
+            out[label].append(measure(cfg))
+            if after is not None:
+                after(label)
+        print(f"repeat {r + 1}/{rounds} measured", flush=True)
+    return out
+
+
 def _sim_kwargs(cfg: Any, res: Any) -> dict[str, Any]:
     """simulate() arguments describing the measured run ``cfg``."""
     kw: dict[str, Any] = {"blocks": cfg.blocks, "steps": cfg.steps}
@@ -562,26 +589,15 @@ def main(argv: list[str] | None = None) -> int:
     # Repeats are interleaved (calibration, every held-out run, again...) so
     # that a slow spell of the shared machine hits all cases alike.
     probe = speed_probe(PROBE_SECONDS)
-    calib_runs, measured = [], {label: [] for label, _ in held}
     pipes = any(c.algo in PIPES for _, c in held)
     profiles = []   # the micro-batch profile, in fresh processes like the runs
-    # Each round starts at another place in the order (calibration, then the
-    # held-out runs), so that a machine whose speed drifts over the minutes of
-    # a round (speed_probe saw 3.06 ms at the start of one run, 3.91 ms at its
-    # end) does not always favour the runs measured first.
-    order = [None] + [label for label, _ in held]
-    cfg_of = dict(held)
-    for rep in range(R):
-        k = rep * len(order) // R
-        for label in order[k:] + order[:k]:
-            if label is None:
-                calib_runs.append(measure(calib_cfg))
-                if pipes:
-                    profiles += [_profile_in_child(calib_cfg, 4)
-                                 for _ in range(PROFILES_PER_ROUND)]
-            else:
-                measured[label].append(measure(cfg_of[label]))
-        print(f"repeat {rep + 1}/{R} measured", flush=True)
+    def profile(label: str) -> None:   # right after each calibration run
+        if label == CALIB and pipes:
+            profiles.extend(_profile_in_child(calib_cfg, 4) for _ in range(PROFILES_PER_ROUND))
+
+    runs = measure_rounds([(CALIB, calib_cfg)] + held, R, after=profile)
+    calib_runs = runs.pop(CALIB)
+    measured = runs
     probe += speed_probe(PROBE_SECONDS)
     # DGL's blocks have detached inputs; backprop and the pipelines also compute the
     # gradient with respect to block 2's input: add it from the FLOP model.
@@ -649,11 +665,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             cases_a = [(f"{algo}, 2x the steps", _cfg(algo, 2 * N, **extra)),
                        (f"{algo}, block 2 slowed S=2", _cfg(algo, N, slowdown={2: 2.0}, **extra))]
-            shorts, runs_a = [], {label: [] for label, _ in cases_a}
-            for _ in range(R):
-                shorts.append(measure(_cfg(algo, N, **extra)))
-                for label, cfg in cases_a:
-                    runs_a[label].append(measure(cfg))
+            runs_a = measure_rounds([(CALIB, _cfg(algo, N, **extra))] + cases_a, R)
+            shorts = runs_a.pop(CALIB)
             c_self = median_costs([Costs.from_trace(r.trace) for r in shorts])
             c_logn = replace(c_self, jitter={})   # lognormal draws
             for label, cfg in cases_a:

@@ -50,3 +50,17 @@ def test_profiled_scales_each_op(fidelity):
     # block 2: bwd + bwd_in = (4 + 4) * 0.75 = 6, of which bwd = 4 * 0.5 = 2
     assert mb.get("bwd", 2) == 2.0 and mb.get("bwd_in", 2) == 4.0
     assert mb.get("update", 2) == 1.0   # once per step: not scaled
+
+
+def test_measure_rounds_rotates_the_order(fidelity, monkeypatch):
+    seen = []
+    monkeypatch.setattr(fidelity, "measure", lambda cfg: seen.append(cfg) or f"run of {cfg}")
+    after = []
+    out = fidelity.measure_rounds([("c", "C"), ("a", "A"), ("b", "B")], 3, after=after.append)
+    # round r starts at r * 3 // 3 = r: every run is measured first once
+    assert seen == ["C", "A", "B", "A", "B", "C", "B", "C", "A"]
+    assert after == ["c", "a", "b", "a", "b", "c", "b", "c", "a"]
+    assert out == {"c": ["run of C"] * 3, "a": ["run of A"] * 3, "b": ["run of B"] * 3}
+    seen.clear()
+    fidelity.measure_rounds([("c", "C"), ("a", "A")], 1)
+    assert seen == ["C", "A"]
