@@ -514,7 +514,10 @@ for op in ("fwd", "bwd", "update"):
 # that is bound by memory bandwidth, not arithmetic. On this course's CPU, $t(B/4)/t(B)$ came out at 0.3-0.9 instead of
 # 0.25, and one op's ratio could land anywhere from 0.34 to 0.74 depending on the process that timed it
 # (`profile_ratios` in `benchmarks/fidelity.py`, which therefore profiles in several fresh processes). Whichever you
-# pick, repeat measurements before trusting a difference. The explorer below puts
+# pick, repeat measurements before trusting a difference, and vary their order: on a machine whose speed drifts over
+# minutes, whatever is always measured first is measured at another speed (`fidelity.py` starts each round of repeats
+# at another place). And if you suspect that ranks computing at once slow each other down, `Trace.overlap()` says how
+# much a run's ranks did, and `Costs(contention=...)` lets the simulator try it. The explorer below puts
 # "calibrated on dgl" and "calibrated on the run itself" side by side.
 #
 # So, to the question of section 1: on this machine the assumptions that break worst are 1 and 3, stable op costs on
