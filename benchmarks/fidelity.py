@@ -8,8 +8,9 @@
    fractions from ``BlockNet.input_grad_flops``), and how op times shrink at
    the pipelines' micro-batch size (a short profile of each block at both
    batch sizes, ``profile_ratios``: a ratio, the level stays the measured
-   one; run in fresh processes, two per repeat, and the per-key median
-   taken, since one process's ratios are one draw of a per-process speed).
+   one; run in fresh processes, two per repeat, and the per-key mean
+   taken, since one process's ratios are one draw of a per-process speed
+   with two modes).
 2. **Predict** held-out measured runs with ``bpsim.sim.simulate`` and those
    costs: more steps, the other algorithms, a slowed rank (``--slowdown``,
    real extra work; the simulator multiplies that block's costs), the
@@ -322,8 +323,8 @@ def _profile_in_child(cfg: Any, microbatches: int) -> dict[int, dict[str, float]
     0.34 to 0.74 in eleven fresh processes), and stays so for the process's
     lifetime. One profile is one draw of that; the
     workers of every measured run are fresh processes too. So the profile,
-    like the runs, is repeated in new processes and the per-key median taken
-    (``median_ratios``)."""
+    like the runs, is repeated in new processes and averaged
+    (``pooled_ratios``)."""
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing as mp
 
@@ -358,9 +359,14 @@ def probe_spread(xs: list[float]) -> float:
     return (max(xs) - min(xs)) / statistics.median(xs)
 
 
-def median_ratios(profiles: list[dict[int, dict[str, float]]]) -> dict[int, dict[str, float]]:
-    """Per-key median of several ``profile_ratios`` results."""
-    return {j: {op: statistics.median(p[j][op] for p in profiles) for op in ops}
+def pooled_ratios(profiles: list[dict[int, dict[str, float]]]) -> dict[int, dict[str, float]]:
+    """Per-key mean of several ``profile_ratios`` results.
+
+    The mean, not the median: block 2's input-gradient ratio has two modes
+    (about 0.37 and 0.62, one per process), and a median of a few draws
+    lands on either by chance, while the mean estimates what a fresh
+    process costs on average, which is what a run's ranks are."""
+    return {j: {op: statistics.fmean(p[j][op] for p in profiles) for op in ops}
             for j, ops in profiles[0].items()} if profiles else {}
 
 
@@ -614,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     contended = {a: median_costs([Costs.from_trace(r.trace, contention=a)
                                   for r in calib_runs]).with_input_grad(frac)
                  for a in CONTENTION}
-    ratios = median_ratios(profiles)
+    ratios = pooled_ratios(profiles)
     print(f"calibrated on dgl, 2 workers, {N} steps: {costs}", flush=True)
     woke, wake_fit = None, None
     if args.wake:   # diagnostic: the same predictions with an after-idle cost
@@ -701,7 +707,8 @@ def main(argv: list[str] | None = None) -> int:
                         "after_idle": wake_fit,
                         "noise": statistics.median(noise(r.trace) for r in calib_runs),
                         "overlap": statistics.median(r.trace.overlap() for r in calib_runs),
-                        "contention_what_if": list(CONTENTION), "rounds_rotated": True},
+                        "contention_what_if": list(CONTENTION), "rounds_rotated": True,
+                        "microbatch_pool": "mean"},
         "held_out": cases, "self_calibrated": self_cal, "oversubscribed": over,
         "summary": {**_errors("held_out", cases),
                     **_errors("mean_costs", [c["mean_costs"] for c in cases]),
@@ -834,7 +841,7 @@ def markdown(o: dict[str, Any]) -> str:
                 if "microbatch_profiles" not in o["calibration"] else
                 f"profile of each block in {len(o['calibration']['microbatch_profiles'])} fresh "
                 "single-thread processes interleaved with the repeats (`profile_ratios`; per-key "
-                "median)")
+                + o["calibration"].get("microbatch_pool", "median") + ")")
              + "; scaling by 1/m instead gives the gpipe diagnostic below.", "",
              f"Every run was measured {o['calibration'].get('repeats', 1)} times, interleaved "
              "with the others"

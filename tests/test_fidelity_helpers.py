@@ -20,13 +20,14 @@ def fidelity():
     return importlib.import_module("fidelity")
 
 
-def test_median_ratios_is_per_key(fidelity):
+def test_pooled_ratios_is_the_per_key_mean(fidelity):
     profiles = [{1: {"fwd": 0.3, "bwd": 0.40}, 2: {"fwd": 0.35, "bwd": 0.70}},
                 {1: {"fwd": 0.5, "bwd": 0.42}, 2: {"fwd": 0.37, "bwd": 0.34}},
                 {1: {"fwd": 0.4, "bwd": 0.90}, 2: {"fwd": 0.36, "bwd": 0.36}}]
-    assert fidelity.median_ratios(profiles) == {1: {"fwd": 0.4, "bwd": 0.42},
-                                                2: {"fwd": 0.36, "bwd": 0.36}}
-    assert fidelity.median_ratios([]) == {}
+    out = fidelity.pooled_ratios(profiles)
+    assert out == {1: {"fwd": pytest.approx(0.4), "bwd": pytest.approx(1.72 / 3)},
+                   2: {"fwd": pytest.approx(0.36), "bwd": pytest.approx(1.4 / 3)}}
+    assert fidelity.pooled_ratios([]) == {}
 
 
 def test_probe_spread(fidelity):
