@@ -170,10 +170,10 @@ class Trace:
 
         0 with one rank or when the ranks take turns (backprop's locked
         schedule), near 1 when every op runs beside another rank's (DGL
-        with balanced blocks). Ranks that share a core or a memory bus slow
-        each other down in the overlapped part, so two runs with the same
-        ops but different overlap need not have the same op times
-        (``Costs.contention``).
+        with balanced blocks). Ranks that share caches, a memory bus or
+        cores may slow each other down in the overlapped part, so two runs
+        with the same ops but different overlap need not have the same op
+        times (``Costs.contention`` lets the simulator try that).
         """
         fr = self.span_overlaps(lane)
         busy = shared = 0.0
