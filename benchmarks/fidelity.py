@@ -592,15 +592,16 @@ def main(argv: list[str] | None = None) -> int:
 
         if torch.cuda.device_count() < 2:   # pipelines on CUDA need NCCL, one GPU per rank
             held = [(label, cfg) for label, cfg in held if cfg.algo not in PIPES]
-    # Repeats are interleaved (calibration, every held-out run, again...) so
-    # that a slow spell of the shared machine hits all cases alike.
     probe = speed_probe(PROBE_SECONDS)
     pipes = any(c.algo in PIPES for _, c in held)
     profiles = []   # the micro-batch profile, in fresh processes like the runs
+
     def profile(label: str) -> None:   # right after each calibration run
         if label == CALIB and pipes:
             profiles.extend(_profile_in_child(calib_cfg, 4) for _ in range(PROFILES_PER_ROUND))
 
+    # Repeats are interleaved (calibration, every held-out run, again..., each
+    # round rotated) so that a slow spell of the shared machine hits all cases alike.
     runs = measure_rounds([(CALIB, calib_cfg)] + held, R, after=profile)
     calib_runs = runs.pop(CALIB)
     measured = runs
