@@ -278,6 +278,11 @@ def profile_ratios(cfg: Any, microbatches: int, reps: int = 40) -> dict[int, dic
     quarter of the time on a CPU, the weight gradient above all, so these
     are well above 1 / m; the measured run supplies the absolute level, the
     profile only the shape dependence.
+
+    Each block's entry also has ``t_fwd`` and ``t_bwd``: the whole-batch
+    forward and backward (detached input) in seconds, timed here with no
+    other process computing (``fit_contention`` compares them with the
+    calibration run's).
     """
     import torch
 
@@ -306,7 +311,8 @@ def profile_ratios(cfg: Any, microbatches: int, reps: int = 40) -> dict[int, dic
                     ds[(op, b, acc)].append(time.perf_counter() - t0)
         blk.zero_grad(set_to_none=True)
         t = {c: statistics.median(v) for c, v in ds.items()}
-        out[j] = {"fwd": t[("fwd", mb, False)] / t[("fwd", BATCH, False)]}
+        out[j] = {"fwd": t[("fwd", mb, False)] / t[("fwd", BATCH, False)],
+                  "t_fwd": t[("fwd", BATCH, False)], "t_bwd": t[("bwd", BATCH, False)]}
         for op in ("bwd", "bwd+in"):   # chunk 1 writes .grad, chunks 2..m add to it
             chunk = (t[(op, mb, False)] + (m - 1) * t[(op, mb, True)]) / m
             out[j][op] = chunk / t[(op, BATCH, False)]
@@ -368,6 +374,41 @@ def pooled_ratios(profiles: list[dict[int, dict[str, float]]]) -> dict[int, dict
     process costs on average, which is what a run's ranks are."""
     return {j: {op: statistics.fmean(p[j][op] for p in profiles) for op in ops}
             for j, ops in profiles[0].items()} if profiles else {}
+
+
+def fit_contention(traces: list[Any], solo: dict[int, dict[str, float]]) -> dict[str, Any]:
+    """``Costs.contention`` fitted from the calibration runs and a solo profile.
+
+    A calibration op of duration ``d`` that another rank overlapped for a
+    fraction ``f`` of its time did ``d (1 - f A / (1 + A))`` of work at full
+    speed (``Costs.from_trace``); the solo profile (``profile_ratios``'s
+    ``t_bwd``, no other process computing, mean over the fresh processes)
+    times that work directly. Over the backward ops of all blocks (in a DGL
+    step a backward never follows a wait, so no after-idle cost is mixed
+    in), with d the median over the runs of each run's median and f the mean
+    overlap of the block's backward spans, the pooled fit is ``x = A / (1 + A) = sum(d - s) / sum(d f)``; A is clipped at 0 (ops
+    no slower beside another rank). Returns ``{"contention": A, "blocks":
+    {block: {"d", "f", "s"}}}``.
+    """
+    blocks: dict[int, dict[str, float]] = {}
+    for j, r in solo.items():
+        if "t_bwd" not in r:
+            continue
+        ds, fs = [], []
+        for tr in traces:
+            shared = tr.span_overlaps()
+            mine = [(row[7] - row[6], shared[i]) for i, row in enumerate(tr.rows)
+                    if row[1] == "compute" and row[2] == "bwd" and row[3] == j]
+            if mine:
+                ds.append(statistics.median(d for d, _ in mine))
+                fs += [f or 0.0 for _, f in mine]
+        if ds:
+            blocks[j] = {"d": statistics.median_low(ds), "f": statistics.fmean(fs),
+                         "s": r["t_bwd"]}
+    den = sum(b["d"] * b["f"] for b in blocks.values())
+    x = sum(b["d"] - b["s"] for b in blocks.values()) / den if den > 0 else 0.0
+    x = min(max(x, 0.0), 0.9)   # A <= 9: a profile far off the run says nothing sensible
+    return {"contention": x / (1.0 - x), "blocks": blocks}
 
 
 WAKE_GAPS = (0.005, 0.02)   # idle gaps (s) that wake_profile sleeps before an op
@@ -593,11 +634,10 @@ def main(argv: list[str] | None = None) -> int:
         if torch.cuda.device_count() < 2:   # pipelines on CUDA need NCCL, one GPU per rank
             held = [(label, cfg) for label, cfg in held if cfg.algo not in PIPES]
     probe = speed_probe(PROBE_SECONDS)
-    pipes = any(c.algo in PIPES for _, c in held)
-    profiles = []   # the micro-batch profile, in fresh processes like the runs
+    profiles = []   # the block profile, in fresh processes like the runs
 
     def profile(label: str) -> None:   # right after each calibration run
-        if label == CALIB and pipes:
+        if label == CALIB:
             profiles.extend(_profile_in_child(calib_cfg, 4) for _ in range(PROFILES_PER_ROUND))
 
     # Repeats are interleaved (calibration, every held-out run, again..., each
@@ -622,6 +662,11 @@ def main(argv: list[str] | None = None) -> int:
                                   for r in calib_runs]).with_input_grad(frac)
                  for a in CONTENTION}
     ratios = pooled_ratios(profiles)
+    # diagnostic: contention fitted from the solo profile's backward times
+    cfit = fit_contention([r.trace for r in calib_runs], ratios)
+    fitted_c = median_costs([Costs.from_trace(r.trace, contention=cfit["contention"])
+                             for r in calib_runs]).with_input_grad(frac)
+    print(f"contention fitted from the solo profile: {cfit['contention']:.3f}", flush=True)
     print(f"calibrated on dgl, 2 workers, {N} steps: {costs}", flush=True)
     woke, wake_fit = None, None
     if args.wake:   # diagnostic: the same predictions with an after-idle cost
@@ -649,6 +694,8 @@ def main(argv: list[str] | None = None) -> int:
         for a, ca in contended.items():
             _diagnostic(c, f"contention_{a:g}", predict(ca, cfg, measured[label], label,
                                                         mb_costs=mb))
+        _diagnostic(c, "contention_fitted", predict(fitted_c, cfg, measured[label], label,
+                                                    mb_costs=mb))
         if woke is not None:
             _diagnostic(c, "wake", predict(woke, cfg, measured[label], label, mb_costs=mb))
         if cfg.algo == "gpipe":   # diagnostic: micro-batch = minibatch / m
@@ -661,7 +708,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{100 * c['mean_costs']['busy_error_mean']:5.1f}%; "
               + (f"after-idle: {100 * c['wake']['makespan_error']:+6.1f}%, "
                  f"{100 * c['wake']['busy_error_mean']:5.1f}%; " if "wake" in c else "")
-              + f"lognormal: {100 * c['lognormal']['makespan_error']:+6.1f}%; noise "
+              + f"lognormal: {100 * c['lognormal']['makespan_error']:+6.1f}%; fitted "
+              f"contention: {100 * c['contention_fitted']['makespan_error']:+6.1f}%; noise "
               f"{c['noise']:.3f})", flush=True)
     self_cal = []
     if not args.quick and not args.held_only:
@@ -709,7 +757,10 @@ def main(argv: list[str] | None = None) -> int:
                         "noise": statistics.median(noise(r.trace) for r in calib_runs),
                         "overlap": statistics.median(r.trace.overlap() for r in calib_runs),
                         "contention_what_if": list(CONTENTION), "rounds_rotated": True,
-                        "microbatch_pool": "mean"},
+                        "microbatch_pool": "mean",
+                        "contention_fit": {"contention": cfit["contention"],
+                                           "blocks": {str(j): b for j, b
+                                                      in cfit["blocks"].items()}}},
         "held_out": cases, "self_calibrated": self_cal, "oversubscribed": over,
         "summary": {**_errors("held_out", cases),
                     **_errors("mean_costs", [c["mean_costs"] for c in cases]),
@@ -718,6 +769,7 @@ def main(argv: list[str] | None = None) -> int:
                     **_errors("lognormal", [c["lognormal"] for c in cases]),
                     **{k: v for a in CONTENTION for k, v in _errors(
                         f"contention_{a:g}", [c[f"contention_{a:g}"] for c in cases]).items()},
+                    **_errors("contention_fitted", [c["contention_fitted"] for c in cases]),
                     **_errors("self_lognormal", [c["lognormal"] for c in self_cal]),
                     **_errors("after_idle", [c["wake"] for c in cases if "wake" in c])},
         "seconds": time.time() - t_start,
@@ -892,6 +944,15 @@ def markdown(o: dict[str, Any]) -> str:
             f"(`Costs.contention = {a:g}`, the calibration's ops turned into their work at full "
             "speed by `Costs.from_trace(trace, contention=...)`; not fitted, a sensitivity "
             "check): "))
+    cf = o["calibration"].get("contention_fit")
+    if cf is not None and sm.get("contention_fitted_mean_abs_makespan_error") is not None:
+        per = "; ".join(f"block {j}: {1e3 * b['d']:.2f} ms in the run, overlapped "
+                        f"{100 * b['f']:.0f}%, {1e3 * b['s']:.2f} ms alone"
+                        for j, b in cf["blocks"].items())
+        lines += _diagnostic_lines(o, "contention_fitted", "contention_fitted", (
+            f"Contention fitted (`fit_contention`: the calibration's backward ops against the "
+            f"same ops timed alone in the block profile's processes; {per}) at "
+            f"`Costs.contention = {cf['contention']:.3f}`: "))
     if sm.get("after_idle_mean_abs_makespan_error") is not None:
         fit = o["calibration"]["after_idle"]
         lines += _diagnostic_lines(o, "wake", "after_idle", (

@@ -65,3 +65,30 @@ def test_measure_rounds_rotates_the_order(fidelity, monkeypatch):
     seen.clear()
     fidelity.measure_rounds([("c", "C"), ("a", "A")], 1)
     assert seen == ["C", "A"]
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.15, 0.4])
+def test_fit_contention_recovers_the_simulated_one(fidelity, alpha):
+    from bpsim.sim import Costs, simulate
+
+    # block 2 is light: it idles, so block 1's backward is only partly overlapped
+    work = {1: {"fwd": 3.0, "bwd": 6.0, "aux": 0.5, "update": 1.0},
+            2: {"fwd": 1.0, "bwd": 1.5, "aux": 0.2, "update": 0.3}}
+    costs = Costs(comm=0.1, contention=alpha, per_block=work)
+    traces = [simulate("dgl", blocks=2, steps=30, costs=costs).trace]
+    solo = {j: {"t_fwd": w["fwd"], "t_bwd": w["bwd"]} for j, w in work.items()}
+    fit = fidelity.fit_contention(traces, solo)
+    assert fit["contention"] == pytest.approx(alpha, rel=1e-9, abs=1e-12)
+    assert 0.4 < fit["blocks"][1]["f"] < 0.6 and fit["blocks"][2]["f"] == 1.0
+    f1 = fit["blocks"][1]["f"]   # work = d (1 - f A / (1 + A)), as Costs.from_trace has it
+    assert fit["blocks"][1]["d"] * (1 - f1 * alpha / (1 + alpha)) == pytest.approx(6.0)
+
+
+def test_fit_contention_clips_a_solo_profile_slower_than_the_run(fidelity):
+    from bpsim.sim import Costs, simulate
+
+    work = {j: {"fwd": 2.0, "bwd": 4.0, "aux": 0.5, "update": 1.0} for j in (1, 2)}
+    trace = simulate("dgl", blocks=2, steps=10, costs=Costs(per_block=work)).trace
+    fit = fidelity.fit_contention([trace], {j: {"t_bwd": 5.0} for j in (1, 2)})
+    assert fit["contention"] == 0.0
+    assert fidelity.fit_contention([trace], {})["contention"] == 0.0   # no profile: none
