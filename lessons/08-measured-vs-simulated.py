@@ -517,7 +517,10 @@ for op in ("fwd", "bwd", "update"):
 # pick, repeat measurements before trusting a difference, and vary their order: on a machine whose speed drifts over
 # minutes, whatever is always measured first is measured at another speed (`fidelity.py` starts each round of repeats
 # at another place). And if you suspect that ranks computing at once slow each other down, `Trace.overlap()` says how
-# much a run's ranks did, and `Costs(contention=...)` lets the simulator try it. The explorer below puts
+# much a run's ranks did, and `Costs(contention=...)` lets the simulator try it. Test such a fit on runs whose ranks
+# overlap differently: fitted from the same ops timed alone (`fit_contention` in `benchmarks/fidelity.py`), the
+# contention that made the one-process run come out right made bp, whose ranks take turns, 17 % too fast, so on this
+# machine the slowdown comes with a second process, not with computing at the same time. The explorer below puts
 # "calibrated on dgl" and "calibrated on the run itself" side by side.
 #
 # So, to the question of section 1: on this machine the assumptions that break worst are 1 and 3, stable op costs on
