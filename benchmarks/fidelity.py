@@ -38,7 +38,7 @@ DGL heads ``linear``), one torch thread per worker, and the training set is
 cut to a multiple of the batch size so that every step costs the same.
 Results: ``benchmarks/results/fidelity.{json,md}``.
 
-    python benchmarks/fidelity.py            # full (about 9 minutes, 5 repeats)
+    python benchmarks/fidelity.py            # full (about 8 minutes, 5 repeats)
     python benchmarks/fidelity.py --quick    # < 1 min: calibration + 3 held-out runs; writes nothing
 """
 
@@ -412,8 +412,9 @@ def fit_contention(traces: list[Any], solo: dict[int, dict[str, float]]) -> dict
     times that work directly. Over the backward ops of all blocks (in a DGL
     step a backward never follows a wait, so no after-idle cost is mixed
     in), with d the median over the runs of each run's median and f the mean
-    overlap of the block's backward spans, the pooled fit is ``x = A / (1 + A) = sum(d - s) / sum(d f)``; A is clipped at 0 (ops
-    no slower beside another rank). Returns ``{"contention": A, "blocks":
+    overlap of the block's backward spans, the pooled fit is
+    ``x = A / (1 + A) = sum(d - s) / sum(d f)``; A is clipped at 0 (ops no
+    slower beside another rank). Returns ``{"contention": A, "blocks":
     {block: {"d", "f", "s"}}}``.
     """
     meds: dict[int, list[float]] = {}     # per block: each run's median backward
@@ -634,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
     N = args.steps or (16 if args.quick else 40)
     if args.repeats is None:
         # 5, not 3: on a noisy machine the median of 3 is itself a few percent off
-        # (one --repeats 9 run gave 4.6 %, an hour whose 3-repeat run gave 10.8 %)
+        # (one --repeats 9 run gave 4.6 % in an hour whose 3-repeat run gave 10.8 %)
         args.repeats = 1 if args.quick else 5
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
