@@ -255,11 +255,14 @@ def noise(trace: Any) -> float:
     return tot / med if med > 0 else float("nan")
 
 
-def _scaled(costs: Any, f: float) -> Any:
-    """Per-micro-batch costs assuming time proportional to batch size (the
-    update is once per step and keeps its cost)."""
-    per = {b: {k: (v * f if k in ("fwd", "bwd", "aux", "hstep", "bwd_in") else v)
-               for k, v in over.items()} for b, over in costs.per_block.items()}
+def _scaled(costs: Any, f: float, update: bool = False) -> Any:
+    """``costs`` with each block's fwd, bwd, aux, hstep and bwd_in times ``f``,
+    and with ``update`` its update too. Without: per-micro-batch costs
+    assuming time proportional to batch size (the update is once per step
+    and keeps its cost)."""
+    ops = ("fwd", "bwd", "aux", "hstep", "bwd_in") + (("update",) if update else ())
+    per = {b: {k: (v * f if k in ops else v) for k, v in over.items()}
+           for b, over in costs.per_block.items()}
     return replace(costs, per_block=per)
 
 
@@ -414,8 +417,14 @@ def fit_contention(traces: list[Any], solo: dict[int, dict[str, float]]) -> dict
     in), with d the median over the runs of each run's median and f the mean
     overlap of the block's backward spans, the pooled fit is
     ``x = A / (1 + A) = sum(d - s) / sum(d f)``; A is clipped at 0 (ops no
-    slower beside another rank). Returns ``{"contention": A, "blocks":
-    {block: {"d", "f", "s"}}}``.
+    slower beside another rank).
+
+    The same numbers read another way: if a run's ops are slower because a
+    second process shares the host, whether or not it computes at that
+    moment, every op of a run with two or more processes takes ``1 + P``
+    times its time alone, ``P = sum(d) / sum(s) - 1`` (clipped at 0).
+    Returns ``{"contention": A, "two_process": P, "blocks": {block: {"d",
+    "f", "s"}}}``.
     """
     meds: dict[int, list[float]] = {}     # per block: each run's median backward
     shares: dict[int, list[float]] = {}   # per block: every backward's overlap
@@ -433,7 +442,9 @@ def fit_contention(traces: list[Any], solo: dict[int, dict[str, float]]) -> dict
     den = sum(b["d"] * b["f"] for b in blocks.values())
     x = sum(b["d"] - b["s"] for b in blocks.values()) / den if den > 0 else 0.0
     x = min(max(x, 0.0), 0.9)   # A <= 9: a profile far off the run says nothing sensible
-    return {"contention": x / (1.0 - x), "blocks": blocks}
+    solo = sum(b["s"] for b in blocks.values())
+    p2 = max(sum(b["d"] for b in blocks.values()) / solo - 1.0, 0.0) if solo > 0 else 0.0
+    return {"contention": x / (1.0 - x), "two_process": p2, "blocks": blocks}
 
 
 WAKE_GAPS = (0.005, 0.02)   # idle gaps (s) that wake_profile sleeps before an op
@@ -560,8 +571,10 @@ def per_block_busy(trace: Any, by_block: bool) -> dict[int, float]:
     return out
 
 
-def oversubscribed(steps: int) -> dict[str, Any]:
-    """4 workers on ``OVER_CORES`` cores, predicted from the one-process run of the same net."""
+def oversubscribed(steps: int, two_process: float = 0.0) -> dict[str, Any]:
+    """4 workers on ``OVER_CORES`` cores, predicted from the one-process run of
+    the same net; also with its op costs times ``1 + two_process``
+    (``fit_contention``: what a second process on the host adds)."""
     from bpsim.sim import Costs, simulate
 
     cpus = sorted(os.sched_getaffinity(0))[:OVER_CORES]
@@ -578,8 +591,10 @@ def oversubscribed(steps: int) -> dict[str, Any]:
             costs_a = Costs.from_trace(measure(_cfg(algo, steps, workers=1, blocks=4)).trace)
         else:
             costs_a = costs
+        crowded = _scaled(costs_a, 1.0 + two_process, update=True)
         for placement in (2, [0, 1, 0, 1]):
             sim = simulate(algo, blocks=4, steps=steps, costs=costs_a, placement=placement)
+            s2 = simulate(algo, blocks=4, steps=steps, costs=crowded, placement=placement)
             mb = per_block_busy(res.trace, True)
             sb = per_block_busy(sim.trace, True)
             errs = [(sb[b] - mb[b]) / mb[b] for b in sorted(mb)]
@@ -588,6 +603,7 @@ def oversubscribed(steps: int) -> dict[str, Any]:
                 "algo": algo, "workers": 4, "cores": len(cpus),
                 "placement": placement, "makespan_measured": m_span,
                 "makespan_simulated": s_span, "makespan_error": (s_span - m_span) / m_span,
+                "makespan_error_two_process": (s2.trace.makespan - m_span) / m_span,
                 "busy_error_per_block": errs,
                 "busy_error_mean": sum(abs(e) for e in errs) / len(errs)})
             print(f"  {algo} 4 workers on {out['cases'][-1]['cores']} cores, placement "
@@ -693,7 +709,8 @@ def main(argv: list[str] | None = None) -> int:
     cfit = fit_contention([r.trace for r in calib_runs], ratios)
     fitted_c = median_costs([Costs.from_trace(r.trace, contention=cfit["contention"])
                              for r in calib_runs]).with_input_grad(frac)
-    print(f"contention fitted from the solo profile: {cfit['contention']:.3f}", flush=True)
+    print(f"contention fitted from the solo profile: {cfit['contention']:.3f}; two-process "
+          f"factor 1 + {cfit['two_process']:.3f}", flush=True)
     print(f"calibrated on dgl, 2 workers, {N} steps: {costs}", flush=True)
     woke, wake_fit = None, None
     if args.wake:   # diagnostic: the same predictions with an after-idle cost
@@ -723,6 +740,12 @@ def main(argv: list[str] | None = None) -> int:
                                                         mb_costs=mb))
         _diagnostic(c, "contention_fitted", predict(fitted_c, cfg, measured[label], label,
                                                     mb_costs=mb))
+        if cfg.workers == 1:   # one process: no second one to slow its ops (two_process)
+            _diagnostic(c, "two_process", predict(
+                _scaled(costs, 1.0 / (1.0 + cfit["two_process"]), update=True), cfg,
+                measured[label], label, mb_costs=mb))
+        else:                  # as many processes as the calibration: the same prediction
+            _diagnostic(c, "two_process", c)
         if woke is not None:
             _diagnostic(c, "wake", predict(woke, cfg, measured[label], label, mb_costs=mb))
         if cfg.algo == "gpipe":   # diagnostic: micro-batch = minibatch / m
@@ -758,8 +781,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[self] {label:38s} makespan error {100 * c['makespan_error']:+6.1f}%, "
                       f"busy error {100 * c['busy_error_mean']:5.1f}% (lognormal: "
                       f"{100 * c['lognormal']['makespan_error']:+6.1f}%)", flush=True)
-    over = (oversubscribed(N) if not (args.quick or args.held_only) and DEVICE == "cpu"
-            else None)
+    over = (oversubscribed(N, cfit["two_process"])
+            if not (args.quick or args.held_only) and DEVICE == "cpu" else None)
 
     import torch
 
@@ -786,6 +809,7 @@ def main(argv: list[str] | None = None) -> int:
                         "contention_what_if": list(CONTENTION), "rounds_rotated": True,
                         "microbatch_pool": "mean",
                         "contention_fit": {"contention": cfit["contention"],
+                                           "two_process": cfit["two_process"],
                                            "blocks": {str(j): b for j, b
                                                       in cfit["blocks"].items()}}},
         "held_out": cases, "self_calibrated": self_cal, "oversubscribed": over,
@@ -797,6 +821,7 @@ def main(argv: list[str] | None = None) -> int:
                     **{k: v for a in CONTENTION for k, v in _errors(
                         f"contention_{a:g}", [c[f"contention_{a:g}"] for c in cases]).items()},
                     **_errors("contention_fitted", [c["contention_fitted"] for c in cases]),
+                    **_errors("two_process", [c["two_process"] for c in cases]),
                     **_errors("self_lognormal", [c["lognormal"] for c in self_cal]),
                     **_errors("after_idle", [c["wake"] for c in cases if "wake" in c])},
         "seconds": time.time() - t_start,
@@ -980,6 +1005,13 @@ def markdown(o: dict[str, Any]) -> str:
             f"Contention fitted (`fit_contention`: the calibration's backward ops against the "
             f"same ops timed alone in the block profile's processes; {per}) at "
             f"`Costs.contention = {cf['contention']:.3f}`: "))
+    if cf is not None and sm.get("two_process_mean_abs_makespan_error") is not None:
+        lines += _diagnostic_lines(o, "two_process", "two_process", (
+            "Or the slowdown comes with a second process on the host, whether or not it "
+            "computes at that moment: the same numbers give a two-process factor 1 + "
+            f"{cf['two_process']:.3f} (sum of the run's backward times over the same ops "
+            "alone), and the one-process run is predicted with the calibration's op costs "
+            "divided by it (the others as in the table): "))
     if sm.get("after_idle_mean_abs_makespan_error") is not None:
         fit = o["calibration"]["after_idle"]
         lines += _diagnostic_lines(o, "wake", "after_idle", (
@@ -1019,15 +1051,23 @@ def markdown(o: dict[str, Any]) -> str:
                           + ", ".join(f"{100 * c['lognormal']['makespan_error']:+.1f}%"
                                       for c in o["self_calibrated"]) + ").")
     if o["oversubscribed"]:
+        cases = o["oversubscribed"]["cases"]
+        two = all("makespan_error_two_process" in c for c in cases)
         lines += ["", "## More workers than cores", "",
                   f"Calibrated on {o['oversubscribed']['calibration']}.", "",
                   "| run | simulator placement | makespan error | busy error per block | "
-                  "mean busy error |", "|---|---|---:|---|---:|"]
-        for c in o["oversubscribed"]["cases"]:
+                  "mean busy error |" + (" with the two-process factor |" if two else ""),
+                  "|---|---|---:|---|---:|" + ("---:|" if two else "")]
+        for c in cases:
             errs = ", ".join(f"{100 * e:+.0f}%" for e in c["busy_error_per_block"])
             lines.append(f"| {c['algo']}, {c['workers']} workers on {c['cores']} cores | "
                          f"{c['placement']} | {100 * c['makespan_error']:+.1f}% | {errs} | "
-                         f"{100 * c['busy_error_mean']:.0f}% |")
+                         f"{100 * c['busy_error_mean']:.0f}% |"
+                         + (f" {100 * c['makespan_error_two_process']:+.1f}% |" if two else ""))
+        if two:
+            lines += ["", "*with the two-process factor*: the one-process op costs times "
+                          f"1 + {o['calibration']['contention_fit']['two_process']:.3f} "
+                          "(`fit_contention`, see above)."]
         lines += ["", "A measured span on a shared core includes the time its process waited "
                       "for the core, so measured busy times exceed the simulator's (which "
                       "queues whole ops on a device) even when the makespans agree."]

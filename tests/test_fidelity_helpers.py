@@ -90,5 +90,21 @@ def test_fit_contention_clips_a_solo_profile_slower_than_the_run(fidelity):
     work = {j: {"fwd": 2.0, "bwd": 4.0, "aux": 0.5, "update": 1.0} for j in (1, 2)}
     trace = simulate("dgl", blocks=2, steps=10, costs=Costs(per_block=work)).trace
     fit = fidelity.fit_contention([trace], {j: {"t_bwd": 5.0} for j in (1, 2)})
-    assert fit["contention"] == 0.0
+    assert fit["contention"] == 0.0 and fit["two_process"] == 0.0
     assert fidelity.fit_contention([trace], {})["contention"] == 0.0   # no profile: none
+
+
+def test_fit_contention_two_process_factor(fidelity):
+    """Ops of a two-process run that all take 1.3 times their time alone
+    (whatever the overlap) read as a two-process factor of exactly 0.3."""
+    from bpsim.sim import Costs, simulate
+
+    alone = {1: {"fwd": 3.0, "bwd": 6.0, "aux": 0.5, "update": 1.0},
+             2: {"fwd": 1.0, "bwd": 1.5, "aux": 0.2, "update": 0.3}}
+    crowded = {j: {k: 1.3 * v for k, v in w.items()} for j, w in alone.items()}
+    trace = simulate("dgl", blocks=2, steps=20, costs=Costs(comm=0.1, per_block=crowded)).trace
+    fit = fidelity.fit_contention([trace], {j: {"t_bwd": w["bwd"]} for j, w in alone.items()})
+    assert fit["two_process"] == pytest.approx(0.3)
+    # the one-process prediction divides by it and gets the costs alone back
+    back = fidelity._scaled(Costs(per_block=crowded), 1 / 1.3, update=True)
+    assert all(back.get(k, j) == pytest.approx(v) for j, w in alone.items() for k, v in w.items())
