@@ -1009,8 +1009,8 @@ def markdown(o: dict[str, Any]) -> str:
         lines += _diagnostic_lines(o, "two_process", "two_process", (
             "Or the slowdown comes with a second process on the host, whether or not it "
             "computes at that moment: the same numbers give a two-process factor 1 + "
-            f"{cf['two_process']:.3f} (sum of the run's backward times over the same ops "
-            "alone), and the one-process run is predicted with the calibration's op costs "
+            f"{cf['two_process']:.3f} (the calibration's backward times, summed over the "
+            "blocks, over the same ops' times alone), and the one-process run is predicted with the calibration's op costs "
             "divided by it (the others as in the table): "))
     if sm.get("after_idle_mean_abs_makespan_error") is not None:
         fit = o["calibration"]["after_idle"]
