@@ -27,7 +27,9 @@
 4. **More ranks than cores**: 4 workers confined to 2 cores (``cpus``, so
    any machine can run it). Costs come from the one-process run of the same
    4-block net (undisturbed); the simulator shares devices (``placement=2``: blocks 1-2 on device 0,
-   3-4 on device 1). Makespan and per-block busy errors are reported.
+   3-4 on device 1). Makespan and per-block busy errors are reported, and
+   the makespan error with those costs times ``fit_contention``'s
+   two-process factor.
 
 A ``speed_probe`` (one fixed matrix product, timed second by second for
 ``PROBE_SECONDS`` before and after the measurements) reports how much the

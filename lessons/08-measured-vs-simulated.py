@@ -520,7 +520,7 @@ for op in ("fwd", "bwd", "update"):
 # much a run's ranks did, and `Costs(contention=...)` lets the simulator try it. Test such a fit on runs whose ranks
 # overlap differently: fitted from the same ops timed alone (`fit_contention` in `benchmarks/fidelity.py`), the
 # contention that made the one-process run come out right made bp, whose ranks take turns, 17 % too fast, so on this
-# machine the slowdown comes with a second process, not with computing at the same time. The explorer below puts
+# machine the slowdown is not simply ranks computing at the same time. The explorer below puts
 # "calibrated on dgl" and "calibrated on the run itself" side by side.
 #
 # So, to the question of section 1: on this machine the assumptions that break worst are 1 and 3, stable op costs on
