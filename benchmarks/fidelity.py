@@ -444,8 +444,8 @@ def fit_contention(traces: list[Any], solo: dict[int, dict[str, float]]) -> dict
     den = sum(b["d"] * b["f"] for b in blocks.values())
     x = sum(b["d"] - b["s"] for b in blocks.values()) / den if den > 0 else 0.0
     x = min(max(x, 0.0), 0.9)   # A <= 9: a profile far off the run says nothing sensible
-    solo = sum(b["s"] for b in blocks.values())
-    p2 = max(sum(b["d"] for b in blocks.values()) / solo - 1.0, 0.0) if solo > 0 else 0.0
+    alone = sum(b["s"] for b in blocks.values())
+    p2 = max(sum(b["d"] for b in blocks.values()) / alone - 1.0, 0.0) if alone > 0 else 0.0
     return {"contention": x / (1.0 - x), "two_process": p2, "blocks": blocks}
 
 
