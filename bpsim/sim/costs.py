@@ -127,11 +127,14 @@ class Costs:
         simulator re-rates the ops in progress whenever a device starts or
         stops computing (processor sharing). Blocks placed on one device
         take turns and never slow each other this way. Default 0: devices
-        are independent, and every closed form holds. Nothing fits it for
-        you: a run whose ranks nearly always overlap cannot tell it apart
-        from slower ops, so give it to ask "what if"
+        are independent, and every closed form holds. ``from_trace`` does
+        not fit it: a run whose ranks nearly always overlap cannot tell it
+        apart from slower ops, so give it to ask "what if"
         (``from_trace(trace, contention=...)`` then turns the measured ops
-        into their work at full speed).
+        into their work at full speed). ``benchmarks/fidelity.py`` fits it
+        against the same ops timed alone (``fit_contention``); on a 2-core
+        VM the fitted value made bp, whose ranks take turns, come out too
+        fast (``docs/simulator.md``).
     per_block : dict
         ``{block: {key: value}}`` overrides, blocks 1-based.
     """
