@@ -40,13 +40,27 @@
 import plotly.graph_objects as go
 import torch
 
+from IPython.display import Markdown
+
 from bpsim import data, nets, sim, viz
 from bpsim.algorithms.backprop import BackpropTrainer
-from bpsim.course import checks, pick, widgets
+from bpsim.course import checks, claims, pick, widgets
 
 torch.set_num_threads(1)  # small models: one thread is fastest and repeatable
 FAST = pick(True, False)
 print("fast mode" if FAST else "full mode")
+
+# %% [markdown]
+# ## What the papers claim, and what bpsim measured
+#
+# The course tests the papers' claims. The ledger below is read from the committed full-size benchmark results
+# (`benchmarks/results/*.json`, measured by the scripts in `benchmarks/`, not by this notebook); each verdict follows
+# from the numbers by a rule stated in the README. *Noise* is twice the standard error of an accuracy on the test
+# set; a result from one seed is marked so. The lessons run small, fast versions of these experiments beside the
+# committed numbers.
+
+# %%
+Markdown(claims.markdown(rules=False))
 
 # %% [markdown]
 # ## 1. The three locks of backpropagation
