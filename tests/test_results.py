@@ -17,7 +17,7 @@ import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 RESULTS = BENCH / "results"
-SCRIPTS = ("accuracy_blockprop", "accuracy_dgl", "costmodel", "fidelity", "simspeed", "theory", "throughput")
+SCRIPTS = ("accuracy_blockprop", "accuracy_dgl", "costmodel", "fidelity", "memory", "simspeed", "theory", "throughput")
 
 
 def _script(path: Path) -> str:
