@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import bisect
 import json
-import math
 import os
-import tempfile
 import time
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import astuple, dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
+
+from bpsim.files import atomic_write_text, json_safe, jsonable
 
 __all__ = ["OPS", "LANES", "Span", "Trace", "Recorder", "merge", "atomic_write_text", "json_safe"]
 
@@ -319,7 +319,7 @@ class Trace:
             events.append({"ph": "f", "bp": "e", "name": "msg", "cat": "msg", "id": msg,
                            "pid": pid, "tid": _tid(rv[0], rv[1]), "ts": rv[6] * _US})
         return {"traceEvents": events, "displayTimeUnit": "ms",
-                "otherData": {"bpsim_meta": _jsonable(self.meta), "bpsim_version": 1}}
+                "otherData": {"bpsim_meta": jsonable(self.meta), "bpsim_version": 1}}
 
     @classmethod
     def from_chrome(cls, obj: dict[str, Any] | list[Any]) -> "Trace":
@@ -371,30 +371,6 @@ def _tid(rank: int, lane: str) -> int:
     return 2 * int(rank) + _LANE_INDEX.get(lane, 1)
 
 
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
-    if x is None or isinstance(x, (bool, int, float, str)):
-        return x
-    return str(x)
-
-
-def json_safe(x: Any) -> Any:
-    """``x`` with NaN/inf floats replaced by ``None`` and dict keys made strings,
-    so ``json.dumps(..., allow_nan=False)`` writes standard JSON (results, summaries)."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {str(k): json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [json_safe(v) for v in x]
-    return x
-
-
 def merge(traces: Sequence[Trace], meta: dict[str, Any] | None = None) -> Trace:
     """Concatenate traces, e.g. the per-rank traces of one run.
 
@@ -407,25 +383,6 @@ def merge(traces: Sequence[Trace], meta: dict[str, Any] | None = None) -> Trace:
     rows.sort(key=lambda r: (r[6], r[0], _LANE_INDEX.get(r[1], 9)))
     base = meta if meta is not None else (dict(traces[0].meta) if traces else {})
     return Trace.from_rows(rows, base)
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same folder and ``os.replace``."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)          # mkstemp makes 0600 files; traces are shared
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 class Recorder:

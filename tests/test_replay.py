@@ -1,149 +1,133 @@
-"""ReplayBuffer: the DGL authors' rule (issue 3, item 5) against a reference model."""
+"""Replay (``bpsim.sim.replay``), ``simulate_like`` and the refusals of
+simulate and compare: a simulated trace replays to itself exactly."""
 
 from __future__ import annotations
 
-import threading
+import math
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bpsim.replay import ReplayBuffer
+from bpsim import methods
+from bpsim.sim import Costs, replay, simulate, simulate_like
+from bpsim.sim.api import SpanLimitError
+from bpsim.sim.compare import compare, format_report
+from bpsim.sim.results import buffer_stats
+from bpsim.trace import Trace
+
+COST = "fwd=1,bwd=2,aux=0.2,update=0.1,comm=0.05"
+
+cost_st = st.fixed_dictionaries({
+    "fwd": st.floats(0.01, 3), "bwd": st.floats(0.01, 3), "aux": st.floats(0, 1),
+    "bwd_in": st.sampled_from([0.0, 0.5]), "update": st.floats(0, 1),
+    "comm": st.floats(0, 1), "recv": st.sampled_from([0.0, 0.2]),
+    "spread": st.sampled_from([0.0, 0.3]),
+})
 
 
-class Reference:
-    """Obvious O(M) model of the rule: overwrite oldest; serve least-read, newest on ties."""
-
-    def __init__(self, capacity, max_reuse):
-        self.capacity, self.max_reuse = capacity, max_reuse
-        self.entries = []  # [seq, item, step, reads], oldest first
-        self.retired = []
-        self.seq = 0
-        self.last = None
-        self.stale = []
-
-    def put(self, item, step):
-        if len(self.entries) == self.capacity:
-            self.retired.append(self.entries.pop(0)[3])
-        self.entries.append([self.seq, item, step, 0])
-        self.seq += 1
-        self.last = step
-
-    def get(self):
-        ok = [e for e in self.entries if self.max_reuse is None or e[3] < self.max_reuse]
-        if not ok:
-            return None
-        e = min(ok, key=lambda e: (e[3], -e[0]))
-        e[3] += 1
-        self.stale.append(self.last - e[2])
-        return e[1]
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(algo=st.sampled_from(methods.NAMES), K=st.integers(2, 4), N=st.integers(1, 5),
+       costs=cost_st, seed=st.integers(0, 3), slow=st.floats(0.5, 3), m=st.integers(1, 3))
+def test_a_simulated_trace_replays_to_itself(algo, K, N, costs, seed, slow, m):
+    r = simulate(algo, blocks=K, steps=N, costs=costs, seed=seed, slowdown={2: slow},
+                 microbatches=m, buffer=3, nh=2, steps_per_epoch=2)
+    # through a file, as the CLI reads it
+    rp = replay(Trace.from_chrome(r.trace.to_chrome()))
+    rep = rp.report
+    assert rep["missing"] == 0 and rep["unused"] == 0
+    assert rep["makespan"] == pytest.approx(r.makespan, rel=1e-9, abs=1e-9)
+    assert rep["makespan_error"] == pytest.approx(0.0, abs=1e-9)
+    assert rep["start_offset_median"] == pytest.approx(0.0, abs=1e-9)
+    assert all(b["error"] == pytest.approx(0.0, abs=1e-9) for b in rep["busy_error"])
+    rp.trace.check()
+    if algo == "dgl-async":
+        assert rep["buffers"] == rep["measured_buffers"]
 
 
-ops = st.lists(st.one_of(st.just("get"), st.integers(0, 10**6)), max_size=200)
+def test_replay_report_keys_and_buffers_of_a_slowed_async_run():
+    r = simulate("dgl-async", blocks=3, steps=60, costs=COST, slowdown={2: 2.0})
+    rep = replay(r.trace).to_dict()
+    for k in ("makespan", "measured_makespan", "makespan_error", "busy_error",
+              "start_offset_median", "buffers", "measured_buffers"):
+        assert k in rep
+    b = rep["buffers"]
+    assert len(b) == 2 and {"reuse_mean", "staleness_mean", "misses"} <= set(b[0])
+    # block 3 reads each output of the twice-slower block 2 about twice
+    assert b[1]["reuse_mean"] == pytest.approx(2.0, rel=0.1)
+    # the reads logged in the meta give the simulator's own statistics
+    assert b[1]["reuse_mean"] == pytest.approx(r.buffers[1]["reuse_mean"])
+    assert b[0]["staleness_mean"] == pytest.approx(r.buffers[0]["staleness_mean"], abs=0.05)
+    assert buffer_stats(Trace()) == []
 
 
-@settings(max_examples=150, deadline=None)
-@given(capacity=st.integers(1, 8), max_reuse=st.one_of(st.none(), st.integers(1, 4)), seq=ops)
-def test_matches_reference_model(capacity, max_reuse, seq):
-    buf, ref = ReplayBuffer(capacity, max_reuse), Reference(capacity, max_reuse)
-    step = 0
-    for op in seq:
-        if op == "get":
-            assert buf.get() == ref.get()
-        else:
-            buf.put(op, step=step)
-            ref.put(op, step)
-            step += 1
-        assert len(buf) == len(ref.entries)
-    assert buf.reads() == [e[3] for e in ref.entries]
-    assert buf.reuse_counts() == ref.retired + [e[3] for e in ref.entries]
-    assert buf.staleness() == ref.stale
-    used = [r for r in buf.reuse_counts() if r > 0]
-    if used:
-        assert buf.reuse_mean == pytest.approx(sum(used) / len(used))
+def test_replay_charges_untraced_gaps_and_unexplained_waits():
+    # a measured-like trace: block 2's ops start 0.5 after block 1's message
+    # arrives (a thread hand-off), and rank 0 has a wait no message ends
+    rows = [(0, "compute", "fwd", 1, 0, 0, 0.0, 1.0, None),
+            (0, "comm", "send", 1, 0, 0, 1.0, 1.0, 7),
+            (1, "comm", "recv", 2, 0, 0, 1.0, 1.2, 7),
+            (1, "compute", "wait", 2, 0, 0, 0.0, 1.5, None),
+            (1, "compute", "fwd", 2, 0, 0, 1.5, 2.0, None),
+            (0, "compute", "aux", 1, 0, 0, 1.0, 1.5, None),
+            (0, "compute", "wait", 1, 0, 0, 1.5, 1.8, None),
+            (0, "compute", "bwd", 1, 0, 0, 1.8, 2.8, None),
+            (0, "compute", "update", 1, 0, 0, 2.8, 3.0, None),
+            (1, "compute", "aux", 2, 0, 0, 2.0, 2.5, None),
+            (1, "compute", "bwd", 2, 0, 0, 2.7, 3.2, None),
+            (1, "compute", "update", 2, 0, 0, 3.2, 3.4, None)]
+    t = Trace.from_rows(rows, {"algo": "dgl", "blocks": 2, "steps": 1, "placement": [0, 1]})
+    rep = replay(t).report
+    assert rep["makespan"] == pytest.approx(3.4)
+    assert rep["start_offset_median"] == pytest.approx(0.0)
+    assert rep["busy_error"][0]["unexplained_wait"] == pytest.approx(0.3)
 
 
-def test_empty_and_exhausted_return_none():
-    buf = ReplayBuffer(3, max_reuse=2)
-    assert buf.get() is None
-    buf.put("a")
-    assert buf.get() == "a" and buf.get() == "a"
-    assert buf.get() is None                 # used up
-    buf.put("b")
-    assert buf.get() == "b"
+@pytest.mark.parametrize("algo", ["bp", "gpipe", "dgl-async", "blockprop-cached"])
+def test_simulate_like_reads_everything_from_the_meta(algo):
+    r = simulate(algo, blocks=3, steps=6, costs=COST, slowdown={2: 1.5}, microbatches=2,
+                 nh=1, cache_every=2, steps_per_epoch=2, buffer=4, placement=[0, 1, 1])
+    again = simulate_like(r.trace, COST)
+    assert again.makespan == pytest.approx(r.makespan, rel=1e-12)
+    assert again.trace.rows == r.trace.rows
+    # costs default to a calibration on the trace itself
+    assert simulate_like(r.trace).makespan > 0
 
 
-def test_overwrites_oldest_and_serves_newest_first():
-    buf = ReplayBuffer(2)
-    for x in "abc":
-        buf.put(x)
-    assert len(buf) == 2
-    assert [buf.get(), buf.get(), buf.get()] == ["c", "b", "c"]
-    assert buf.reuse_counts() == [0, 1, 2]    # 'a' evicted unread
-    assert buf.reuse_mean == 1.5
+def test_defaults_come_from_the_registry():
+    r = simulate("gpipe", blocks=2, steps=1, costs=COST)
+    assert r.meta["microbatches"] == methods.DEFAULTS["microbatches"]
+    b = simulate("blockprop", blocks=2, steps=1, costs=COST)
+    hsteps = [s for s in b.trace if s.op == "hstep"]
+    assert len(hsteps) == methods.DEFAULTS["nh"]
 
 
-def test_staleness_with_explicit_now():
-    buf = ReplayBuffer(4)
-    buf.put("x", step=3)
-    assert buf.get(with_staleness=True, now=7) == ("x", 4)
-    buf.put("y")                              # no step: no staleness sample
-    assert buf.get(with_staleness=True) == ("y", None)
-    assert buf.staleness() == [4]
-    assert buf.staleness_mean == 4
+@pytest.mark.parametrize("text,msg", [("", "empty"), ("  , ", "empty"),
+                                      ("fwd=1,fwd=2", "twice"), ("fwd@2=1,fwd@2=3", "twice")])
+def test_cost_strings_refused(text, msg):
+    with pytest.raises(ValueError, match=msg):
+        Costs.parse(text)
 
 
-@pytest.mark.parametrize("kw", [dict(capacity=0), dict(capacity=-1), dict(capacity=2.5),
-                                dict(capacity=3, max_reuse=0), dict(capacity=3, max_reuse=1.5)])
-def test_bad_arguments_say_what_to_do(kw):
-    with pytest.raises(ValueError, match=">= 1"):
-        ReplayBuffer(**kw)
+def test_too_many_spans_refused_before_running():
+    with pytest.raises(SpanLimitError, match="limit of 20,000,000"):
+        simulate("dgl", blocks=4, steps=100_000_000, costs=COST)
 
 
-def test_thread_safe_under_concurrent_put_and_get():
-    buf = ReplayBuffer(16)
-    got = []
-
-    def producer():
-        for i in range(5000):
-            buf.put(i, step=i)
-
-    def consumer():
-        for _ in range(5000):
-            x = buf.get()
-            if x is not None:
-                got.append(x)
-
-    ts = [threading.Thread(target=producer), threading.Thread(target=consumer)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    assert buf.n_puts == 5000
-    assert buf.n_gets == len(got)
-    assert sum(buf.reuse_counts()) == len(got)
-    assert len(buf) == 16
+def _t(rows, **meta):
+    return Trace.from_rows(rows, dict({"blocks": 1}, **meta))
 
 
-def test_no_torch_import():
-    import subprocess
-    import sys
-    code = "import bpsim.replay, bpsim.trace, sys; assert 'torch' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True)
-
-
-def test_state_dict_round_trip_continues_identically():
-    """A buffer restored from its state_dict answers every later get like the original."""
-    a = ReplayBuffer(4, max_reuse=3)
-    for i in range(7):
-        a.put(i, step=i)
-        if i % 2:
-            a.get()
-    b = ReplayBuffer.from_state_dict(a.state_dict())
-    assert b.stats() == a.stats() and len(b) == len(a)
-    for i in range(7, 12):
-        a.put(i, step=i)
-        b.put(i, step=i)
-        for _ in range(2):
-            assert a.get(with_staleness=True, now=i) == b.get(with_staleness=True, now=i)
-    assert b.stats() == a.stats()
+def test_compare_refuses_bad_times_and_block_counts_and_warns_on_methods():
+    good = _t([(0, "compute", "fwd", 1, 0, 0, 0.0, 1.0, None)], algo="dgl")
+    for bad in ([(0, "compute", "fwd", 1, 0, 0, 1.0, 0.5, None)],
+                [(0, "compute", "fwd", 1, 0, 0, 0.0, math.nan, None)]):
+        with pytest.raises(ValueError, match="negative duration|non-finite"):
+            compare(_t(bad), good)
+    two = Trace.from_rows([(0, "compute", "fwd", 2, 0, 0, 0.0, 1.0, None)], {"blocks": 2})
+    with pytest.raises(ValueError, match="blocks"):
+        compare(good, two)
+    res = compare(good, _t([(0, "compute", "fwd", 1, 0, 0, 0.0, 2.0, None)], algo="bp"))
+    assert len(res["warnings"]) == 1
+    text = format_report(res)
+    assert text.startswith("warning:") and "nan" not in text

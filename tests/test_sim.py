@@ -3,7 +3,6 @@ invariants over random costs, determinism, calibration, comparison, CLI."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import subprocess
@@ -15,9 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bpsim.sim import ALGORITHMS, Costs, SimResult, simulate
+from bpsim.methods import NAMES as ALGORITHMS
+from bpsim.sim import Costs, SimResult, replay, simulate
 from bpsim.sim.costs import bin_factors
-from bpsim.sim.cli import add_parsers
 from bpsim.sim.compare import compare
 from bpsim.trace import Trace
 
@@ -49,7 +48,7 @@ def test_bp_input_gradient_cost_on_blocks_after_the_first(K, N):
     r = simulate("bp", blocks=K, steps=N, costs=cost)
     assert r.makespan == pytest.approx(N * (K * (F + B) + (K - 1) * Bi + 2 * (K - 1) * C + U),
                                        rel=1e-12)
-    assert {s.op for s in r.trace if s.lane == "compute"} <= {"fwd", "bwd", "update"}
+    assert {s.op for s in r.trace if s.lane == "compute"} <= {"fwd", "bwd", "update", "wait"}
     d = simulate("dgl", blocks=K, steps=N, costs=cost)
     assert d.makespan == pytest.approx((K - 1) * (F + C) + N * (F + A + B + U), rel=1e-12)
 
@@ -62,25 +61,6 @@ def test_gpipe_input_gradient_cost_two_blocks():
     r = simulate("gpipe", blocks=2, steps=N, microbatches=m,
                  costs=f"fwd={F},bwd={B},update={U},bwd_in={Bi}")
     assert r.makespan == pytest.approx(N * (F + m * F + m * (B + Bi) + B + U), rel=1e-12)
-
-
-@pytest.mark.parametrize("K,N", [(2, 3), (3, 2), (4, 5)])
-def test_wake_cost_closed_forms(K, N):
-    # wake_tau = 0: every op that starts after its device idled costs W more.
-    # bp: blocks 2..K idle before each forward, blocks 1..K-1 before each
-    # backward, block 1's update and next forward follow without a gap.
-    W = 0.3
-    bp = simulate("bp", blocks=K, steps=N, costs=COST + f",wake={W}")
-    assert bp.makespan == pytest.approx(N * (K * (F + B) + 2 * (K - 1) * (C + W) + U), rel=1e-12)
-    # dgl: only each block's first op waits (for its first input), then no gaps.
-    dgl = simulate("dgl", blocks=K, steps=N, costs=COST + f",wake={W}")
-    assert dgl.makespan == pytest.approx((K - 1) * (F + C + W) + N * (F + A + B + U), rel=1e-12)
-    # with a time constant the extra cost grows with the gap: block 2's first
-    # forward waited F + c
-    tau = 0.5
-    two = simulate("dgl", blocks=2, steps=N, costs=COST + f",wake={W},wake_tau={tau}")
-    assert two.makespan == pytest.approx(F + C + W * (1 - math.exp(-(F + C) / tau))
-                                         + N * (F + A + B + U), rel=1e-12)
 
 
 @pytest.mark.parametrize("K,N", [(2, 3), (3, 4), (4, 2)])
@@ -100,62 +80,6 @@ def test_recv_handoff_closed_forms(K, N):
     # blocks on one device hand over in memory: no hand-off
     one = simulate("dgl", blocks=K, steps=N, costs=COST + f",recv={h}", placement=1)
     assert one.makespan == pytest.approx(N * K * (F + A + B + U), rel=1e-12)
-
-
-@pytest.mark.parametrize("alpha", [0.25, 0.5])
-@pytest.mark.parametrize("N", [1, 4, 9])
-def test_contention_closed_forms(alpha, N):
-    # contention = a: while both devices compute, each op runs at 1 / (1 + a)
-    S = F + A + B + U
-    costs = COST + f",contention={alpha}"
-    # dgl, K = 2: block 1 computes alone until block 2's first input arrives
-    # (F + c of work), then both compute until block 1 is done, at the shared
-    # speed (block 2 never waits: it lags by more than c), then block 2 does
-    # its last F + c of work alone
-    dgl = simulate("dgl", blocks=2, steps=N, costs=costs)
-    assert dgl.makespan == pytest.approx(2 * (F + C) + (N * S - F - C) * (1 + alpha), rel=1e-9)
-    # bp, K = 2: the blocks take turns except that block 2's update (after c
-    # alone, while its gradient travels) overlaps block 1's backward
-    bp = simulate("bp", blocks=2, steps=N, costs=costs)
-    assert bp.makespan == pytest.approx(
-        N * (2 * (F + B) + 2 * C + U + alpha * (U - C)), rel=1e-9)
-    # blocks on one device take turns: no contention at all
-    one = simulate("dgl", blocks=2, steps=N, costs=costs, placement=1)
-    assert one.makespan == pytest.approx(2 * N * S, rel=1e-9)
-    # the work done is the same; only the speed changed
-    for r in (dgl, bp, one):
-        r.trace.check()
-    assert sum(dgl.trace.busy(k) for k in (0, 1)) > 2 * N * S
-
-
-@pytest.mark.parametrize("algo", ["dgl", "bp", "gpipe"])
-def test_from_trace_with_contention_recovers_the_work(algo):
-    # a simulated run with contention, calibrated back with the same
-    # contention, gives the costs at full speed and the same timeline again
-    c = Costs.parse(COST + ",contention=0.5")
-    r = simulate(algo, blocks=2, steps=6, costs=c, microbatches=2)
-    fit = Costs.from_trace(r.trace, draws="lognormal", contention=0.5)
-    assert fit.contention == 0.5 and fit.spread == pytest.approx(0.0, abs=1e-9)
-    for j in (1, 2):
-        assert fit.get("fwd", j) == pytest.approx(F) and fit.get("bwd", j) == pytest.approx(B)
-    again = simulate(algo, blocks=2, steps=6, costs=fit, microbatches=2)
-    assert again.makespan == pytest.approx(r.makespan, rel=1e-9)
-    # calibrated without it, the overlapped ops look slower than they are
-    plain = Costs.from_trace(r.trace, draws="lognormal")
-    assert plain.get("bwd", 2) > B if algo == "dgl" else plain.get("bwd", 2) >= B
-    with pytest.raises(ValueError, match="contention"):
-        Costs.from_trace(r.trace, contention=-1)
-
-
-def test_contention_parses_and_validates():
-    c = Costs.parse(COST + ",contention=0.3")
-    assert c.contention == 0.3 and Costs.parse(str(c)) == c
-    assert "contention" not in str(Costs.parse(COST))   # 0 is left out
-    assert Costs.coerce(c.to_dict()).contention == 0.3
-    with pytest.raises(ValueError, match="contention"):
-        Costs(contention=-0.1)
-    with pytest.raises(ValueError, match="per-block override"):
-        Costs.parse("contention@2=0.3")
 
 
 def test_jitter_draws_the_given_factors():
@@ -244,7 +168,7 @@ def test_1f1b_order_is_torch_schedule_1f1b():
 def test_1f1b_holds_at_most_warmup_activations(K, m):
     # the point of 1F1B: block j keeps at most min(m, K - j + 1) micro-batches
     # in flight, GPipe keeps m
-    r = simulate("1f1b", blocks=K, steps=2, microbatches=m, costs=COST + ",comm=0.3")
+    r = simulate("1f1b", blocks=K, steps=2, microbatches=m, costs=COST.replace(f"comm={C}", "comm=0.3"))
     for j in range(1, K + 1):
         ops = sorted((x for x in r.trace.rows if x[1] == "compute" and x[3] == j
                       and x[2] in ("fwd", "bwd")), key=lambda x: x[6])
@@ -290,7 +214,7 @@ def test_blockprop_cached_skips_hsteps_between_refreshes():
     K, N = 3, 20
     plain = simulate("blockprop", blocks=K, steps=N, costs=COST, nh=2)
     cached = simulate("blockprop-cached", blocks=K, steps=N, costs=COST, nh=2,
-                      cache_every=2, epochs_steps=5)
+                      cache_every=2, steps_per_epoch=5)
     same = simulate("blockprop-cached", blocks=K, steps=N, costs=COST, nh=2)
     assert same.makespan == pytest.approx(plain.makespan)      # one epoch: no caching
     assert cached.makespan < plain.makespan
@@ -314,7 +238,7 @@ def test_greedy_trains_blocks_one_after_another():
 
 
 # ----------------------------------------------------------- invariants
-EPOCH, EVERY = 2, 2      # epochs_steps and cache_every of the random runs
+EPOCH, EVERY = 2, 2      # steps_per_epoch and cache_every of the random runs
 
 
 def expected_ops(algo, K, j, step, mb, nh, ops_seen):
@@ -340,7 +264,7 @@ def check_invariants(r: SimResult, algo, K, N, nh=1):
     r.trace.check()                                            # no overlap, recv after send
     groups = defaultdict(list)
     for row in r.trace.rows:
-        if row[1] == "compute":
+        if row[1] == "compute" and row[2] != "wait":
             groups[(row[3], row[4], row[5])].append(row)
     for (j, step, mb), rows in groups.items():
         rows.sort(key=lambda x: (x[6], x[7]))
@@ -360,9 +284,7 @@ cost_st = st.fixed_dictionaries({
     "update": st.floats(0, 1), "comm": st.floats(0, 1), "bytes": st.floats(0, 100),
     "bandwidth": st.sampled_from([math.inf, 50.0, 400.0]),
     "spread": st.sampled_from([0.0, 0.3]),
-    "wake": st.sampled_from([0.0, 0.3]), "wake_tau": st.sampled_from([0.0, 0.5]),
     "recv": st.sampled_from([0.0, 0.2]),
-    "contention": st.sampled_from([0.0, 0.0, 0.5]),
     "jitter": st.sampled_from([{}, {"fwd": (0.5, 2.0), "hstep": (1.0, 3.0)}]),
 })
 
@@ -376,7 +298,7 @@ def test_trace_invariants_random_costs(algo, K, N, costs, shared, m, nh, seed, s
     placement = [(j * 2) // K for j in range(K)] if shared else None
     r = simulate(algo, blocks=K, steps=N, costs=costs, microbatches=m, nh=nh, seed=seed,
                  placement=placement, slowdown={K: slow}, buffer=3,
-                 cache_every=EVERY, epochs_steps=EPOCH, protocol=protocol)
+                 cache_every=EVERY, steps_per_epoch=EPOCH, protocol=protocol)
     check_invariants(r, algo, K, N, nh)
     if shared:
         assert {s.rank for s in r.trace if s.lane == "compute"} <= {0, 1}
@@ -385,7 +307,7 @@ def test_trace_invariants_random_costs(algo, K, N, costs, shared, m, nh, seed, s
 def test_determinism_equal_seeds_identical_traces():
     kw = dict(blocks=4, steps=30, costs=COST + ",spread=0.4,bytes=10,bandwidth=100",
               slowdown={2: 1.3})
-    jittered = dict(kw, costs=Costs.parse(kw["costs"] + ",recv=0.1,contention=0.4",
+    jittered = dict(kw, costs=Costs.parse(kw["costs"] + ",recv=0.1",
                                           base=Costs(jitter={"bwd": (0.8, 1.3), "aux": (1, 4)})))
     for algo in ("dgl-async", "gpipe", "blockprop"):
         a, b = simulate(algo, seed=7, **kw), simulate(algo, seed=7, **kw)
@@ -549,10 +471,10 @@ def test_compare_identical_and_shifted():
 
 
 @pytest.mark.parametrize("kw,msg", [
-    (dict(algo="sgd"), "unknown algorithm"), (dict(blocks=0), "blocks"),
+    (dict(algo="sgd"), "unknown method"), (dict(blocks=0), "blocks"),
     (dict(steps=-1), "steps"), (dict(algo="blockprop", blocks=1), "at least 2 blocks"),
     (dict(slowdown={9: 2}), "blocks are 1..4"), (dict(slowdown={1: 0}), "> 0"),
-    (dict(placement="0,1"), "one device index >= 0 per block"), (dict(buffer=0), "buffer"),
+    (dict(placement="0,1"), "one device index >= 0 per block"), (dict(algo="dgl-async", buffer=0), "buffer"),
 ])
 def test_bad_input_raises_valueerror(kw, msg):
     args = dict(algo="dgl", blocks=4, steps=3) | kw
@@ -562,9 +484,9 @@ def test_bad_input_raises_valueerror(kw, msg):
 
 # --------------------------------------------------------------- cli, viz
 def _parser():
-    p = argparse.ArgumentParser()
-    add_parsers(p.add_subparsers(dest="command"))
-    return p
+    from bpsim.cli import build_parser
+
+    return build_parser()
 
 
 def test_add_parsers_simulate_json(capsys, tmp_path):
@@ -630,7 +552,7 @@ def test_cli_subprocess_json_and_errors(tmp_path):
 
 
 def test_sim_never_imports_torch():
-    code = ("import bpsim.sim, bpsim.sim.cli, bpsim.sim.compare, bpsim.viz, sys; "
+    code = ("import bpsim.sim, bpsim.cli.simulate, bpsim.sim.compare, bpsim.viz, sys; "
             "bpsim.sim.simulate('dgl-async', blocks=3, steps=5); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

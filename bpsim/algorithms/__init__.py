@@ -1,30 +1,23 @@
 """Training methods, one module each, on the ``Trainer`` protocol of ``base``.
 
-``get_trainer(name)`` maps the algorithm names used everywhere (CLI, API,
-traces) to their trainer classes, importing the module only when asked.
+Which trainer class runs which method is written once, in the method
+registry (:mod:`bpsim.methods`); ``get_trainer(name)`` reads it and imports
+the trainer's module only when asked.
 """
 
 from __future__ import annotations
 
-import importlib
+from typing import Any
+
+from bpsim import methods
 
 __all__ = ["ALGORITHMS", "get_trainer"]
 
-#: algorithm name -> (module, trainer class)
+#: method name -> (module, trainer class), read from the registry
 ALGORITHMS: dict[str, tuple[str, str]] = {
-    "bp": ("bpsim.algorithms.backprop", "BackpropTrainer"),
-    "blockprop": ("bpsim.algorithms.blockprop", "BlockPropTrainer"),
-    "blockprop-cached": ("bpsim.algorithms.blockprop", "CachedBlockPropTrainer"),
-    "dgl": ("bpsim.algorithms.dgl", "DGLTrainer"),
-    "greedy": ("bpsim.algorithms.dgl", "GreedyTrainer"),
-    "dgl-async": ("bpsim.algorithms.async_dgl", "AsyncDGLTrainer"),
-    "bwbpf": ("bpsim.algorithms.bwbpf", "BWBPFTrainer"),
-}
+    m.name: tuple(m.trainer.split(":")) for m in methods.METHODS}  # type: ignore[misc]
 
 
-def get_trainer(name: str):
-    """The trainer class of algorithm ``name`` (``ValueError`` if unknown)."""
-    if name not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {name!r}; choose one of {', '.join(ALGORITHMS)}")
-    module, cls = ALGORITHMS[name]
-    return getattr(importlib.import_module(module), cls)
+def get_trainer(name: str) -> Any:
+    """The trainer class of method ``name`` or an alias (``ValueError`` if unknown)."""
+    return methods.load(methods.get(name).trainer)

@@ -1,73 +1,109 @@
-"""The ``bpsim run`` subcommand: train with one process per block.
+"""``bpsim run``: train with one process per block (:mod:`bpsim.runtime`).
 
-``bpsim/cli.py`` owns the top-level parser and calls :func:`add_parsers`;
-it turns ``ValueError``/``FileNotFoundError`` into one stderr line and exit
-code 2 and ``KeyboardInterrupt`` into exit code 130. A failed rank ends the
-command with one stderr line naming the rank and exit code 1.
+Bad input ends with one stderr line and exit code 2 before any process
+starts; a failed rank ends the command with one stderr line naming the rank
+and exit code 1 (with ``--json``, the partial summary on stdout).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from typing import Any
 
-from bpsim.cli import _floats, _positive_int, _slowdown, add_net_and_sgd_args
+from bpsim.cli import types as T
+from bpsim.cli.args import add_algo, add_method_options, add_net_and_sgd_args, method_options
 
-__all__ = ["add_parsers", "config_from_args"]
-
-
-def _cpus(s: str) -> list[int]:
-    try:
-        out: list[int] = []
-        for part in s.split(","):
-            lo, _, hi = part.partition("-")
-            out += list(range(int(lo), int(hi or lo) + 1))
-        return out
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected CPU ids such as 0,1 or 0-3, got {s!r}") from None
+__all__ = ["add_parser", "cmd", "config_from_args"]
 
 
-def _one(v: list[float] | None) -> float | list[float] | None:
-    return v[0] if isinstance(v, list) and len(v) == 1 else v
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``run`` to an argparse subparsers object."""
+    p = sub.add_parser(
+        "run", help="train with one process per block (torch.distributed)",
+        description=(
+            "Train a BlockNet with one process per block on this host (or under torchrun "
+            "across hosts), record a timeline of every rank and report throughput. "
+            "Example: bpsim run dgl --workers 2 --steps 200 --width 1024 --batch-size 128 "
+            "--trace dgl.json --json"))
+    add_algo(p, runtime=True)
+    p.add_argument("--workers", type=T.positive_int, default=2, metavar="K",
+                   help="processes; rank k holds block k+1 (1: every block in one process, "
+                        "the speedup reference)")
+    p.add_argument("--blocks", type=T.positive_int, default=None,
+                   help="blocks of the net (default: --workers; give it with --workers 1)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu (gloo) or cuda (NCCL; rank k on cuda:(k mod #GPUs))")
+    p.add_argument("--steps", type=T.positive_int, default=100, metavar="N", help="training steps")
+    add_net_and_sgd_args(p)
+    add_method_options(p)
+    g = p.add_argument_group("slow blocks")
+    g.add_argument("--slowdown", type=T.slowdown, action="append", metavar="BLOCK:S",
+                   help="make block BLOCK (1-based, as in bpsim simulate; its process is rank "
+                        "BLOCK-1) S times slower by doing S-1 times each op's duration of extra "
+                        "real work (repeatable)")
+    r = p.add_argument_group("execution")
+    r.add_argument("--threads", type=T.positive_int, default=None,
+                   help="torch threads per worker (default: cores // workers, at least 1)")
+    r.add_argument("--cpus", type=T.cpus, default=None, metavar="IDS",
+                   help="run every worker on these CPUs only, e.g. 0,1 or 0-3 (K ranks on fewer "
+                        "cores; compare with bpsim simulate --placement)")
+    r.add_argument("--timeout", type=T.positive_float, default=20.0, metavar="SECONDS",
+                   help="a rank gives up when a peer sends nothing for this long (default 20)")
+    r.add_argument("--host", type=T.host, default="127.0.0.1",
+                   help="address the rendezvous binds (default 127.0.0.1)")
+    r.add_argument("--trace", type=T.out_file, default=None, metavar="OUT.json",
+                   help="write the merged Chrome trace (open it in https://ui.perfetto.dev)")
+    r.add_argument("--no-spans", action="store_true",
+                   help="do not record spans (to measure tracing overhead; no busy fractions)")
+    r.add_argument("--no-eval", action="store_true", help="skip the test-set evaluation")
+    # (room for more run options here)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd)
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
-    """The :class:`~bpsim.runtime.launch.RunConfig` of parsed ``bpsim run`` arguments."""
+    """The :class:`~bpsim.runtime.launch.RunConfig` of parsed ``bpsim run`` arguments.
+
+    Method options that are fields of ``RunConfig`` (``aux``, ``microbatches``,
+    ``buffer``, ``max_reuse``) go there, the others into ``options``.
+    """
     from bpsim.runtime.launch import RunConfig
 
-    options = {}
-    for name in ("lam", "nh", "lr_h", "cache_every"):
-        v = getattr(args, name)
-        if v is not None:
-            options[name] = _one(v)
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    resolved = method_options(args)
+    direct = {k: v for k, v in resolved.items() if k in fields}
+    options = {k: v for k, v in resolved.items() if k not in fields and v is not None}
     return RunConfig(
         algo=args.algo, workers=args.workers, blocks=args.blocks, steps=args.steps,
         device=args.device, data=args.data, model=args.model, width=args.width, depth=args.depth,
-        aux=args.aux, batch_size=args.batch_size, seed=args.seed, lr=_one(args.lr),
+        batch_size=args.batch_size, seed=args.seed, lr=T.one(args.lr),
         momentum=args.momentum, weight_decay=args.weight_decay, options=options,
-        microbatches=args.microbatches, buffer=args.buffer, max_reuse=args.max_reuse,
-        slowdown=dict(args.slowdown or []), threads=args.threads, cpus=args.cpus,
+        slowdown=T.slowdowns(args.slowdown), threads=args.threads, cpus=args.cpus,
         timeout=args.timeout, host=args.host, trace=args.trace, record=not args.no_spans,
-        evaluate=not args.no_eval, n_train=args.n_train, n_test=args.n_test)
+        evaluate=not args.no_eval, n_train=args.n_train, n_test=args.n_test, **direct)
 
 
 def _human(s: dict[str, Any]) -> str:
-    acc = s.get("test_accuracy")
-    acc_s = "n/a" if acc is None else f"{100 * acc:.2f}%"
-    busy = ", ".join("n/a" if b is None else f"{100 * b:.0f}%" for b in s["busy_fraction"])
+    def pct(v: float | None, digits: int = 0) -> str:
+        return "n/a" if v is None else f"{100 * v:.{digits}f}%"
+
+    loss = s.get("train_loss")
     lines = [f"{s['algorithm']}: {s['workers']} worker(s), {s['blocks']} block(s) on "
              f"{s['device']} ({s['backend']}, {s['threads']} thread(s) each): {s['steps']} steps "
              f"in {s['wall_time']:.2f} s, {s['throughput']:.1f} samples/s",
-             f"busy fraction per rank: {busy}; train loss {s['train_loss']:.4f}; "
-             f"test accuracy {acc_s}"]
+             f"busy fraction per rank: {', '.join(pct(b) for b in s['busy_fraction'])}; "
+             f"train loss {'n/a' if loss is None else f'{loss:.4f}'}; "
+             f"test accuracy {pct(s.get('test_accuracy'), 2)}"]
     if s.get("trace"):
         lines.append(f"trace written to {s['trace']} (open it in https://ui.perfetto.dev)")
     return "\n".join(lines)
 
 
-def _run(args: argparse.Namespace) -> int:
+def cmd(args: argparse.Namespace) -> int:
+    """Run ``bpsim run`` on parsed arguments."""
     from bpsim.runtime.launch import RunFailed, run, run_torchrun, under_torchrun
 
     cfg = config_from_args(args)
@@ -88,64 +124,3 @@ def _run(args: argparse.Namespace) -> int:
     else:
         print(_human(res.summary))
     return 0
-
-
-def add_parsers(subparsers: Any) -> None:
-    """Add ``run`` to an argparse subparsers object."""
-    from bpsim.runtime.launch import ALGORITHMS
-
-    p = subparsers.add_parser(
-        "run", help="train with one process per block (torch.distributed)",
-        description=(
-            "Train a BlockNet with one process per block on this host (or under torchrun "
-            "across hosts), record a timeline of every rank and report throughput. "
-            "Example: bpsim run dgl --workers 2 --steps 200 --width 1024 --batch-size 128 "
-            "--trace dgl.json --json"))
-    p.add_argument("algo", choices=list(ALGORITHMS), metavar="ALGO",
-                   help=f"one of {', '.join(ALGORITHMS)}")
-    p.add_argument("--workers", type=_positive_int, default=2, metavar="K",
-                   help="processes; rank k holds block k+1 (1: every block in one process, "
-                        "the speedup reference)")
-    p.add_argument("--blocks", type=_positive_int, default=None,
-                   help="blocks of the net (default: --workers; give it with --workers 1)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="cpu (gloo) or cuda (NCCL; rank k on cuda:(k mod #GPUs))")
-    p.add_argument("--steps", type=_positive_int, default=100, metavar="N", help="training steps")
-    add_net_and_sgd_args(p)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-train", type=_positive_int, help="use a subset of the training set")
-    p.add_argument("--n-test", type=_positive_int, help="use a subset of the test set")
-    g = p.add_argument_group("method options")
-    g.add_argument("--aux", help="dgl/dgl-async auxiliary head: linear, mlp (default), mlp-sr, cnn")
-    g.add_argument("--microbatches", type=_positive_int, default=4, metavar="M",
-                   help="gpipe/1f1b micro-batches per step (default 4)")
-    g.add_argument("--buffer", type=_positive_int, default=50, metavar="M",
-                   help="dgl-async replay buffer size (default 50)")
-    g.add_argument("--max-reuse", type=_positive_int, default=None, metavar="R",
-                   help="dgl-async: reads allowed per buffer entry (default: unlimited); a "
-                        "block waits for a fresh entry when every entry is used up")
-    g.add_argument("--slowdown", type=_slowdown, action="append", metavar="BLOCK:S",
-                   help="make block BLOCK (1-based, as in bpsim simulate; its process is rank "
-                        "BLOCK-1) S times slower by doing S-1 times each op's duration of extra "
-                        "real work (repeatable)")
-    g.add_argument("--lam", type=_floats, help="blockprop penalty weight(s) lambda > 0")
-    g.add_argument("--nh", type=int, help="blockprop h-steps per gluing variable")
-    g.add_argument("--lr-h", type=_floats, help="blockprop per-example h-step size")
-    g.add_argument("--cache-every", type=_positive_int, help="blockprop-cached: h-step every E epochs")
-    r = p.add_argument_group("execution")
-    r.add_argument("--threads", type=_positive_int, default=None,
-                   help="torch threads per worker (default: cores // workers, at least 1)")
-    r.add_argument("--cpus", type=_cpus, default=None, metavar="IDS",
-                   help="run every worker on these CPUs only, e.g. 0,1 or 0-3 (K ranks on fewer "
-                        "cores; compare with bpsim simulate --placement)")
-    r.add_argument("--timeout", type=float, default=20.0, metavar="SECONDS",
-                   help="a rank gives up when a peer sends nothing for this long (default 20)")
-    r.add_argument("--host", default="127.0.0.1",
-                   help="address the rendezvous binds (default 127.0.0.1)")
-    r.add_argument("--trace", default=None, metavar="OUT.json",
-                   help="write the merged Chrome trace (open it in https://ui.perfetto.dev)")
-    r.add_argument("--no-spans", action="store_true",
-                   help="do not record spans (to measure tracing overhead; no busy fractions)")
-    r.add_argument("--no-eval", action="store_true", help="skip the test-set evaluation")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=_run)

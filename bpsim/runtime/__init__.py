@@ -13,8 +13,9 @@ Modules, one concept each:
 * :mod:`~bpsim.runtime.pipeline` -- GPipe / 1F1B on ``torch.distributed.pipelining``;
 * :mod:`~bpsim.runtime.comm` -- messages: requests, links, receiver threads;
 * :mod:`~bpsim.runtime.clock` -- the shared clock (zero and offsets);
-* :mod:`~bpsim.runtime.record` -- crash-proof span spools, merging;
-* :mod:`~bpsim.runtime.cli` -- ``bpsim run``.
+* :mod:`~bpsim.runtime.record` -- crash-proof span spools, merging.
+
+``bpsim run`` (:mod:`bpsim.cli.run`) is the command line over :func:`run`.
 
 See ``docs/runtime.md`` for usage, ``torchrun`` across hosts, GPUs, faults
 and viewing traces.
@@ -22,6 +23,6 @@ and viewing traces.
 
 from __future__ import annotations
 
-from bpsim.runtime.launch import ALGORITHMS, RunConfig, RunFailed, RunResult, run
+from bpsim.runtime.launch import ALGORITHMS, RunConfig, RunFailed, RunResult, RunStopped, run
 
-__all__ = ["run", "RunConfig", "RunResult", "RunFailed", "ALGORITHMS"]
+__all__ = ["run", "RunConfig", "RunResult", "RunFailed", "RunStopped", "ALGORITHMS"]

@@ -4,14 +4,16 @@
 timeline of a training regime and returns a :class:`SimResult` whose
 ``trace`` has the same schema as a measured run (:mod:`bpsim.trace`), so
 :mod:`bpsim.sim.compare` can put prediction and measurement side by side.
-Never imports torch. See ``docs/simulator.md`` for the model, the costs and
-their calibration, the tested closed forms and the measured fidelity.
+``simulate_like(trace, costs)`` re-simulates a measured run from its meta;
+``replay(trace)`` plays a measured run's own op durations through the
+model's dependencies. Never imports torch. See ``docs/simulator.md``.
 """
 
 from __future__ import annotations
 
+from bpsim.sim.api import simulate, simulate_like
 from bpsim.sim.costs import Costs
-from bpsim.sim.engine import ALGORITHMS, simulate
+from bpsim.sim.playback import replay
 from bpsim.sim.results import SimResult
 
-__all__ = ["simulate", "Costs", "SimResult", "ALGORITHMS"]
+__all__ = ["simulate", "simulate_like", "replay", "Costs", "SimResult"]

@@ -1,4 +1,4 @@
-"""Compare a simulated timeline with a measured one (issue 5, item 5).
+"""Compare a simulated timeline with a measured one.
 
 Three numbers say how well the simulator predicts a run:
 
@@ -9,6 +9,10 @@ Three numbers say how well the simulator predicts a run:
   microbatch, occurrence); the median of ``|start_sim - start_meas|``
   (each trace measured from its own first span) divided by the measured
   mean step time (makespan / number of steps).
+
+Traces with negative durations or non-finite times, or with different
+block counts, are refused; traces of different methods are compared with
+a warning (``result["warnings"]``), printed first in the report.
 """
 
 from __future__ import annotations
@@ -30,6 +34,25 @@ def _rel(sim: float, meas: float) -> float:
     return (sim - meas) / meas
 
 
+def _check_times(t: Trace, which: str) -> None:
+    for r in t.rows:
+        if not (math.isfinite(r[6]) and math.isfinite(r[7])):
+            raise ValueError(f"the {which} trace has a span with a non-finite time: {r[2]} of "
+                             f"block {r[3]}, step {r[4]} ({r[6]!r} to {r[7]!r}); it cannot be "
+                             "compared")
+        if r[7] < r[6] - 1e-9:
+            raise ValueError(f"the {which} trace has a span with a negative duration: {r[2]} of "
+                             f"block {r[3]}, step {r[4]} ({r[6]!r} to {r[7]!r}); it cannot be "
+                             "compared")
+
+
+def _blocks(t: Trace) -> int | None:
+    b = t.meta.get("blocks")
+    if isinstance(b, int) and not isinstance(b, bool):
+        return b
+    return max((r[3] for r in t.rows), default=None)
+
+
 def compare(measured: Trace, simulated: Trace) -> dict[str, Any]:
     """Errors of ``simulated`` against ``measured``; a JSON-ready dict.
 
@@ -44,6 +67,17 @@ def compare(measured: Trace, simulated: Trace) -> dict[str, Any]:
                          "`bpsim run ... --trace measured.json`")
     if len(simulated) == 0:
         raise ValueError("the simulated trace has no spans")
+    _check_times(measured, "measured")
+    _check_times(simulated, "simulated")
+    bm_, bs_ = _blocks(measured), _blocks(simulated)
+    if bm_ != bs_:
+        raise ValueError(f"the measured trace has {bm_} blocks and the simulated one {bs_}; "
+                         "simulate the measured run's blocks (bpsim simulate --blocks)")
+    warnings = []
+    am, as_ = measured.meta.get("algo"), simulated.meta.get("algo")
+    if am and as_ and am != as_:
+        warnings.append(f"the measured trace is a {am} run and the simulated one {as_}: "
+                        "ops match only where the two schedules share them")
     m_span, s_span = measured.makespan, simulated.makespan
     busy = []
     for rank in sorted(set(measured.ranks) | set(simulated.ranks)):
@@ -74,26 +108,36 @@ def compare(measured: Trace, simulated: Trace) -> dict[str, Any]:
         "start_offset_median": med,
         "start_offset_frac": med / step_time if step_time > 0 and offs else math.nan,
         "matched": len(common), "n_measured": len(measured), "n_simulated": len(simulated),
+        "warnings": warnings,
     }
+
+
+def _pct(x: float, sign: bool = True) -> str:
+    if not math.isfinite(x):
+        return "n/a"
+    return f"{x:+.2%}" if sign else f"{x:.2%}"
 
 
 def error_table(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """Rows (quantity, measured, simulated, error) for text and HTML reports."""
     rows = [("makespan", f"{result['makespan_measured']:.6g}",
-             f"{result['makespan_simulated']:.6g}", f"{result['makespan_error']:+.2%}")]
+             f"{result['makespan_simulated']:.6g}", _pct(result["makespan_error"]))]
     for b in result["busy"]:
         rows.append((f"busy rank {b['rank']}", f"{b['measured']:.6g}", f"{b['simulated']:.6g}",
-                     f"{b['error']:+.2%}"))
-    rows.append(("mean |busy error|", "", "", f"{result['busy_error_mean']:.2%}"))
+                     _pct(b["error"])))
+    rows.append(("mean |busy error|", "", "", _pct(result["busy_error_mean"], sign=False)))
+    frac = result["start_offset_frac"]
     rows.append(("median |start offset| / step", "", "",
-                 f"{result['start_offset_frac']:.3g} ({result['matched']} ops matched)"))
+                 f"{frac:.3g} ({result['matched']} ops matched)" if math.isfinite(frac)
+                 else f"n/a ({result['matched']} ops matched)"))
     return rows
 
 
 def format_report(result: dict[str, Any]) -> str:
     rows = [("quantity", "measured", "simulated", "error")] + error_table(result)
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    warn = "".join(f"warning: {w}\n" for w in result.get("warnings", []))
+    return warn + "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
 def compare_files(measured: str | os.PathLike[str], simulated: str | os.PathLike[str],

@@ -3,7 +3,7 @@
 Costs are per block and per minibatch (per micro-batch for ``gpipe``), in
 any time unit (seconds when calibrated from a measured run). A message
 between devices costs ``comm`` (latency) plus ``bytes / bandwidth``
-(transfer). Three ways to build them (issue 5, item 3):
+(transfer). Three ways to build them :
 
 * uniform, from the CLI string ``"fwd=1,bwd=2,aux=0.2,update=0.1,comm=0.05"``
   with per-block overrides ``"fwd@2=3"``: :meth:`Costs.parse`;
@@ -33,12 +33,11 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Costs", "COMPUTE_OPS", "CostTable", "JITTER_BINS", "bin_factors"]
 
 COMPUTE_OPS = ("fwd", "bwd", "aux", "update", "hstep")
-# Costs that are not trace ops: ``bwd_in`` is the extra backward work of a
-# block whose input gradient is needed too (backprop, gpipe), ``wake`` the
-# extra time of an op that starts after its device idled, see Costs.
-_COST_OPS = COMPUTE_OPS + ("bwd_in", "wake")
+# A cost that is not a trace op: ``bwd_in`` is the extra backward work of a
+# block whose input gradient is needed too (backprop, gpipe), see Costs.
+_COST_OPS = COMPUTE_OPS + ("bwd_in",)
 _LINK_KEYS = ("comm", "recv", "bandwidth", "bytes")
-_KEYS = _COST_OPS + _LINK_KEYS + ("spread", "wake_tau", "contention")
+_KEYS = _COST_OPS + _LINK_KEYS + ("spread",)
 # A table op's draws (CostTable.jitter) come from the factors of this op:
 _JITTER_OF = {"bwd+in": "bwd", "loss": "aux"}
 JITTER_BINS = 256   # most relative durations Costs.from_trace keeps in ``jitter``
@@ -83,12 +82,6 @@ class Costs:
         One BlockProp h-step iteration on one block; ``None`` means
         ``fwd + bwd`` (a gradient step on ``h_k`` runs block k forward and
         backward, BlockProp Alg. 1 lines 7-16 and Appendix A).
-    wake, wake_tau : float
-        An op that starts after its device was idle for a time g takes
-        ``wake * (1 - exp(-g / wake_tau))`` longer (``wake`` itself when
-        ``wake_tau`` is 0): caches refill, clocks come back up. Default 0:
-        no such cost, and every closed form holds. ``wake`` may differ per
-        block; ``wake_tau`` is one time constant.
     comm : float
         Latency of one message between two devices.
     recv : float
@@ -118,23 +111,6 @@ class Costs:
         times have two modes (a micro-batch backward that writes or adds
         to the gradients), and so the mean, which is what a makespan, a sum
         of op times, adds up to.
-    contention : float
-        How much devices slow each other down: while another device
-        computes, an op proceeds at ``1 / (1 + contention)`` of its speed,
-        and at full speed otherwise. Processes of one host share caches,
-        the memory bus and, through their communication threads, the cores
-        (``docs/simulator.md``). An op's cost is its work at full speed; the
-        simulator re-rates the ops in progress whenever a device starts or
-        stops computing (processor sharing). Blocks placed on one device
-        take turns and never slow each other this way. Default 0: devices
-        are independent, and every closed form holds. ``from_trace`` does
-        not fit it: a run whose ranks nearly always overlap cannot tell it
-        apart from slower ops, so give it to ask "what if"
-        (``from_trace(trace, contention=...)`` then turns the measured ops
-        into their work at full speed). ``benchmarks/fidelity.py`` fits it
-        against the same ops timed alone (``fit_contention``); on a 2-core
-        VM the fitted value made bp, whose ranks take turns, come out too
-        fast (``docs/simulator.md``).
     per_block : dict
         ``{block: {key: value}}`` overrides, blocks 1-based.
     """
@@ -145,14 +121,11 @@ class Costs:
     update: float = 0.0
     hstep: float | None = None
     bwd_in: float = 0.0
-    wake: float = 0.0
     comm: float = 0.0
     recv: float = 0.0
     bandwidth: float = math.inf
     bytes: float = 0.0
     spread: float = 0.0
-    wake_tau: float = 0.0
-    contention: float = 0.0
     jitter: dict[str, tuple[float, ...]] = field(default_factory=dict)
     per_block: dict[int, dict[str, float]] = field(default_factory=dict)
 
@@ -193,15 +166,20 @@ class Costs:
     def parse(cls, text: str, base: "Costs | None" = None) -> "Costs":
         """Build costs from ``"fwd=1,bwd=2,aux=0.2,update=0.1,comm=0.05"``.
 
-        Keys: ``fwd bwd aux update hstep bwd_in wake comm recv bandwidth
-        bytes spread wake_tau contention``
-        (``latency`` and ``bw`` are aliases); ``KEY@J=V`` overrides block J.
-        Keys not given keep the value of ``base`` (or the defaults).
+        Keys: ``fwd bwd aux update hstep bwd_in comm recv bandwidth bytes
+        spread`` (``latency`` and ``bw`` are aliases); ``KEY@J=V`` overrides
+        block J. Keys not given keep the value of ``base`` (or the
+        defaults). An empty string or a key given twice is refused.
         """
         out = base if base is not None else cls()
         top: dict[str, float] = {}
         per: dict[int, dict[str, float]] = {b: dict(v) for b, v in out.per_block.items()}
-        for part in [p.strip() for p in str(text).split(",") if p.strip()]:
+        parts = [p.strip() for p in str(text).split(",") if p.strip()]
+        if not parts:
+            raise ValueError("--cost is empty; give KEY=VALUE pairs, e.g. "
+                             "fwd=1,bwd=2,aux=0.2,update=0.1,comm=0.05")
+        seen: set[str] = set()
+        for part in parts:
             if "=" not in part:
                 raise ValueError(f"cost item {part!r} has no '='; write e.g. "
                                  "fwd=1,bwd=2,aux=0.2,update=0.1,comm=0.05")
@@ -215,6 +193,11 @@ class Costs:
                     raise ValueError(f"in {part!r}: block after '@' must be an integer, "
                                      f"e.g. fwd@2=3") from None
             key = _ALIASES.get(key, key)
+            name = key if block is None else f"{key}@{block}"
+            if name in seen:
+                raise ValueError(f"cost {name!r} is given twice in {str(text)!r}; give each "
+                                 "key once")
+            seen.add(name)
             if key not in _KEYS:
                 raise ValueError(f"unknown cost key {key!r} in {part!r}; use one of "
                                  f"{', '.join(_KEYS)} (optionally KEY@BLOCK=VALUE)")
@@ -291,8 +274,7 @@ class Costs:
                    spread=spread, per_block=per)
 
     @classmethod
-    def from_trace(cls, trace: "Trace", draws: str = "empirical",
-                   contention: float = 0.0) -> "Costs":
+    def from_trace(cls, trace: "Trace", draws: str = "empirical") -> "Costs":
         """Calibrate costs on a measured trace.
 
         Each compute op's cost per block is the median of its spans; the
@@ -326,29 +308,17 @@ class Costs:
         number, or ``{block: bytes}``) latency and bandwidth come from a
         least-squares line through (bytes, time), else the median time is
         taken as pure latency.
-
-        With ``contention`` (see the field of that name) each op is first
-        turned into its work at full speed: an op that took ``d`` with
-        another rank computing for a fraction ``f`` of it did
-        ``d (1 - f) + d f / (1 + contention)`` of work
-        (``Trace.span_overlaps``). The costs keep that ``contention``, so a
-        simulation of the traced run itself gives its durations back.
         """
         if draws not in ("empirical", "lognormal"):
             raise ValueError(f"draws must be 'empirical' or 'lognormal', got {draws!r}")
-        alpha = _number("contention", contention)
-        shared = trace.span_overlaps() if alpha else None
         by: dict[tuple[str, int], list[float]] = defaultdict(list)
         sends: dict[Any, tuple] = {}
         recvs: dict[Any, tuple] = {}
         waits: dict[int, list[tuple[float, float]]] = defaultdict(list)
-        for i, r in enumerate(trace.rows):
+        for r in trace.rows:
             op = r[2]
             if r[1] == "compute" and op in COMPUTE_OPS:
-                d = r[7] - r[6]
-                if shared is not None and shared[i]:
-                    d *= 1.0 - shared[i] * alpha / (1.0 + alpha)
-                by[(op, r[3])].append(d)
+                by[(op, r[3])].append(r[7] - r[6])
             elif op == "send" and r[8] is not None:
                 sends[r[8]] = r
             elif op == "recv" and r[8] is not None:
@@ -416,7 +386,7 @@ class Costs:
         # transfer time of the (fixed-size) messages.
         return cls(fwd=0.0, bwd=0.0, aux=0.0, update=0.0, comm=comm, recv=recv,
                    bandwidth=bandwidth, bytes=float(meta_bytes) if isinstance(meta_bytes, (int, float)) else 0.0,
-                   spread=spread, jitter=jitter, contention=alpha, per_block=dict(per))
+                   spread=spread, jitter=jitter, per_block=dict(per))
 
     def with_input_grad(self, fractions: Sequence[float]) -> "Costs":
         """A copy whose block j pays ``bwd_in = fractions[j-1] * fwd_j`` for
@@ -436,15 +406,6 @@ class Costs:
         for j, f in enumerate(fr, start=1):
             per.setdefault(j, {})["bwd_in"] = f * self.get("fwd", j)
         return replace(self, per_block=per)
-
-    @staticmethod
-    def after_idle(wake: float, wake_tau: float, gap: float) -> float:
-        """The extra time of an op that starts after ``gap`` of idling:
-        ``wake * (1 - exp(-gap / wake_tau))``, or ``wake`` when ``wake_tau``
-        is 0 (see the ``wake`` parameter); 0 without a gap."""
-        if gap <= 0 or wake <= 0:
-            return 0.0
-        return wake if wake_tau <= 0 else -wake * math.expm1(-gap / wake_tau)
 
     # ---------------------------------------------------------------- query
     def get(self, key: str, block: int) -> float:
@@ -482,8 +443,7 @@ class Costs:
         ``jitter`` has no string form: keep it with :meth:`to_dict`."""
         parts = [f"{k}={getattr(self, k):g}" for k in _KEYS
                  if getattr(self, k) is not None
-                 and not (k == "bandwidth" and math.isinf(self.bandwidth))
-                 and not (k == "contention" and self.contention == 0)]
+                 and not (k == "bandwidth" and math.isinf(self.bandwidth))]
         for b, over in sorted(self.per_block.items()):
             parts += [f"{k}@{b}={v:g}" for k, v in over.items()]
         return ",".join(parts)

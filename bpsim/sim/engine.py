@@ -15,10 +15,11 @@ The transfer starts when the message is sent (eager) or, with
 ``rendezvous``, when its receiver asks for it; either way the receiver can
 use it a hand-off ``recv`` after it has arrived (``Costs.recv``, default 0).
 
-Devices are independent unless ``Costs.contention`` is set: then an op
-runs at ``1 / (1 + contention)`` of its speed while another device
-computes, and the ops in progress are re-rated whenever that changes
-(processor sharing; ops of blocks on one device take turns as before).
+A block that has to wait for a message or a buffer entry records a
+``wait`` span on its compute lane (when it has its device to itself), as
+the runtime does. In replay mode (:mod:`bpsim.sim.playback`) every op,
+every message and every untraced gap between ops takes the time a
+measured run recorded for it instead of its cost.
 
 Determinism: SimPy orders simultaneous events by scheduling order, the
 schedules create processes in block order, and every random draw comes
@@ -35,19 +36,15 @@ from __future__ import annotations
 import math
 import random
 from collections import deque
-from typing import TYPE_CHECKING, Any, Generator, Mapping, Sequence
+from typing import Any, Generator, Mapping, Sequence
 
 import simpy
 
 from bpsim.replay import ReplayBuffer
-from bpsim.sim.costs import Costs, CostTable
+from bpsim.sim.costs import CostTable
 
-if TYPE_CHECKING:  # pragma: no cover
-    from bpsim.sim.results import SimResult
+__all__ = ["Engine", "parse_placement", "IDLE_CAUSES"]
 
-__all__ = ["Engine", "simulate", "ALGORITHMS", "ALIASES", "parse_placement"]
-
-ALIASES = {"dgl-sync": "dgl", "backprop": "bp"}
 IDLE_CAUSES = ("input", "gradient", "buffer", "device")
 # cost-table entries recorded under another op name (the trace vocabulary)
 _SPAN_NAME = {"bwd+in": "bwd"}
@@ -66,12 +63,15 @@ class _Box:
 class _Buf:
     """A replay buffer with the messages still on the wire towards it."""
 
-    __slots__ = ("rb", "pending", "waiter")
+    __slots__ = ("rb", "pending", "waiter", "reads_of", "log", "misses")
 
     def __init__(self, capacity: int, max_reuse: int | None) -> None:
         self.rb = ReplayBuffer(capacity, max_reuse)
         self.pending: deque = deque()
         self.waiter: simpy.Event | None = None
+        self.reads_of: dict[int, int] = {}     # producer step -> reads so far
+        self.log: list[tuple[int, int, int]] = []   # (step, producer step, reads)
+        self.misses = 0                         # reads that had to wait
 
 
 class Engine:
@@ -90,10 +90,13 @@ class Engine:
     rendezvous : bool
         Messages between devices leave when their receiver asks for them
         (see :meth:`send` and ``simulate(protocol=)``); eager otherwise.
+    replay : Measured or None
+        Durations of a measured run (:class:`bpsim.sim.playback.Measured`):
+        every op, message and untraced gap takes its measured time.
     """
 
     def __init__(self, blocks: int, table: CostTable, placement: Sequence[int],
-                 seed: int = 0, rendezvous: bool = False) -> None:
+                 seed: int = 0, rendezvous: bool = False, replay: Any = None) -> None:
         self.env = simpy.Environment()
         self.K = blocks
         self.table = table
@@ -112,14 +115,9 @@ class Engine:
         res = {d: simpy.Resource(self.env, capacity=1) for d, n in counts.items() if n > 1}
         self.res = [None] + [res.get(d) for d in placement]
         self.comm_free = {d: 0.0 for d in counts}
-        self.wake = table.ops["wake"] if any(w > 0 for w in table.ops["wake"]) else None
-        self.wake_tau = table.costs.wake_tau
-        self.busy_until = {d: 0.0 for d in counts}   # end of each device's last op
-        # Costs.contention: devices computing now, and the speed of an op while
-        # another device computes too
-        self.contention = table.costs.contention
-        self.computing: dict[int, simpy.Process] = {}
-        self.shared_speed = 1.0 / (1.0 + self.contention)
+        self.replay = replay
+        # replay: when each device is done with the untraced time after its last op
+        self.ready = {d: (replay.start_delay(d) if replay is not None else 0.0) for d in counts}
         self.rows: list[tuple] = []
         self.updates = [0] * (blocks + 1)
         self.idle = [dict.fromkeys(IDLE_CAUSES, 0.0) for _ in range(blocks + 1)]
@@ -142,18 +140,13 @@ class Engine:
         now = t = env.now
         rows = self.rows
         dev = self.dev[j]
-        spread = self.spread
-        jitter = self.jitter
-        extra = 0.0
-        if self.wake is not None:    # off unless Costs.wake is set: keep the hot path lean
-            gap = now - self.busy_until[dev]
-            if gap > 1e-12 * (now if now > 1.0 else 1.0):   # not back to back, up to rounding
-                extra = Costs.after_idle(self.wake[j], self.wake_tau, gap)
-        if self.contention:
-            yield from self._run_shared(j, dev, ops, step, mb, extra)
+        if self.replay is not None:
+            yield from self._replay_run(j, dev, ops, step, mb)
             if req is not None:
                 res.release(req)
             return
+        spread = self.spread
+        jitter = self.jitter
         for op in ops:
             d = self.ops[op][j]
             if d > 0:
@@ -162,69 +155,40 @@ class Engine:
                     d *= f[int(self.rng.random() * len(f))]
                 elif spread:
                     d *= math.exp(spread * self.rng.gauss(0.0, 1.0))
-            d += extra
-            extra = 0.0
             rows.append((dev, "compute", _SPAN_NAME.get(op, op), j, step, mb, t, t + d, None))
             t += d
-        if self.wake is not None:
-            self.busy_until[dev] = t
         yield env.timeout(t - now)
         if req is not None:
             res.release(req)
 
-    def _run_shared(self, j: int, dev: int, ops: Sequence[str], step: int, mb: int,
-                    extra: float) -> Generator[simpy.Event, Any, None]:
-        """``run`` with ``Costs.contention``: each op is an amount of work, done
-        at full speed while no other device computes and at ``shared_speed``
-        while one does. Whenever the number of computing devices crosses
-        between one and two, the ops in progress are interrupted and carry
-        on at their new speed with the work they have left (processor
-        sharing, as in fluid models of shared resources)."""
+    def _replay_run(self, j: int, dev: int, ops: Sequence[str], step: int,
+                    mb: int) -> Generator[simpy.Event, Any, None]:
+        """``run`` in replay mode: each op its measured duration, preceded by
+        the untraced time measured before it (after a wait) and followed by
+        the untraced time measured after it, which keeps the device busy but
+        does not delay what the op sends."""
         env = self.env
-        self._set_computing(dev, env.active_process)
+        now = env.now
+        t = now if now > self.ready[dev] else self.ready[dev]
+        tail = 0.0
         for op in ops:
-            # the same draw as run's loop, which keeps its own copy inline: a
-            # helper shared by both cost dgl-async (one op per call) 15-20 %
-            # of its simulation speed
-            work = self.ops[op][j]
-            if work > 0:
-                if self.jitter:
-                    f = self.jitter[op]
-                    work *= f[int(self.rng.random() * len(f))]
-                elif self.spread:
-                    work *= math.exp(self.spread * self.rng.gauss(0.0, 1.0))
-            work += extra
-            extra = 0.0
-            t0 = env.now
-            while work > 0:
-                speed = self.shared_speed if len(self.computing) > 1 else 1.0
-                t = env.now
-                try:
-                    yield env.timeout(work / speed)
-                    work = 0.0
-                except simpy.Interrupt:
-                    work -= (env.now - t) * speed
-                    if work <= 1e-12 * (1.0 + env.now):   # done, up to rounding
-                        work = 0.0
-            self.rows.append((dev, "compute", _SPAN_NAME.get(op, op), j, step, mb, t0,
-                              env.now, None))
-        self._set_computing(dev, None)
-        if self.wake is not None:
-            self.busy_until[dev] = env.now
+            name = _SPAN_NAME.get(op, op)
+            head, d, after = self.replay.op(dev, j, name, step, mb)
+            t += tail + head
+            self.rows.append((dev, "compute", name, j, step, mb, t, t + d, None))
+            t += d
+            tail = after
+        self.ready[dev] = t + tail
+        yield env.timeout(t - now)
 
-    def _set_computing(self, dev: int, proc: simpy.Process | None) -> None:
-        """Mark ``dev`` computing (``proc``) or idle (None); when that changes
-        whether devices share the host, re-rate the others' ops."""
-        before = len(self.computing)
-        if proc is None:
-            self.computing.pop(dev, None)
-        else:
-            self.computing[dev] = proc
-        after = len(self.computing)
-        if (before > 1) != (after > 1):
-            for d, p in self.computing.items():
-                if d != dev:
-                    p.interrupt("speed")
+    def _wait_span(self, j: int, t: float, step: int, mb: int) -> None:
+        """Record block j's wait from ``t`` to now (a block with its own device)."""
+        if self.res[j] is not None:
+            return
+        dev = self.dev[j]
+        t0 = t if t > self.ready[dev] else self.ready[dev]
+        if self.env.now > t0:
+            self.rows.append((dev, "compute", "wait", j, step, mb, t0, self.env.now, None))
 
     # ------------------------------------------------------------ messages
     def _transmit(self, src: int, dst: int, step: int, mb: int) -> float:
@@ -233,10 +197,15 @@ class Engine:
         ds, dd = self.dev[src], self.dev[dst]
         if ds == dd:
             return now
-        o = self.xfer[src]
-        c = self.latency
         msg = self.n_msgs
         self.n_msgs = msg + 1
+        if self.replay is not None:
+            s0, s1, r0, r1, done = self.replay.message(src, dst, step, mb)
+            self.rows.append((ds, "comm", "send", src, step, mb, now + s0, now + s1, msg))
+            self.rows.append((dd, "comm", "recv", dst, step, mb, now + r0, now + r1, msg))
+            return now + done
+        o = self.xfer[src]
+        c = self.latency
         if o > 0:
             free = self.comm_free
             s = now if now > free[ds] else free[ds]
@@ -272,8 +241,10 @@ class Engine:
             w, box.waiter = box.waiter, None
             w.succeed()
 
-    def recv(self, j: int, kind: str, cause: str) -> Generator[simpy.Event, Any, Any]:
-        """Wait for the next message of ``kind`` to block j; idle time goes to ``cause``."""
+    def recv(self, j: int, kind: str, cause: str, step: int = 0,
+             mb: int = 0) -> Generator[simpy.Event, Any, Any]:
+        """Wait for the next message of ``kind`` to block j (for its op of
+        ``step``, ``mb``); idle time goes to ``cause``."""
         env = self.env
         t = env.now
         box = self.boxes.get((j, kind))
@@ -284,14 +255,15 @@ class Engine:
             yield box.waiter
         arrival, payload, handoff = box.q.popleft()
         if arrival is None:   # rendezvous: the transfer starts now that both sides are ready
-            src, step, mb = handoff
-            arrival, handoff = self._transmit(src, j, step, mb), self.handoff
+            src, s, i = handoff
+            arrival, handoff = self._transmit(src, j, s, i), self.handoff
         # usable a hand-off after it has arrived and block j asks for it
         ready = (arrival if arrival > env.now else env.now) + handoff
         if ready > env.now:
             yield env.timeout(ready - env.now)
         if env.now > t:
             self.idle[j][cause] += env.now - t
+            self._wait_span(j, t, step, mb)
         return payload
 
     # ------------------------------------------------------ replay buffers
@@ -308,11 +280,14 @@ class Engine:
             w, b.waiter = b.waiter, None
             w.succeed()
 
-    def take(self, j: int) -> Generator[simpy.Event, Any, Any]:
-        """Block j reads buffer j-1 (DGL Alg. 2 line 7); waits while it serves nothing."""
+    def take(self, j: int, step: int = 0) -> Generator[simpy.Event, Any, Any]:
+        """Block j reads buffer j-1 for its ``step`` (DGL Alg. 2 line 7);
+        waits while it serves nothing (a miss). Every read is logged as
+        ``(step, producer step, reads of that entry so far)``."""
         env = self.env
         t = env.now
         b = self.bufs[j - 1]
+        missed = False
         while True:
             now = env.now
             pending = b.pending
@@ -325,13 +300,19 @@ class Engine:
             got = b.rb.get(with_staleness=True, now=self.updates[j - 1])
             if got is not None:
                 break
+            missed = True
             if pending:
                 yield env.timeout(pending[0][0] - now)
             else:
                 b.waiter = env.event()
                 yield b.waiter
+        b.misses += missed
+        produced = got[0]
+        n = b.reads_of[produced] = b.reads_of.get(produced, 0) + 1
+        b.log.append((step, produced, n))
         if env.now > t:
             self.idle[j]["buffer"] += env.now - t
+            self._wait_span(j, t, step, 0)
         return got
 
 
@@ -361,110 +342,3 @@ def parse_placement(placement: Any, blocks: int) -> list[int]:
         raise ValueError(f"placement needs one device index >= 0 per block ({blocks}), "
                          f"got {list(placement)!r}")
     return out
-
-
-ALGORITHMS = ("bp", "gpipe", "1f1b", "dgl", "dgl-async", "greedy", "blockprop",
-              "blockprop-cached", "bwbpf")
-PROTOCOLS = ("auto", "eager", "rendezvous")
-
-
-def _positive_int(name: str, v: Any, lo: int = 1) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
-    return v
-
-
-def simulate(algo: str, blocks: int = 4, steps: int = 100,
-             costs: "Costs | str | Mapping[str, Any] | None" = None, *,
-             microbatches: int = 1, buffer: int = 50,
-             slowdown: Mapping[int, float] | None = None, nh: int = 1,
-             cache_every: int = 1, epochs_steps: int | None = None,
-             placement: Any = None, seed: int = 0,
-             max_reuse: int | None = None, protocol: str = "auto") -> "SimResult":
-    """Simulate the device timeline of one training regime.
-
-    Parameters
-    ----------
-    algo : str
-        One of ``bp gpipe 1f1b dgl dgl-async greedy blockprop blockprop-cached
-        bwbpf`` (``dgl-sync`` is an alias of ``dgl``).
-    blocks : int
-        K, the number of blocks (>= 1; >= 2 for the BlockProp variants).
-    steps : int
-        N, minibatch steps (for ``dgl-async``: updates per block; for
-        ``greedy``: steps per block, the stages run one after the other).
-    costs : Costs, str or dict
-        Per-block costs (:class:`bpsim.sim.Costs`); a string is parsed
-        like ``--cost``. Default: fwd=1, bwd=2, everything else 0.
-    microbatches : int
-        m, micro-batches per step for ``gpipe`` and ``1f1b`` (costs are per
-        micro-batch).
-    buffer : int
-        M, replay buffer size for ``dgl-async``.
-    slowdown : dict
-        ``{J: S}`` multiplies block J's compute costs by S (1-based J).
-    nh : int
-        BlockProp h-step iterations per gluing variable (N_h, Alg. 1).
-    cache_every : int
-        E of ``blockprop-cached``: the h-step runs in epochs 0, E, 2E, ...
-    epochs_steps : int or None
-        Steps per epoch for ``blockprop-cached`` (default: all steps).
-    placement : None, int, str or list of int
-        Device of each block (see :func:`parse_placement`).
-    seed : int
-        Seed of the cost draws (only used when ``costs.spread > 0`` or
-        ``costs.jitter`` is set).
-    max_reuse : int or None
-        Reuse cap of the ``dgl-async`` buffers.
-    protocol : str
-        How messages between devices move. ``"eager"``: a message leaves
-        when it is sent and waits at the receiver (bpsim's runtime receives
-        on a background thread, posted early). ``"rendezvous"``: it leaves
-        only once its receiver asks for it, so a receiver that comes to a
-        message late still waits the latency (and transfer); this is how
-        torch's pipelining schedules behind the runtime's ``gpipe`` and
-        ``1f1b`` move data, posting each receive right before the op that
-        needs it. ``"auto"`` (default): rendezvous for ``gpipe`` and
-        ``1f1b``, eager for the others.
-
-    Returns
-    -------
-    SimResult
-    """
-    from bpsim.sim import schedules
-    from bpsim.sim.results import SimResult
-
-    name = ALIASES.get(str(algo).lower(), str(algo).lower())
-    if name not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {algo!r}; choose one of {', '.join(ALGORITHMS)} "
-                         "(or dgl-sync)")
-    _positive_int("blocks", blocks)
-    _positive_int("steps", steps)
-    _positive_int("microbatches", microbatches)
-    _positive_int("buffer", buffer)
-    _positive_int("nh", nh, lo=0)
-    _positive_int("cache_every", cache_every)
-    if epochs_steps is not None:
-        _positive_int("epochs_steps", epochs_steps)
-    if max_reuse is not None:
-        _positive_int("max_reuse", max_reuse)
-    if name.startswith("blockprop") and blocks < 2:
-        raise ValueError(f"{name} needs at least 2 blocks (gluing variables h_2..h_K), "
-                         f"got blocks={blocks}")
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
-    proto = protocol if protocol != "auto" else (
-        "rendezvous" if name in ("gpipe", "1f1b") else "eager")
-    cost = Costs.coerce(costs)
-    slow = {int(k): float(v) for k, v in (slowdown or {}).items()}
-    table = cost.table(blocks, slow)
-    place = parse_placement(placement, blocks)
-    eng = Engine(blocks, table, place, seed=seed, rendezvous=proto == "rendezvous")
-    params = dict(microbatches=microbatches, buffer=buffer, nh=nh, cache_every=cache_every,
-                  epochs_steps=epochs_steps or steps, max_reuse=max_reuse)
-    schedules.SCHEDULES[name](eng, steps, **params)
-    eng.env.run()
-    meta = {"source": "bpsim.sim", "algo": name, "blocks": blocks, "steps": steps,
-            "costs": cost.to_dict(), "slowdown": {str(k): v for k, v in slow.items()},
-            "placement": place, "seed": seed, "protocol": proto, **params}
-    return SimResult.from_engine(eng, name, steps, meta)

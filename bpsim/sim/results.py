@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from bpsim.trace import Trace
 
-if TYPE_CHECKING:  # pragma: no cover
-    from bpsim.sim.engine import Engine
-
-__all__ = ["SimResult"]
+__all__ = ["SimResult", "buffer_stats"]
 
 
 def _finite(x: float) -> float | None:
@@ -62,10 +60,18 @@ class SimResult:
     meta: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_engine(cls, eng: "Engine", algo: str, steps: int,
-                    meta: dict[str, Any]) -> "SimResult":
-        K = eng.K
-        rows = eng.rows
+    def from_rows(cls, algo: str, steps: int, rows: list[tuple], meta: dict[str, Any], *,
+                  placement: list[int], updates: list[int],
+                  idle: list[dict[str, float]], buffers: list[dict[str, Any]] = (),
+                  expected_updates: int | None = None) -> "SimResult":
+        """Summarise a simulation from its spans and counters.
+
+        ``updates[j-1]`` and ``idle[j-1]`` (seconds by cause) belong to block
+        j; ``buffers`` are the per-buffer dicts described above; a block with
+        fewer than ``expected_updates`` (default ``steps``) updates is listed
+        in ``meta["stalled_blocks"]``.
+        """
+        K = len(placement)
         busy = [0.0] * (K + 1)
         finish = [0.0] * (K + 1)
         end = 0.0
@@ -73,7 +79,7 @@ class SimResult:
             t1 = r[7]
             if t1 > end:
                 end = t1
-            if r[1] == "compute":
+            if r[1] == "compute" and r[2] != "wait":
                 j = r[3]
                 busy[j] += t1 - r[6]
                 if t1 > finish[j]:
@@ -82,30 +88,21 @@ class SimResult:
         per_block = []
         for j in range(1, K + 1):
             per_block.append({
-                "block": j, "device": eng.dev[j], "busy": busy[j],
+                "block": j, "device": placement[j - 1], "busy": busy[j],
                 "utilization": busy[j] / makespan if makespan > 0 else 0.0,
-                "finish": finish[j], "updates": eng.updates[j],
+                "finish": finish[j], "updates": updates[j - 1],
                 "idle": makespan - busy[j],
-                "idle_by_cause": dict(eng.idle[j]),
+                "idle_by_cause": dict(idle[j - 1]),
             })
-        buffers = []
-        for j in sorted(eng.bufs):
-            rb = eng.bufs[j].rb
-            reuse = rb.reuse_counts()
-            stale = rb.staleness()
-            buffers.append({
-                "block": j, "capacity": rb.capacity, "max_reuse": rb.max_reuse,
-                "reuse_mean": rb.reuse_mean, "staleness_mean": _mean(stale),
-                "reuse": reuse, "staleness": stale, "puts": rb.n_puts, "gets": rb.n_gets,
-            })
-        stalled = [j for j in range(1, K + 1) if eng.updates[j] < _expected(algo, steps)]
+        want = steps if expected_updates is None else expected_updates
+        stalled = [j for j in range(1, K + 1) if updates[j - 1] < want]
         meta = dict(meta, makespan=makespan)
         if stalled:
             meta["stalled_blocks"] = stalled
         trace = Trace.from_rows(rows, meta)
         return cls(algo=algo, steps=steps, trace=trace, makespan=makespan,
                    throughput=steps / makespan if makespan > 0 else math.inf,
-                   per_block=per_block, buffers=buffers, meta=meta)
+                   per_block=per_block, buffers=list(buffers), meta=meta)
 
     @property
     def n_spans(self) -> int:
@@ -152,5 +149,51 @@ class SimResult:
         return "\n".join(lines)
 
 
-def _expected(algo: str, steps: int) -> int:
-    return steps
+def buffer_stats(trace: Trace) -> list[dict[str, Any]]:
+    """Reuse, staleness and misses of every replay buffer of a ``dgl-async``
+    trace, from the reads it logged (the same for a measured and a
+    simulated trace).
+
+    ``trace.meta["buffer_reads"]`` maps the reading block ``"j"`` to its
+    reads ``[step, producer step, reads of that entry so far]`` and
+    ``trace.meta["buffer_misses"]`` to how many reads found nothing to
+    serve. Returns ``out[j-1]`` for the buffer block j writes: ``block``,
+    ``reads``, ``reuse_mean`` (reads per entry read at least once),
+    ``staleness_mean`` (producer updates completed when the reader started
+    its forward, less the entry's producer step) and ``misses``. Empty
+    without logged reads.
+    """
+    reads = trace.meta.get("buffer_reads") or {}
+    misses = trace.meta.get("buffer_misses") or {}
+    if not reads:
+        return []
+    K = int(trace.meta.get("blocks") or max(int(k) for k in reads))
+    fwd_start: dict[tuple[int, int], float] = {}
+    upd_ends: dict[int, list[float]] = {}
+    for r in trace.rows:
+        if r[1] != "compute":
+            continue
+        if r[2] == "fwd":
+            key = (r[3], r[4])
+            if key not in fwd_start or r[6] < fwd_start[key]:
+                fwd_start[key] = r[6]
+        elif r[2] == "update":
+            upd_ends.setdefault(r[3], []).append(r[7])
+    for v in upd_ends.values():
+        v.sort()
+    out = []
+    for j in range(1, K):
+        log = reads.get(str(j + 1), [])
+        most: dict[int, int] = {}
+        stale = []
+        ends = upd_ends.get(j, [])
+        for step, produced, n in log:
+            most[produced] = max(most.get(produced, 0), n)
+            t = fwd_start.get((j + 1, step))
+            if t is not None:
+                stale.append(bisect.bisect_right(ends, t + 1e-12 * max(1.0, abs(t))) - produced)
+        out.append({"block": j, "reads": len(log),
+                    "reuse_mean": _mean(list(most.values())),
+                    "staleness_mean": _mean(stale),
+                    "misses": int(misses.get(str(j + 1), 0))})
+    return out

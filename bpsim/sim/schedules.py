@@ -14,7 +14,7 @@ from typing import Any, Callable, Generator
 
 from bpsim.sim.engine import Engine
 
-__all__ = ["SCHEDULES", "bp", "gpipe", "one_f_one_b", "dgl", "dgl_async", "greedy",
+__all__ = ["bp", "gpipe", "one_f_one_b", "dgl", "dgl_async", "greedy",
            "blockprop", "blockprop_cached", "bwbpf"]
 
 _AUX_BWD_UPD = ("aux", "bwd", "update")
@@ -47,7 +47,7 @@ def bp(eng: Engine, steps: int, **_: Any) -> None:
 def _forward(e: Engine, j: int, t: int) -> Generator:
     """Block j's forward of step t: wait for its input (j > 1), run, send the output on."""
     if j > 1:
-        yield from e.recv(j, "act", "input")
+        yield from e.recv(j, "act", "input", t)
     yield from e.run(j, ("fwd",), t)
     if j < e.K:
         e.send(j, j + 1, "act", t)
@@ -58,7 +58,7 @@ def _bp_block(e: Engine, j: int, steps: int) -> Generator:
     for t in range(steps):
         yield from _forward(e, j, t)
         if j < K:
-            yield from e.recv(j, "grad", "gradient")
+            yield from e.recv(j, "grad", "gradient", t)
         if j > 1:
             yield from e.run(j, ("bwd+in",), t)
             e.send(j, j - 1, "grad", t)
@@ -100,13 +100,13 @@ def _micro_op(e: Engine, j: int, kind: str, t: int, i: int) -> Generator:
     K = e.K
     if kind == "f":
         if j > 1:
-            yield from e.recv(j, "act", "input")
+            yield from e.recv(j, "act", "input", t, i)
         yield from e.run(j, ("fwd",), t, i)
         if j < K:
             e.send(j, j + 1, "act", t, i)
     else:
         if j < K:
-            yield from e.recv(j, "grad", "gradient")
+            yield from e.recv(j, "grad", "gradient", t, i)
         yield from e.run(j, ("bwd+in",) if j > 1 else ("bwd",), t, i)
         if j > 1:
             e.send(j, j - 1, "grad", t, i)
@@ -229,7 +229,7 @@ def _async_block(e: Engine, j: int, steps: int) -> Generator:
     K = e.K
     for t in range(steps):
         if j > 1:
-            yield from e.take(j)
+            yield from e.take(j, t)
         yield from e.run(j, ("fwd",), t)
         if j < K:
             e.put(j, t)
@@ -258,7 +258,7 @@ def _greedy_block(e: Engine, j: int, steps: int) -> Generator:
         for t in range(steps):
             g = (stage - 1) * steps + t
             if j > 1:
-                yield from e.recv(j, "act", "input")
+                yield from e.recv(j, "act", "input", g)
             if stage == j:
                 yield from e.run(j, ("fwd",) + _AUX_BWD_UPD, g)
                 e.updates[j] += 1
@@ -287,7 +287,7 @@ def blockprop(eng: Engine, steps: int, nh: int = 1, **_: Any) -> None:
 
 
 def blockprop_cached(eng: Engine, steps: int, nh: int = 1, cache_every: int = 1,
-                     epochs_steps: int | None = None, **_: Any) -> None:
+                     steps_per_epoch: int | None = None, **_: Any) -> None:
     """BlockProp with an ``h*`` cache (BlockProp Appendix C, Alg. 2).
 
     ``h*`` is cached per example; the h-step runs only in epochs 0, E, 2E...
@@ -302,7 +302,7 @@ def blockprop_cached(eng: Engine, steps: int, nh: int = 1, cache_every: int = 1,
         block 2 |FBBUFBBU
         block 3 |FBBUFBBU
     """
-    _start(eng, _blockprop_block, steps, nh, epochs_steps or steps, cache_every)
+    _start(eng, _blockprop_block, steps, nh, steps_per_epoch or steps, cache_every)
 
 
 def _blockprop_block(e: Engine, j: int, steps: int, nh: int, epoch_steps: int | None,
@@ -318,25 +318,18 @@ def _blockprop_block(e: Engine, j: int, steps: int, nh: int, epoch_steps: int | 
         cached = epoch > 0
         # forward: initialise h_{j+1} = b_j(h_j) (chained, or from the cache)
         if j > 1 and not cached:
-            yield from e.recv(j, "act", "input")
+            yield from e.recv(j, "act", "input", t)
         if j < K:
             yield from e.run(j, ("fwd",), t)
             e.send(j, j + 1, "act", t)
         if j > 1 and cached:
-            yield from e.recv(j, "act", "input")
+            yield from e.recv(j, "act", "input", t)
         # h-step on h_j needs h*_{j+1} from block j + 1 (k runs K -> 2)
         if j < K:
-            yield from e.recv(j, "target", "gradient")
+            yield from e.recv(j, "target", "gradient", t)
         if j > 1:
             if hops:
                 yield from e.run(j, hops, t)
             e.send(j, j - 1, "target", t)
         yield from e.run(j, _WSTEP, t)
         e.updates[j] += 1
-
-
-SCHEDULES: dict[str, Callable[..., None]] = {
-    "bp": bp, "gpipe": gpipe, "1f1b": one_f_one_b, "dgl": dgl, "dgl-async": dgl_async,
-    "greedy": greedy, "blockprop": blockprop, "blockprop-cached": blockprop_cached,
-    "bwbpf": bwbpf,
-}

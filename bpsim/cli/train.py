@@ -1,0 +1,88 @@
+"""``bpsim train``: train a network in this process and report test accuracy."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from bpsim.cli import types as T
+from bpsim.cli.args import add_algo, add_method_options, add_net_and_sgd_args, method_options
+
+__all__ = ["add_parser", "cmd"]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``train`` to an argparse subparsers object."""
+    p = sub.add_parser("train", help="train a network in this process", description=(
+        "Train a BlockNet with one method and report test accuracy. "
+        "Example: bpsim train bp --data digits --model mlp --blocks 2 --epochs 20 --seed 0 --json"))
+    add_algo(p)
+    p.add_argument("--blocks", type=T.positive_int, default=2, help="number of blocks K (default 2)")
+    p.add_argument("--epochs", type=T.positive_int, default=10)
+    add_net_and_sgd_args(p)
+    p.add_argument("--milestones", type=T.int_list, default=[],
+                   help="epochs at which the learning rate is multiplied by --gamma")
+    p.add_argument("--gamma", type=T.positive_float, default=0.1)
+    p.add_argument("--checkpoint-dir", type=T.out_folder,
+                   help="write a checkpoint there after every epoch")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint in --checkpoint-dir")
+    add_method_options(p)
+    g = p.add_argument_group("dgl-async trainer options (bpsim train only)")
+    g.add_argument("--slowdown", type=T.slowdown, action="append", metavar="BLOCK:S",
+                   help="dgl-async: BLOCK:S picks block BLOCK S times less often")
+    g.add_argument("--pmf", type=T.nonneg_floats,
+                   help="dgl-async: probability of picking each block")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd)
+
+
+def cmd(args: argparse.Namespace) -> int:
+    """Run ``bpsim train`` on parsed arguments."""
+    from bpsim import data, nets
+    from bpsim.algorithms import get_trainer
+
+    cls = get_trainer(args.algo)
+    options = method_options(args)
+    extra = {}
+    slow = T.slowdowns(args.slowdown)
+    if len(slow) > 1:
+        raise ValueError("bpsim train dgl-async takes one --slowdown BLOCK:S; use --pmf for "
+                         "several blocks")
+    if slow:
+        extra["slowdown"] = next(iter(slow.items()))
+    if args.pmf is not None:
+        extra["pmf"] = T.one(args.pmf)
+    unused = sorted(set(extra) - set(cls.options))
+    if unused:
+        flags = ", ".join("--" + u for u in unused)
+        raise ValueError(f"{flags} does not apply to {args.algo}; only dgl-async takes it")
+    if args.resume and not args.checkpoint_dir:
+        raise ValueError("--resume needs --checkpoint-dir DIR (the folder of the checkpoint)")
+    kwargs = {k: v for k, v in options.items() if k in cls.options} | extra
+    desc = data.describe(args.data)
+    train, test = data.load(args.data, n_train=args.n_train, n_test=args.n_test, seed=args.seed)
+    net = nets.build(args.model, desc.input_shape, desc.n_classes, args.blocks, width=args.width,
+                     depth=args.depth, aux=options.get("aux") or cls.aux_default,
+                     output_layer=cls.output_layer, seed=args.seed)
+    lr = T.one(args.lr) if args.lr is not None else cls.default_lr
+    trainer = cls(net, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                  batch_size=args.batch_size, milestones=args.milestones, gamma=args.gamma,
+                  seed=args.seed, task=desc.task, checkpoint_dir=args.checkpoint_dir, **kwargs)
+    t0 = time.perf_counter()
+    hist = trainer.fit(train, args.epochs, test=test, resume=args.resume)
+    wall = time.perf_counter() - t0
+    last = hist.records[-1]
+    out = {
+        "algorithm": args.algo, "data": args.data, "model": args.model, "blocks": len(net),
+        "epochs": len(hist), "test_accuracy": last.test_accuracy, "test_loss": last.test_loss,
+        "train_loss": last.train_loss, "wall_time": wall, "history": hist.to_dict(),
+    }
+    if args.json:
+        print(json.dumps(out))
+    else:
+        acc = "n/a" if last.test_accuracy is None else f"{100 * last.test_accuracy:.2f}%"
+        print(f"{args.algo} on {args.data}: {len(net)} blocks, {len(hist)} epochs in {wall:.1f} s; "
+              f"train loss {last.train_loss:.4f}, test accuracy {acc}")
+    return 0
