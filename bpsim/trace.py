@@ -1,4 +1,4 @@
-"""Timelines of training runs: spans, traces, Chrome-trace export and import.
+"""Timelines of training runs: the span schema, traces and their statistics.
 
 One schema serves the measured runtime and the SimPy simulator, so a
 predicted and a measured run compare field by field and open together in
@@ -10,29 +10,31 @@ seconds (any unit for simulated runs; exported as microseconds). A ``send``
 and its ``recv`` share a message id ``msg``. The op vocabulary is that of
 DESIGN.md: ``fwd bwd aux update hstep send recv wait loss``.
 
-This module never imports torch: the runtime records into a
-:class:`Recorder` from its workers, the simulator appends raw rows.
+The Chrome trace-event file format lives in :mod:`bpsim.chrome`;
+:meth:`Trace.save`, :meth:`Trace.load` and :meth:`Trace.to_chrome` go
+through it. A trace that breaks the schema (overlapping spans on one lane, a
+span that ends before it starts, a receive that ends before its send) or a
+file of another shape raises :class:`TraceError`, a ``ValueError``. This
+module never imports torch: the runtime and the simulator append raw rows.
 """
 
 from __future__ import annotations
 
 import bisect
-import json
+import math
 import os
-import time
 from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import astuple, dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
-from bpsim.files import atomic_write_text, json_safe, jsonable
+from bpsim import chrome
+from bpsim.chrome import LANES, TraceError
+# the file helpers moved to bpsim.files; kept importable from here for callers
+from bpsim.files import atomic_write_text, json_safe
 
-__all__ = ["OPS", "LANES", "Span", "Trace", "Recorder", "merge", "atomic_write_text", "json_safe"]
+__all__ = ["OPS", "LANES", "Span", "Trace", "TraceError", "atomic_write_text", "json_safe"]
 
 OPS = ("fwd", "bwd", "aux", "update", "hstep", "send", "recv", "wait", "loss")
-LANES = ("compute", "comm")
-_LANE_INDEX = {"compute": 0, "comm": 1}
-_US = 1e6
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,19 +246,22 @@ class Trace:
     def check(self, tol: float = 1e-9) -> "Trace":
         """Validate the trace and return it.
 
-        Raises ``ValueError`` when two spans overlap on one (rank, lane)
-        (zero-length marker spans never count as overlapping), when a span
-        ends before it starts, or when a ``recv`` ends before its ``send``
-        starts.
+        Raises :class:`TraceError` (a ``ValueError``) when a span is on an
+        unknown lane or has a time that is not a finite number, when a span
+        ends before it starts, when two spans overlap on one (rank, lane)
+        (zero-length marker spans never count as overlapping), or when a
+        ``recv`` ends before its ``send`` starts.
         """
         lanes: dict[tuple[int, str], list[tuple[float, float, str, int, int]]] = defaultdict(list)
         sends: dict[Any, Row] = {}
         recvs: list[Row] = []
         for r in self._rows:
-            if r[1] not in _LANE_INDEX:
-                raise ValueError(f"span lane must be one of {LANES}, got {r[1]!r} in {r!r}")
+            if r[1] not in LANES:
+                raise TraceError(f"span lane must be one of {LANES}, got {r[1]!r} in {r!r}")
+            if not (math.isfinite(r[6]) and math.isfinite(r[7])):
+                raise TraceError(f"span times must be finite numbers, got {r!r}")
             if r[7] < r[6] - tol:
-                raise ValueError(f"span ends before it starts: {r!r}")
+                raise TraceError(f"span ends before it starts: {r!r}")
             if r[7] - r[6] > tol:
                 lanes[(r[0], r[1])].append((r[6], r[7], r[2], r[3], r[4]))
             if r[8] is not None:
@@ -268,157 +273,53 @@ class Trace:
             items.sort()
             for a, b in zip(items, items[1:]):
                 if b[0] < a[1] - tol:
-                    raise ValueError(
+                    raise TraceError(
                         f"overlapping spans on rank {rank} lane {lane!r}: {a[2]} of block "
                         f"{a[3]} step {a[4]} [{a[0]:.9g}, {a[1]:.9g}] and {b[2]} of block "
                         f"{b[3]} step {b[4]} [{b[0]:.9g}, {b[1]:.9g}]")
         for r in recvs:
             s = sends.get(r[8])
             if s is not None and r[7] < s[6] - tol:
-                raise ValueError(
+                raise TraceError(
                     f"recv of message {r[8]} ends at {r[7]:.9g}, before its send starts "
                     f"at {s[6]:.9g}")
         return self
 
     # ------------------------------------------------------ chrome format
     def to_chrome(self, pid: int = 0, name: str | None = None) -> dict[str, Any]:
-        """Chrome trace-event JSON (Perfetto opens it).
+        """Chrome trace-event JSON (Perfetto opens it; layout in :mod:`bpsim.chrome`).
 
-        One ``pid`` for the run, one ``tid`` per (rank, lane) with a
-        ``thread_name``, an ``X`` event per span (exact seconds kept in
-        ``args`` so :meth:`from_chrome` round-trips), and an ``s``/``f`` flow
-        pair from every send to its recv.
+        One ``pid`` for the run, one ``tid`` per (rank, lane), an ``X``
+        event per span (exact seconds kept in ``args`` so :meth:`from_chrome`
+        round-trips), and an ``s``/``f`` flow pair from every send to its recv.
         """
-        label = name or str(self.meta.get("name") or self.meta.get("algo") or "bpsim run")
-        events: list[dict[str, Any]] = [
-            {"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "args": {"name": label}}]
-        for rank, lane in sorted({(r[0], r[1]) for r in self._rows},
-                                 key=lambda k: (k[0], _LANE_INDEX.get(k[1], 9))):
-            tid = _tid(rank, lane)
-            events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": tid,
-                           "args": {"name": f"rank {rank} {lane}"}})
-            events.append({"ph": "M", "name": "thread_sort_index", "pid": pid, "tid": tid,
-                           "args": {"sort_index": tid}})
-        sends: dict[Any, Row] = {}
-        recvs: dict[Any, Row] = {}
-        for r in self._rows:
-            rank, lane, op, block, step, mb, t0, t1, msg = r
-            args = {"rank": rank, "lane": lane, "block": block, "step": step,
-                    "microbatch": mb, "t0": t0, "t1": t1}
-            if msg is not None:
-                args["msg"] = msg
-                (sends if op == "send" else recvs)[msg] = r
-            events.append({"ph": "X", "name": op, "cat": lane, "pid": pid, "tid": _tid(rank, lane),
-                           "ts": t0 * _US, "dur": (t1 - t0) * _US, "args": args})
-        for msg, s in sends.items():
-            rv = recvs.get(msg)
-            if rv is None:
-                continue
-            events.append({"ph": "s", "name": "msg", "cat": "msg", "id": msg, "pid": pid,
-                           "tid": _tid(s[0], s[1]), "ts": s[6] * _US})
-            events.append({"ph": "f", "bp": "e", "name": "msg", "cat": "msg", "id": msg,
-                           "pid": pid, "tid": _tid(rv[0], rv[1]), "ts": rv[6] * _US})
-        return {"traceEvents": events, "displayTimeUnit": "ms",
-                "otherData": {"bpsim_meta": jsonable(self.meta), "bpsim_version": 1}}
+        return chrome.to_chrome(self._rows, self.meta, pid=pid, name=name)
 
     @classmethod
     def from_chrome(cls, obj: dict[str, Any] | list[Any]) -> "Trace":
         """Read back what :meth:`to_chrome` wrote (exactly), or any Chrome
-        trace whose ``X`` events carry ``rank``/``block``/``step`` args."""
-        if isinstance(obj, list):
-            events, meta = obj, {}
-        elif isinstance(obj, dict) and "traceEvents" in obj:
-            events = obj["traceEvents"]
-            meta = dict((obj.get("otherData") or {}).get("bpsim_meta") or {})
-        else:
-            raise ValueError("not a Chrome trace: expected a dict with 'traceEvents' or a list "
-                             "of events (write one with Trace.save or bpsim simulate --trace)")
-        rows: list[Row] = []
-        for ev in events:
-            if ev.get("ph") != "X":
-                continue
-            a = ev.get("args") or {}
-            tid = int(ev.get("tid", 0))
-            t0 = a["t0"] if "t0" in a else ev["ts"] / _US
-            t1 = a["t1"] if "t1" in a else (ev["ts"] + ev.get("dur", 0)) / _US
-            rows.append((int(a.get("rank", tid // 2)),
-                         a.get("lane", ev.get("cat") if ev.get("cat") in _LANE_INDEX
-                               else LANES[tid % 2]),
-                         ev["name"], int(a.get("block", 0)), int(a.get("step", 0)),
-                         int(a.get("microbatch", 0)), float(t0), float(t1), a.get("msg")))
+        trace whose ``X`` events carry ``block``/``step`` args
+        (:class:`TraceError` otherwise)."""
+        rows, meta = chrome.rows_from_chrome(obj)
         return cls.from_rows(rows, meta)
 
     def save(self, path: str | os.PathLike[str], pid: int = 0) -> None:
-        """Write Chrome-trace JSON atomically (temp file, then ``os.replace``)."""
-        atomic_write_text(path, json.dumps(self.to_chrome(pid=pid), allow_nan=False))
+        """Write Chrome-trace JSON atomically (temp file, then ``os.replace``).
+
+        A path that cannot be written raises ``ValueError`` before anything
+        is written (:func:`bpsim.files.check_writable`).
+        """
+        chrome.write(path, self.to_chrome(pid=pid))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "Trace":
-        """Read a trace written by :meth:`save` (or by the runtime)."""
-        path = os.fspath(path)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"trace file {path!r} does not exist; write one with "
-                                    "`bpsim run ... --trace` or `bpsim simulate ... --trace`")
-        with open(path, encoding="utf-8") as fh:
-            try:
-                obj = json.load(fh)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path!r} is not JSON ({e}); expected a Chrome trace") from None
-        return cls.from_chrome(obj)
+        """Read a trace written by :meth:`save` (or by the runtime) and :meth:`check` it.
 
-
-def _tid(rank: int, lane: str) -> int:
-    return 2 * int(rank) + _LANE_INDEX.get(lane, 1)
-
-
-def merge(traces: Sequence[Trace], meta: dict[str, Any] | None = None) -> Trace:
-    """Concatenate traces, e.g. the per-rank traces of one run.
-
-    Message ids must already be unique across the inputs (the runtime uses
-    per-run ids); ``meta`` defaults to the first trace's meta.
-    """
-    rows: list[Row] = []
-    for t in traces:
-        rows.extend(t.rows)
-    rows.sort(key=lambda r: (r[6], r[0], _LANE_INDEX.get(r[1], 9)))
-    base = meta if meta is not None else (dict(traces[0].meta) if traces else {})
-    return Trace.from_rows(rows, base)
-
-
-class Recorder:
-    """Cheap span recorder for one rank, for real (measured) runs.
-
-    >>> rec = Recorder(rank=0)
-    >>> with rec.span("fwd", block=1, step=0):
-    ...     pass
-    >>> rec.trace().spans[0].op
-    'fwd'
-
-    Times come from ``time.perf_counter`` (seconds); the recorder stores
-    plain tuples, so a span costs two clock reads and one list append.
-    """
-
-    def __init__(self, rank: int = 0, meta: dict[str, Any] | None = None,
-                 clock: Any = time.perf_counter) -> None:
-        self.rank = rank
-        self.meta = dict(meta or {})
-        self.rows: list[Row] = []
-        self._clock = clock
-
-    @contextmanager
-    def span(self, op: str, *, block: int, step: int, lane: str = "compute",
-             microbatch: int = 0, msg: int | None = None) -> Iterator[None]:
-        clock = self._clock
-        t0 = clock()
+        ``FileNotFoundError`` when ``path`` does not exist; :class:`TraceError`
+        naming the file when it is not a Chrome trace of valid spans.
+        """
+        obj = chrome.read(path)
         try:
-            yield
-        finally:
-            self.rows.append((self.rank, lane, op, block, step, microbatch, t0, clock(), msg))
-
-    def add(self, op: str, t0: float, t1: float, *, block: int, step: int,
-            lane: str = "compute", microbatch: int = 0, msg: int | None = None) -> None:
-        """Record a span whose times were taken elsewhere."""
-        self.rows.append((self.rank, lane, op, block, step, microbatch, t0, t1, msg))
-
-    def trace(self) -> Trace:
-        return Trace.from_rows(list(self.rows), self.meta)
+            return cls.from_chrome(obj).check()
+        except TraceError as e:
+            raise TraceError(f"trace file {os.fspath(path)!r}: {e}") from None

@@ -1,4 +1,4 @@
-"""Trace schema: statistics, checks, Chrome export/import, atomic save, Recorder."""
+"""Trace schema: statistics, checks, Chrome export/import (bpsim.chrome), atomic save."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from bpsim.trace import Recorder, Span, Trace, merge
+from bpsim.trace import Span, Trace, TraceError
 
 
 def small() -> Trace:
@@ -127,18 +127,44 @@ def test_load_errors(tmp_path):
         Trace.from_chrome({"foo": 1})
 
 
-def test_merge_and_recorder():
-    r0, r1 = Recorder(rank=0, meta={"algo": "dgl"}), Recorder(rank=1)
-    with r0.span("fwd", block=1, step=0):
-        pass
-    with r0.span("send", block=1, step=0, lane="comm", msg=0):
-        pass
-    r1.add("recv", 0.0, 1.0, block=2, step=0, lane="comm", msg=0)
-    t = merge([r0.trace(), r1.trace()])
-    assert len(t) == 3 and t.meta == {"algo": "dgl"}
-    assert {s.op for s in t} == {"fwd", "send", "recv"}
-    s = t.spans[[x.op for x in t.spans].index("fwd")]
-    assert s.t1 >= s.t0 and s.lane == "compute" and s.rank == 0
+@pytest.mark.parametrize("content,msg", [
+    ("[1, 2, 3]", "event 0 must be an object"),
+    ('{"traceEvents": "x"}', "must be a list"),
+    ('{"traceEvents": [{"ph": "X", "name": "fwd", "ts": 0, "dur": 1}]}', "no args"),
+    ('{"traceEvents": [{"ph": "X", "name": "fwd", "args": {"block": 1, "step": 0, '
+     '"t0": NaN, "t1": 1}}]}', "finite"),
+    ('{"traceEvents": [{"ph": "X", "name": "fwd", "args": {"block": 1, "step": 0, '
+     '"t0": 2, "t1": 1}}]}', "ends before it starts"),
+])
+def test_load_names_the_file_and_the_problem(tmp_path, content, msg):
+    p = tmp_path / "bad.json"
+    p.write_text(content)
+    with pytest.raises(TraceError, match=msg) as e:
+        Trace.load(p)
+    assert "bad.json" in str(e.value)
+
+
+def test_load_refuses_binary_data_and_folders(tmp_path):
+    (tmp_path / "b.json").write_bytes(bytes(range(256)))
+    with pytest.raises(TraceError, match="b.json.*not a text file"):
+        Trace.load(tmp_path / "b.json")
+    with pytest.raises(TraceError, match="folder"):
+        Trace.load(tmp_path)
+
+
+def test_load_runs_check(tmp_path):
+    t = Trace([Span(0, "compute", "fwd", 1, 0, t0=0.0, t1=2.0),
+               Span(0, "compute", "bwd", 1, 0, t0=1.0, t1=3.0)])
+    p = tmp_path / "overlap.json"
+    t.save(p)                                   # save writes what it is given
+    with pytest.raises(TraceError, match="overlap.json.*overlapping"):
+        Trace.load(p)
+
+
+def test_save_refuses_a_folder_before_writing(tmp_path):
+    with pytest.raises(ValueError, match="is a folder"):
+        small().save(tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_from_rows_is_lazy():
