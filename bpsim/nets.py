@@ -153,16 +153,20 @@ class BlockNet(nn.Module):
     def input_grad_flops(self, input_shape: Sequence[int] | None = None) -> list[int]:
         """FLOPs per example of the gradient with respect to each block's input.
 
-        That is the input-gradient product of the block's first weighted
-        layer (Linear or Conv2d), which has the FLOPs of that layer's
-        forward. A block whose input is detached (DGL, BWBPF) skips it; one
-        that backpropagates to the previous block (backprop) does it in
-        addition. ``bpsim.sim.Costs.with_input_grad`` turns it into time.
+        That is the input-gradient product of every weighted layer (Linear
+        or Conv2d) that reads the block's input, directly or through layers
+        without weights (flatten, pooling, ReLU, batch norm): the first
+        layer of an MLP or VGG block; the first 3x3 convolution *and* the
+        1x1 skip convolution of a ResNet block that starts with a
+        downsampling unit. Each has the FLOPs of that layer's forward. A
+        block whose input is detached (DGL, BWBPF) skips these products;
+        one that backpropagates to the previous block (backprop) does them
+        in addition. ``bpsim.sim.Costs.with_input_grad`` turns them into time.
         """
         shape = tuple(input_shape or self.input_shape or ())
         out, x = [], torch.zeros(2, *shape)
         for b in self.blocks:
-            f, x = _flops_and_output(b, x, first_only=True)   # x: the whole block's output
+            f, x = _flops_and_output(b, x, input_readers=True)   # x: the block's output
             out.append(f)
         return out
 
@@ -180,23 +184,35 @@ class BlockNet(nn.Module):
 
 # --------------------------------------------------------------------- FLOPs
 def _flops_and_output(module: nn.Module, x: torch.Tensor,
-                      first_only: bool = False) -> tuple[int, torch.Tensor]:
-    """Forward FLOPs per example of ``module`` on ``x`` (only its first
-    weighted layer with ``first_only``) and its output."""
-    total, seen = 0, 0
+                      input_readers: bool = False) -> tuple[int, torch.Tensor]:
+    """Forward FLOPs per example of ``module`` on ``x`` and its output.
+
+    FLOPs are 2 per multiply-add of the Linear and Conv2d weights (biases,
+    batch norm, activations and pooling are not counted). With
+    ``input_readers`` only the weighted layers that read ``x`` count: those
+    whose input is ``x`` or was computed from ``x`` by leaf modules without
+    weights (the layers whose input gradient is the gradient of ``x``).
+    """
+    total = 0
+    fed = {id(x): x}        # tensors computed from x without a weighted layer (kept alive)
 
     def hook(m: nn.Module, inp, out) -> None:
-        nonlocal total, seen
-        seen += 1
-        if first_only and seen > 1:
+        nonlocal total
+        reads = any(isinstance(t, torch.Tensor) and fed.get(id(t)) is t for t in inp)
+        if not isinstance(m, _WEIGHTED):
+            if reads and isinstance(out, torch.Tensor):
+                fed[id(out)] = out
+            return
+        if input_readers and not reads:
             return
         if isinstance(m, nn.Linear):
             total += 2 * m.in_features * m.out_features * (out.numel() // out.shape[-1]) // out.shape[0]
-        elif isinstance(m, nn.Conv2d):
+        else:
             per_out = (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
             total += 2 * per_out * out[0].numel()
 
-    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    leaves = [m for m in module.modules() if isinstance(m, _WEIGHTED) or not any(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
     was = module.training
     module.eval()
     try:
@@ -207,6 +223,9 @@ def _flops_and_output(module: nn.Module, x: torch.Tensor,
         for h in handles:
             h.remove()
     return total, y
+
+
+_WEIGHTED = (nn.Linear, nn.Conv2d)
 
 
 def count_flops(module: nn.Module, input_shape: Sequence[int]) -> int:
