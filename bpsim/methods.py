@@ -135,11 +135,11 @@ METHODS: tuple[Method, ...] = (
            options=("aux", "buffer", "max_reuse"), defaults={"aux": "mlp"}, synchronous=False),
     Method("greedy", "sequential greedy: train block 1, then block 2 on its frozen output, ...",
            "DGL Sec. 2.2 (layer-wise greedy training)",
-           f"{_A}.dgl:GreedyTrainer", None, f"{_S}:greedy", options=("aux",),
+           f"{_A}.dgl:GreedyTrainer", f"{_R}:greedy_step", f"{_S}:greedy", options=("aux",),
            defaults={"aux": "mlp"}),
     Method("bwbpf", "block-wise BP-free: local dense heads; the global loss trains only the output layer",
            "BWBPF Sec. 3",
-           f"{_A}.bwbpf:BWBPFTrainer", None, f"{_S}:bwbpf", options=("aux",),
+           f"{_A}.bwbpf:BWBPFTrainer", f"{_R}:bwbpf_step", f"{_S}:bwbpf", options=("aux",),
            defaults={"aux": "linear"}),
 )
 

@@ -56,8 +56,9 @@ from typing import Any
 import torch
 from torch.utils.data import TensorDataset
 
-from bpsim.algorithms.base import EpochRecord, StepResult, Trainer
+from bpsim.algorithms.base import EpochRecord, StepResult, Trainer, method_aux, method_keywords
 from bpsim.algorithms.dgl import DGLTrainer, block_forward, local_head, local_update
+from bpsim.methods import DEFAULTS
 from bpsim.nets import BlockNet
 from bpsim.replay import ReplayBuffer
 
@@ -156,14 +157,15 @@ class AsyncDGLTrainer(DGLTrainer):
     """
 
     name = "dgl-async"
-    options = ("buffer", "max_reuse", "slowdown", "pmf")
+    aux_default = method_aux("dgl-async")
+    options = method_keywords("dgl-async", "slowdown", "pmf")
 
     def __init__(
         self,
         net: BlockNet,
         *,
-        buffer: int = 50,
-        max_reuse: int | None = None,
+        buffer: int = DEFAULTS["buffer"],
+        max_reuse: int | None = DEFAULTS["max_reuse"],
         slowdown: tuple[int, float] | Sequence[float] | None = None,
         pmf: float | Sequence[float] | None = None,
         **kwargs: Any,

@@ -32,13 +32,38 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from bpsim import methods
 from bpsim.nets import BlockNet
 
-__all__ = ["Trainer", "History", "EpochRecord", "StepResult", "DivergenceError", "evaluate", "head_accuracies"]
+__all__ = ["method_keywords", "method_aux", "Trainer", "History", "EpochRecord", "StepResult", "DivergenceError", "diverged", "evaluate", "head_accuracies"]
+
+
+#: registry options that shape the net (``aux``) or the pipeline (``microbatches``)
+#: rather than a trainer's constructor
+_NOT_KEYWORDS = ("aux", "microbatches")
+
+
+def method_keywords(name: str, *extra: str) -> tuple[str, ...]:
+    """A trainer's method keywords: the options :mod:`bpsim.methods` lists for
+    method ``name`` that its constructor takes, then ``extra`` (trainer-only)."""
+    return tuple(o for o in methods.get(name).options if o not in _NOT_KEYWORDS) + extra
+
+
+def method_aux(name: str) -> str | None:
+    """The auxiliary head method ``name`` builds its net with (registry default)."""
+    m = methods.get(name)
+    return m.default("aux") if "aux" in m.options else None
 
 
 class DivergenceError(ValueError):
     """Training produced NaN or inf; the message says where and what to try."""
+
+
+def diverged(method: str, where: str, what: str, advice: str) -> DivergenceError:
+    """The divergence error of every trainer and of the runtime, in one form:
+    ``"<method> diverged <where>: <what>; <advice>"``, e.g. ``dgl diverged at
+    step 3: block 2's local loss is nan; lower the learning rate (...)``."""
+    return DivergenceError(f"{method} diverged {where}: {what}; {advice}")
 
 
 @dataclass
@@ -315,10 +340,8 @@ class Trainer:
             for step, idx in enumerate(bar):
                 r = self.train_step(x_all[idx], y_all[idx], idx)
                 if not _finite(r.loss):
-                    raise DivergenceError(
-                        f"{self.name} diverged at epoch {epoch + 1}, step {step + 1}: the loss is {r.loss}; "
-                        f"lower the learning rate (lr={self.lrs})"
-                    )
+                    raise diverged(self.name, f"at epoch {epoch + 1}, step {step + 1}",
+                                   f"the loss is {r.loss}", f"lower the learning rate (lr={self.lrs})")
                 n = len(idx)
                 loss_sum += r.loss * n
                 count += n

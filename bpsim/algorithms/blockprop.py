@@ -59,12 +59,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from bpsim.algorithms.base import DivergenceError, StepResult, Trainer
+from bpsim.algorithms.base import DivergenceError, StepResult, Trainer, diverged, method_keywords
+from bpsim.methods import DEFAULTS
 from bpsim.nets import BlockNet
 from bpsim.objectives import Lams, as_lams, block_map, penalty, per_gap, task_loss
 
 __all__ = [
     "h_update", "w_loss", "h_step", "w_grads", "block_params", "default_lr_h", "frozen_running_stats",
+    "forward_init", "start_point", "cache_rule",
     "BlockPropTrainer", "CachedBlockPropTrainer",
 ]
 
@@ -218,28 +220,83 @@ def w_loss(
     return penalty(target.detach(), out, lam_out)
 
 
+def forward_init(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """One block's part of the forward initialisation (Alg. 1 line 5):
+    ``b_k(h)`` without gradient and without moving BatchNorm statistics.
+    Block ``k`` runs it on its start point ``h_k`` to give ``a_{k+1}``."""
+    with torch.no_grad(), frozen_running_stats(block):
+        return block(h)
+
+
+def start_point(a: torch.Tensor, cached: torch.Tensor | None = None,
+                present: torch.Tensor | None = None) -> torch.Tensor:
+    """Where the h-step of ``h_k`` starts (Alg. 2, "initialize with the last
+    known activations for this example; if there is no cache, with the
+    forward propagation"): the cached ``h*_k`` of the examples whose
+    ``present`` flag is set, ``a_k = b_{k-1}(h_{k-1})`` for the others.
+    Without a cache it is ``a_k`` (Alg. 1)."""
+    if cached is None or present is None or not bool(present.any()):
+        return a
+    if bool(present.all()):
+        return cached
+    return torch.where(present.view(-1, *([1] * (a.dim() - 1))), cached, a)
+
+
+#: what Alg. 2 does with one mini-batch (see :func:`cache_rule`)
+CACHE_KINDS = ("wstep", "forward", "cached", "mixed")
+
+
+def cache_rule(epoch: int, every: int | None, present: torch.Tensor | None) -> str:
+    """Alg. 2's rule for one mini-batch, the one rule of the trainer and the runtime.
+
+    ``present[i]`` says whether example ``i`` of the batch has a cached
+    ``h*``. The paper (BlockProp App. C) caches ``h*`` per example and runs
+    the h-step only every ``E`` epochs; an example without a cache is
+    initialised with the forward pass, which needs an h-step. So the batch
+    gets
+
+    * ``"wstep"``: no h-step, every block's W-step on the cached ``h*``
+      (``epoch % E != 0`` and every example cached; the blocks exchange
+      nothing);
+    * ``"forward"``: an h-step from the forward pass (no example cached, or
+      no cache at all: Alg. 1);
+    * ``"cached"``: an h-step from the cached ``h*`` (every example cached:
+      each block computes ``a_{k+1}`` from its own cached input, no chain);
+    * ``"mixed"``: an h-step from the cache where there is one and the
+      forward pass elsewhere (:func:`start_point`; the forward chain runs).
+
+    ``every=None`` (plain BlockProp) always gives ``"forward"``.
+    """
+    if every is None or present is None or not bool(present.any()):
+        return "forward"
+    if bool(present.all()):
+        return "wstep" if epoch % every else "cached"
+    return "mixed"
+
+
 # --------------------------------------------------- the whole network
-def _forward_init(net: BlockNet, x: torch.Tensor, h0: Sequence[torch.Tensor] | None
+def _forward_init(net: BlockNet, x: torch.Tensor, h0: Sequence[torch.Tensor] | None,
+                  present: torch.Tensor | None = None
                   ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Start points and ``a_k = b_{k-1}(h_{k-1})`` for ``h_2..h_K`` (Alg. 1 line 5).
 
-    Without ``h0`` the start points are the forward activations and
-    ``a_k`` equals them. With ``h0`` (a cache, Alg. 2) each block computes
-    its output on its cached input, which needs no forward chain.
+    Block by block, ``a_k = b_{k-1}(start_{k-1})`` (``start_1 = x``) and
+    ``start_k = start_point(a_k, h0[k-2], present)``: without ``h0`` the start
+    points are the forward activations and equal ``a``; with ``h0`` (Alg. 2's
+    cache) every example flagged in ``present`` (default: all) starts from it.
     """
     K = len(net)
-    with torch.no_grad(), frozen_running_stats(net):
-        if h0 is None:
-            acts, h = [], x
-            for k in range(1, K):
-                h = net.blocks[k - 1](h)
-                acts.append(h)
-            return acts, acts
-        if len(h0) != K - 1:
-            raise ValueError(f"h0 must hold K-1 = {K - 1} tensors (h_2..h_{K}), got {len(h0)}")
-        start = [h.detach() for h in h0]
-        a = [net.blocks[0](x)] + [net.blocks[k - 1](start[k - 2]) for k in range(2, K)]
-        return start, a
+    if h0 is not None and len(h0) != K - 1:
+        raise ValueError(f"h0 must hold K-1 = {K - 1} tensors (h_2..h_{K}), got {len(h0)}")
+    if h0 is not None and present is None:
+        present = torch.ones(len(x), dtype=torch.bool)
+    start, a, h = [], [], x
+    for k in range(2, K + 1):
+        ak = forward_init(net.blocks[k - 2], h)
+        h = start_point(ak, None if h0 is None else h0[k - 2].detach(), present)
+        a.append(ak)
+        start.append(h)
+    return start, a
 
 
 def h_step(
@@ -356,10 +413,10 @@ class BlockPropTrainer(Trainer):
     """
 
     name = "blockprop"
-    options = ("lam", "nh", "lr_h")
+    options = method_keywords("blockprop")
     default_lr = 0.05
 
-    def __init__(self, net: BlockNet, *, lam: Lams = 1.0, nh: int = 4,
+    def __init__(self, net: BlockNet, *, lam: Lams = DEFAULTS["lam"], nh: int = DEFAULTS["nh"],
                  lr_h: float | Sequence[float] | None = None, **kwargs: Any) -> None:
         K = len(net)
         if K < 2:
@@ -373,12 +430,47 @@ class BlockPropTrainer(Trainer):
     def _advice(self) -> str:
         return f"use a smaller lr_h (now {self.lr_h}) or a different lam (now {self.lams})"
 
-    def _h_step(self, x: torch.Tensor, y: torch.Tensor, h0: Sequence[torch.Tensor] | None = None
-                ) -> list[torch.Tensor]:
+    def diverged(self, where: str, what: str) -> DivergenceError:
+        """The one divergence error of BlockProp, trainer and runtime alike:
+        ``where`` says when (``"at epoch 3"``, ``"at step 12"``), ``what`` which
+        block and which quantity."""
+        return diverged(self.name, where, what,
+                        f"{self._advice()}, or lower the learning rate (lr={self.lrs})")
+
+    def h_update(self, k: int, a: torch.Tensor, target: torch.Tensor,
+                 h0: torch.Tensor | None, where: str) -> torch.Tensor:
+        """Block ``k``'s h-step (Alg. 1 lines 10-14) with this trainer's settings."""
         try:
-            return h_step(self.net, x, y, self.lams, self.nh, self.lr_h, h0=h0, loss_fn=self.loss)
+            return h_update(block_map(self.net, k), a, target, self.lams[k - 2],
+                            None if k == len(self.net) else self.lams[k - 1], self.nh,
+                            self.lr_h[k - 2], loss_fn=self.loss, h0=h0)
         except DivergenceError as e:
-            raise DivergenceError(f"{self.name} diverged at epoch {self.epoch + 1} in the {e}") from None
+            raise self.diverged(where, f"in the h-step of h_{k} (the input of block {k}): "
+                                f"{e}") from None
+
+    def w_objective(self, k: int, h_in: torch.Tensor, target: torch.Tensor,
+                    where: str) -> torch.Tensor:
+        """Block ``k``'s W-step objective ``J_k`` (eq. 7), checked to be finite."""
+        K = len(self.net)
+        J = w_loss(block_map(self.net, k), h_in, target, None if k == K else self.lams[k - 1],
+                   self.loss)
+        v = J.item()
+        if not math.isfinite(v):
+            raise self.diverged(where, f"block {k}'s W-step objective J_{k} is {v}")
+        return J
+
+    def _h_step(self, x: torch.Tensor, y: torch.Tensor, h0: Sequence[torch.Tensor] | None = None,
+                present: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Alg. 1 lines 5-16 over the whole net, block by block with :meth:`h_update`."""
+        K = len(self.net)
+        start, a = _forward_init(self.net, x, h0, present)
+        hs, target = list(start), y
+        use_h0 = h0 is not None
+        for k in range(K, 1, -1):
+            hs[k - 2] = target = self.h_update(k, a[k - 2], target,
+                                               start[k - 2] if use_h0 else None,
+                                               f"at epoch {self.epoch + 1}")
+        return hs
 
     def _w_step(self, x: torch.Tensor, y: torch.Tensor, hs: Sequence[torch.Tensor]) -> StepResult:
         """SGD step of every block on its ``J_k`` (Alg. 1 line 20)."""
@@ -386,17 +478,10 @@ class BlockPropTrainer(Trainer):
         self.zero_grad()
         local = []
         for k in range(1, K + 1):
-            h_in = x if k == 1 else hs[k - 2]
-            target = y if k == K else hs[k - 1]
-            J = w_loss(block_map(self.net, k), h_in, target, None if k == K else self.lams[k - 1], self.loss)
-            v = J.item()
-            if not math.isfinite(v):
-                raise DivergenceError(
-                    f"{self.name} diverged at epoch {self.epoch + 1}: block {k}'s W-step objective J_{k} is {v}; "
-                    f"{self._advice()}, or lower the learning rate (lr={self.lrs})"
-                )
+            J = self.w_objective(k, x if k == 1 else hs[k - 2], y if k == K else hs[k - 1],
+                                 f"at epoch {self.epoch + 1}")
             J.backward()
-            local.append(v)
+            local.append(J.item())
         for o in self.optimizers:
             o.step()
         return StepResult(sum(local), local)
@@ -421,9 +506,10 @@ class CachedBlockPropTrainer(BlockPropTrainer):
     """
 
     name = "blockprop-cached"
-    options = ("lam", "nh", "lr_h", "cache_every")
+    options = method_keywords("blockprop-cached")
 
-    def __init__(self, net: BlockNet, *, cache_every: int = 2, **kwargs: Any) -> None:
+    def __init__(self, net: BlockNet, *, cache_every: int = DEFAULTS["cache_every"],
+                 **kwargs: Any) -> None:
         if isinstance(cache_every, bool) or not isinstance(cache_every, numbers.Integral) or cache_every < 1:
             raise ValueError(f"cache_every (E, epochs between h-steps) must be an integer >= 1, got {cache_every!r}")
         self.cache_every = int(cache_every)
@@ -442,20 +528,24 @@ class CachedBlockPropTrainer(BlockPropTrainer):
             self.cache = [torch.cat([c, c.new_zeros((size - old, *c.shape[1:]))]) for c in self.cache]
         self.refreshed = torch.cat([self.refreshed, torch.full((size - old,), -1, dtype=torch.long)])
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> StepResult:
+    def present(self, idx: torch.Tensor) -> torch.Tensor:
+        """Which examples of ``idx`` have a cached ``h*``."""
         n_cached = len(self.refreshed)
         inside = idx < n_cached
-        present = torch.zeros(len(idx), dtype=torch.bool)
-        present[inside] = self.refreshed[idx[inside]] >= 0
-        if self.epoch % self.cache_every != 0 and bool(present.all()):
+        out = torch.zeros(len(idx), dtype=torch.bool)
+        out[inside] = self.refreshed[idx[inside]] >= 0
+        return out
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> StepResult:
+        present = self.present(idx)
+        kind = cache_rule(self.epoch, self.cache_every, present)
+        if kind == "wstep":
             return self._w_step(x, y, [c[idx] for c in self.cache])   # W-step on cached h* only
         h0 = None
-        if bool(present.any()):  # start from the cache, from the forward pass where it is empty
-            acts, _ = _forward_init(self.net, x, None)
-            safe = idx.clamp(max=n_cached - 1)
-            h0 = [torch.where(present.view(-1, *([1] * (a.dim() - 1))), c[safe], a)
-                  for a, c in zip(acts, self.cache)]
-        hs = self._h_step(x, y, h0)
+        if kind != "forward":
+            safe = idx.clamp(max=len(self.refreshed) - 1)
+            h0 = [c[safe] for c in self.cache]
+        hs = self._h_step(x, y, h0, present)
         self._grow(int(idx.max()) + 1, hs)
         for c, h in zip(self.cache, hs):
             c[idx] = h

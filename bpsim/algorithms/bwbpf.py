@@ -7,10 +7,17 @@ pooling + ``nn.Linear`` after conv blocks, ``nn.Linear`` after MLP blocks;
 the global loss is used for the output layer only. Per mini-batch::
 
     h_0 = x
-    for k = 1..K:   out = block_forward(block_k, h_{k-1})           # detached input
+    for k = 1..K-1: out = block_forward(block_k, h_{k-1})           # detached input
                     local_update(out, head_k, optimizer_k, y, CE)   # block k + its head
                     h_k = out
-    local_update(h_K.detach(), output_layer, optimizer_out, y, CE)  # global loss
+    out = block_forward(block_K, h_{K-1})
+    last_block_update(out, head_K, output_layer, ...)               # local + global loss
+
+:func:`last_block_update` is the last block's step, written once for the
+trainer and the runtime: its head's local loss (``aux``), the output
+layer's global loss on the detached features (``loss``), one backward for
+both (their graphs are disjoint, so each parameter gets exactly the
+gradient of its own loss) and both optimizer steps (``update``).
 
 The authors' public code never detaches between blocks, so there the global
 loss still trains every block; bpsim follows the paper (isolated blocks, the
@@ -23,15 +30,51 @@ last block's features.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ContextManager
 
 import torch
+from torch import nn
 
-from bpsim.algorithms.base import StepResult, Trainer
-from bpsim.algorithms.dgl import _HeadTally, block_forward, local_update
+from bpsim.algorithms import dgl
+from bpsim.algorithms.base import StepResult, Trainer, method_aux, method_keywords
+from bpsim.algorithms.dgl import LossFn, _HeadTally, block_forward, local_update, untimed
 from bpsim.nets import BlockNet
 
-__all__ = ["BWBPFTrainer"]
+__all__ = ["BWBPFTrainer", "last_block_update"]
+
+
+def last_block_update(out: torch.Tensor, head: nn.Module, output: nn.Module,
+                      block_optimizer: torch.optim.Optimizer,
+                      output_optimizer: torch.optim.Optimizer, y: torch.Tensor,
+                      head_loss: LossFn, output_loss: LossFn,
+                      timed: Callable[[str], ContextManager[None]] = untimed) -> tuple[float, float]:
+    """The last block's BWBPF step: local loss of its head and global loss of
+    the output layer (BWBPF Sec. 3, "the global loss is used for the output
+    layer only").
+
+    ``out`` is block K's output (graph to block K only). The output layer
+    sees ``out.detach()``, so the global loss reaches the output layer alone.
+    ``timed(phase)`` wraps the phases ``"aux"`` (head and local loss),
+    ``"loss"`` (output layer and global loss), ``"bwd"`` and ``"update"``,
+    as in :func:`bpsim.algorithms.dgl.local_update`.
+
+    Returns
+    -------
+    (local loss, global loss), before the update.
+    """
+    with timed("aux"):
+        local = dgl.local_loss(out, head, y, head_loss)
+    with timed("loss"):
+        glob = dgl.local_loss(out.detach(), output, y, output_loss)
+    with timed("bwd"):
+        block_optimizer.zero_grad(set_to_none=True)
+        output_optimizer.zero_grad(set_to_none=True)
+        (local + glob).backward()
+    with timed("update"):
+        block_optimizer.step()
+        output_optimizer.step()
+    return local.item(), glob.item()
 
 
 class BWBPFTrainer(Trainer):
@@ -46,9 +89,9 @@ class BWBPFTrainer(Trainer):
     """
 
     name = "bwbpf"
-    aux_default = "linear"
+    aux_default = method_aux("bwbpf")
     output_layer = True
-    options: tuple[str, ...] = ()
+    options: tuple[str, ...] = method_keywords("bwbpf")
 
     def __init__(self, net: BlockNet, **kwargs: Any) -> None:
         if net.output is None:
@@ -62,13 +105,15 @@ class BWBPFTrainer(Trainer):
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> StepResult:
         K, h, local = len(self.net), x, []
-        for k, block in enumerate(self.net.blocks):
+        for k, block in enumerate(self.net.blocks[:-1]):
             out = block_forward(block, h)
             local.append(local_update(out, self.net.heads[k], self.optimizers[k], y, self._tally.loss_fn(k)))
             h = out
-        # The global loss sees the last block's features as a constant input.
-        glob = local_update(h.detach(), self.net.output, self.optimizers[K], y, self._tally.loss_fn(K))
-        return StepResult(glob, local)
+        out = block_forward(self.net.blocks[K - 1], h)
+        last, glob = last_block_update(out, self.net.heads[K - 1], self.net.output,
+                                       self.optimizers[K - 1], self.optimizers[K], y,
+                                       self._tally.loss_fn(K - 1), self._tally.loss_fn(K))
+        return StepResult(glob, local + [last])
 
     def epoch_extra(self) -> dict[str, Any]:
         extra: dict[str, Any] = {}

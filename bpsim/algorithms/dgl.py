@@ -32,17 +32,18 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from contextlib import nullcontext
+from typing import Any, ContextManager
 
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from bpsim.algorithms.base import StepResult, Trainer
+from bpsim.algorithms.base import StepResult, Trainer, method_aux, method_keywords
 from bpsim.nets import BlockNet, split_evenly
 
 __all__ = [
-    "block_forward", "local_loss", "local_update", "local_head",
+    "block_forward", "local_loss", "local_update", "local_head", "untimed",
     "DGLTrainer", "GreedyTrainer", "probe_outputs", "input_drift",
 ]
 
@@ -79,12 +80,18 @@ def local_loss(out: torch.Tensor, head: nn.Module, y: torch.Tensor, loss_fn: Los
     return loss_fn(head(out), y)
 
 
+def untimed(phase: str) -> ContextManager[None]:
+    """The default ``timed`` of :func:`local_update`: phases are not observed."""
+    return nullcontext()
+
+
 def local_update(
     out: torch.Tensor,
     head: nn.Module,
     optimizer: torch.optim.Optimizer,
     y: torch.Tensor,
     loss_fn: LossFn,
+    timed: Callable[[str], ContextManager[None]] = untimed,
 ) -> float:
     """One local step of a block: aux loss, backward, update (DGL Alg. 1, lines 5-6).
 
@@ -97,8 +104,7 @@ def local_update(
         network's own classifier: ``net.heads[K-1]`` (the builders make it an
         ``nn.Identity`` because the last block already ends with the
         classifier), or ``net.output`` when the net has no heads at all; see
-        ``local_head``. BWBPF also calls this with ``out`` = the detached last
-        block output and ``head = net.output`` to train its output layer.
+        ``local_head``.
     optimizer : torch.optim.Optimizer
         Holds the block's and the head's parameters (``Trainer.make_optimizers``
         builds one such optimizer per block).
@@ -106,16 +112,25 @@ def local_update(
         Targets of the mini-batch.
     loss_fn : callable
         ``loss_fn(scores, y) -> scalar tensor``, e.g. ``F.cross_entropy``.
+    timed : callable
+        ``timed(phase)`` returns a context manager entered around each of the
+        three phases, in order: ``"aux"`` (head forward and loss), ``"bwd"``
+        (backward through head and block) and ``"update"`` (the optimizer
+        step). The runtime times each phase as a span of that name; the
+        trainers leave the default, which observes nothing.
 
     Returns
     -------
     float
         The local loss before the update.
     """
-    loss = local_loss(out, head, y, loss_fn)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    with timed("aux"):
+        loss = local_loss(out, head, y, loss_fn)
+    with timed("bwd"):
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+    with timed("update"):
+        optimizer.step()
     return loss.item()
 
 
@@ -199,9 +214,9 @@ class DGLTrainer(Trainer):
     """
 
     name = "dgl"
-    aux_default = "mlp"
+    aux_default = method_aux("dgl")
     output_layer = False
-    options: tuple[str, ...] = ()
+    options: tuple[str, ...] = method_keywords("dgl")
 
     def __init__(self, net: BlockNet, **kwargs: Any) -> None:
         _check_dgl_net(net, self.name)
@@ -245,6 +260,8 @@ class GreedyTrainer(DGLTrainer):
     """
 
     name = "greedy"
+    aux_default = method_aux("greedy")
+    options = method_keywords("greedy")
 
     def __init__(self, net: BlockNet, *, epochs_per_block: Sequence[int] | None = None, **kwargs: Any) -> None:
         super().__init__(net, **kwargs)

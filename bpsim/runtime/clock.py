@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-__all__ = ["SharedClock", "sync_clock", "local_clock"]
+__all__ = ["SharedClock", "sync_clock", "local_clock", "best_offset"]
 
 
 @dataclass(frozen=True)
@@ -66,21 +66,29 @@ def local_clock() -> SharedClock:
     return SharedClock(zero=time.perf_counter())
 
 
-def sync_clock(rank: int, world: int, *, rounds: int = 8, force_ping_pong: bool = False,
-               group: Any = None) -> SharedClock:
+def best_offset(rounds: list[tuple[float, float, float]]) -> tuple[float, float]:
+    """``(offset, round trip)`` from ping-pong rounds ``(t1, s, t2)``: the
+    round with the shortest round trip ``t2 - t1`` gives
+    ``offset = s - (t1 + t2) / 2`` (Cristian's algorithm, see above)."""
+    if not rounds:
+        raise ValueError("best_offset needs at least one ping-pong round")
+    t1, s, t2 = min(rounds, key=lambda r: r[2] - r[0])
+    return s - (t1 + t2) / 2, t2 - t1
+
+
+def sync_clock(rank: int, world: int, *, rounds: int = 8, group: Any = None) -> SharedClock:
     """Agree on a zero and estimate this rank's clock offset to rank 0.
 
     Collective: every rank of ``group`` (default: the default process group,
     which must then carry CPU tensors, i.e. gloo) must call it. Ranks whose
-    host name equals rank 0's use offset 0 unless ``force_ping_pong`` (tests
-    use it to check the estimate on one host).
+    host name equals rank 0's use offset 0.
     """
     import torch
     import torch.distributed as dist
 
     hosts: list[str | None] = [None] * world
     dist.all_gather_object(hosts, socket.gethostname(), group=group)
-    pong = [r for r in range(1, world) if force_ping_pong or hosts[r] != hosts[0]]
+    pong = [r for r in range(1, world) if hosts[r] != hosts[0]]
     offset, rtt = 0.0, 0.0
     # Ping-pong rounds, one remote rank at a time (float64 keeps microseconds).
     for r in pong:
@@ -91,18 +99,14 @@ def sync_clock(rank: int, world: int, *, rounds: int = 8, force_ping_pong: bool 
                 buf[0] = time.perf_counter()
                 dist.send(buf, dst=r, group=group)
         elif rank == r:
-            best = None
+            seen = []
             for _ in range(rounds):
                 t1 = time.perf_counter()
                 buf[0] = t1
                 dist.send(buf, dst=0, group=group)
                 dist.recv(buf, src=0, group=group)
-                t2 = time.perf_counter()
-                s = float(buf[0])
-                if best is None or t2 - t1 < best[1]:
-                    best = (s - (t1 + t2) / 2, t2 - t1)
-            assert best is not None
-            offset, rtt = best
+                seen.append((t1, float(buf[0]), time.perf_counter()))
+            offset, rtt = best_offset(seen)
     dist.barrier(group=group)
     zero = torch.tensor([time.perf_counter()], dtype=torch.float64)
     dist.broadcast(zero, src=0, group=group)

@@ -186,6 +186,10 @@ class DistComm:
         self._threads: list[threading.Thread] = []
         self._senders: dict[int, tuple[queue.Queue, threading.Thread]] = {}
         self._last_arrival = now()
+        #: each buffer read: consumer block -> [consumer step, producer step, reuse]
+        self.reads: dict[int, list[list[int]]] = {}
+        #: reads that found nothing readable and waited, per consumer block
+        self.misses: dict[int, int] = {}
         for ib in inbound:
             if ib.buffered:
                 self.buffers[ib.src] = ReplayBuffer(buffer, max_reuse)
@@ -239,7 +243,7 @@ class DistComm:
                     rows.append((self.rank, "comm", "recv", self.block, step, mb, t0, t1,
                                  msg_id(ib.src, self.block, seq, self.K)))
                 if ib.buffered:
-                    self.buffers[ib.src].put((step, buf), step=step)
+                    self.buffers[ib.src].put((step, buf, [0]), step=step)
                     with self._buf_cv:
                         self._buf_cv.notify_all()
                 else:
@@ -298,7 +302,8 @@ class DistComm:
             raise RuntimeError(f"block {self.block} has no replay buffer fed by block {src}")
         got = buf.get()
         if got is not None:
-            return got[0], self._arrived(got[1])
+            return self._read(step, got)
+        self.misses[self.block] = self.misses.get(self.block, 0) + 1
         t0 = self.now()
         deadline = t0 + self.timeout
         with self._buf_cv:
@@ -317,6 +322,12 @@ class DistComm:
                                     "or gone")
                 self._buf_cv.wait(timeout=min(left, 1.0))
         self._wait_span(t0, step, 0)
+        return self._read(step, got)
+
+    def _read(self, step: int, got: tuple[int, torch.Tensor, list[int]]
+              ) -> tuple[int, torch.Tensor]:
+        got[2][0] += 1
+        self.reads.setdefault(self.block, []).append([step, got[0], got[2][0]])
         return got[0], self._arrived(got[1])
 
     # ------------------------------------------------------------ sending
@@ -413,11 +424,14 @@ class LocalComm:
         self._boxes: dict[tuple[int, int], deque] = {}
         self.buffers = {src: ReplayBuffer(buffer, max_reuse) for src in buffered}
         self.done: set[int] = set()
+        self.reads: dict[int, list[list[int]]] = {}    # as DistComm.reads
+        self.misses: dict[int, int] = {}
+        self._waiting: set[int] = set()
 
     def send(self, src: int, dst: int, tensor: torch.Tensor, step: int, mb: int = 0) -> None:
         data = tensor.detach()
         if src in self.buffers and dst == src + 1:
-            self.buffers[src].put((step, data), step=step)
+            self.buffers[src].put((step, data, [0]), step=step)
         else:
             self._boxes.setdefault((src, dst), deque()).append((step, mb, data))
 
@@ -431,11 +445,18 @@ class LocalComm:
                                f"{src}, got step {got_step} micro-batch {got_mb}")
         return data
 
-    def take(self, src: int) -> Any:
+    def take(self, src: int, block: int, step: int) -> Any:
+        """Block ``block``'s read at its step ``step`` of the buffer ``src`` fills."""
         got = self.buffers[src].get()
         if got is None:
+            if block not in self._waiting:     # one miss per read, however often retried
+                self._waiting.add(block)
+                self.misses[block] = self.misses.get(block, 0) + 1
             return None if src in self.done else BLOCKED
-        return got
+        self._waiting.discard(block)
+        got[2][0] += 1
+        self.reads.setdefault(block, []).append([step, got[0], got[2][0]])
+        return got[0], got[1]
 
     def buffer_stats(self) -> dict[int, dict[str, Any]]:
         return {src: b.stats() for src, b in self.buffers.items()}

@@ -28,19 +28,43 @@ import math
 import os
 import shutil
 import signal
+import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Sequence
 
+from bpsim import methods
 from bpsim.trace import json_safe
 
-__all__ = ["RunConfig", "RunResult", "RunFailed", "ALGORITHMS", "run", "run_torchrun",
-           "under_torchrun"]
+__all__ = ["RunConfig", "RunResult", "RunFailed", "RunStopped", "ALGORITHMS", "run",
+           "run_torchrun", "under_torchrun", "SPOOL_PREFIX"]
 
-ALGORITHMS = ("bp", "gpipe", "1f1b", "dgl", "dgl-async", "blockprop", "blockprop-cached")
+#: the methods ``bpsim run`` runs (those with a runtime step in :mod:`bpsim.methods`)
+ALGORITHMS = methods.names(runtime=True)
+
+#: temporary folder of a run's spans and results: ``bpsim-run-<launcher pid>-<random>``
+SPOOL_PREFIX = "bpsim-run-"
+
+#: registry options that RunConfig also holds as fields of their own
+_FIELDS = ("aux", "microbatches", "buffer", "max_reuse")
+
+
+class RunStopped(RuntimeError):
+    """The run was stopped from outside (SIGTERM); the ranks are gone and the
+    trace recorded so far is written. ``exit_code`` is what the command exits with."""
+
+    def __init__(self, message: str, exit_code: int = 143,
+                 result: "RunResult | None" = None) -> None:
+        super().__init__(message)
+        self.exit_code, self.result = exit_code, result
+
+
+class _Terminate(Exception):
+    """Raised in the launcher's main thread by SIGTERM."""
 
 
 class RunFailed(RuntimeError):
@@ -63,8 +87,12 @@ class RunConfig:
     simulator's shared ``placement``. ``slowdown`` maps a block (1-based,
     as in ``bpsim simulate`` and ``bpsim train``; rank k holds block k + 1
     when every block has its own process) to its slowdown factor S >= 1.
-    ``options`` are the trainer's method options (``lam``, ``nh``,
-    ``lr_h``, ``cache_every``). ``threads`` defaults to ``cores // workers``
+    ``options`` are method options of :mod:`bpsim.methods` (``lam``, ``nh``,
+    ``lr_h``, ``cache_every``, ...); ``aux``, ``microbatches``, ``buffer`` and
+    ``max_reuse`` may also be given as fields. :meth:`resolved` fills in the
+    registry's defaults: afterwards ``options`` holds every option of the
+    method and the four fields hold their resolved values (None where the
+    method does not take them). ``threads`` defaults to ``cores // workers``
     (at least 1; cores = ``len(cpus)`` when given).
     """
 
@@ -84,8 +112,8 @@ class RunConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     options: dict[str, Any] = field(default_factory=dict)
-    microbatches: int = 4
-    buffer: int = 50
+    microbatches: int | None = None
+    buffer: int | None = None
     max_reuse: int | None = None
     slowdown: dict[int, float] = field(default_factory=dict)
     threads: int | None = None
@@ -98,17 +126,18 @@ class RunConfig:
     n_train: int | None = None
     n_test: int | None = None
     backend: str | None = None
-    force_ping_pong: bool = False
 
     def resolved(self) -> "RunConfig":
         """A checked copy with every default filled in (ValueError on bad input)."""
         c = RunConfig(**asdict(self))
-        if c.algo not in ALGORITHMS:
-            raise ValueError(f"unknown algorithm {c.algo!r} for bpsim run; choose one of "
+        m = methods.get(c.algo)
+        if m.runtime is None:
+            raise ValueError(f"{m.name} does not run on the runtime; choose one of "
                              f"{', '.join(ALGORITHMS)}")
+        c.algo = m.name
         for name in ("workers", "steps", "batch_size", "microbatches", "buffer", "max_reuse"):
             v = getattr(c, name)
-            if name == "max_reuse" and v is None:    # unlimited
+            if name in _FIELDS and v is None:    # the registry's default (max_reuse: unlimited)
                 continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}"
@@ -122,8 +151,22 @@ class RunConfig:
                              "or --workers 1 (every block in one process)")
         if c.device not in ("cpu", "cuda"):
             raise ValueError(f"--device must be cpu or cuda, got {c.device!r}")
-        if c.timeout <= 0:
-            raise ValueError(f"--timeout must be > 0 seconds, got {c.timeout}")
+        given = dict(c.options)
+        for name in _FIELDS:
+            v = getattr(c, name)
+            if v is None or (name not in m.options and v == methods.DEFAULTS[name]):
+                continue                     # not given, or a front end's default
+            given[name] = v
+        c.options = m.resolved_options(given)
+        for name in _FIELDS:
+            setattr(c, name, c.options.get(name))
+        pipelined = "microbatches" in m.options
+        if isinstance(c.timeout, bool) or not isinstance(c.timeout, (int, float)) \
+                or not math.isfinite(c.timeout) or c.timeout <= 0:
+            raise ValueError(f"--timeout must be a finite number of seconds > 0, got {c.timeout}")
+        if not isinstance(c.host, str) or not c.host.strip():
+            raise ValueError(f"--host must name an address of this machine, e.g. 127.0.0.1; "
+                             f"got {c.host!r}")
         slow = {}
         for b, s in dict(c.slowdown).items():
             b, s = int(b), float(s)
@@ -153,13 +196,12 @@ class RunConfig:
                 # NCCL needs one GPU per rank; with fewer GPUs, gloo through host memory.
                 if torch.cuda.device_count() >= c.workers:
                     c.backend = "nccl"
-        if c.device == "cuda" and c.backend != "nccl" and c.algo in ("gpipe", "1f1b") \
-                and c.workers > 1:
+        if c.device == "cuda" and c.backend != "nccl" and pipelined and c.workers > 1:
             raise ValueError(f"{c.algo} on CUDA needs NCCL, i.e. one GPU per worker; use "
                              f"--workers {torch_gpus()} or --device cpu")
         if c.backend not in ("gloo", "nccl"):
             raise ValueError(f"backend must be gloo or nccl, got {c.backend!r}")
-        if c.algo in ("gpipe", "1f1b") and c.batch_size % c.microbatches:
+        if pipelined and c.batch_size % c.microbatches:
             raise ValueError(f"--batch-size {c.batch_size} does not split into "
                              f"{c.microbatches} equal micro-batches; make it a multiple")
         return c
@@ -213,7 +255,13 @@ def under_torchrun() -> bool:
 
 # ------------------------------------------------------------ the launcher
 def run(cfg: RunConfig) -> RunResult:
-    """Run ``cfg`` with one process per rank on this host (see the module docstring)."""
+    """Run ``cfg`` with one process per rank on this host (see the module docstring).
+
+    Raises ``ValueError``/``FileNotFoundError`` on bad input before any rank
+    starts, :class:`RunFailed` when a rank fails, ``KeyboardInterrupt`` on
+    Ctrl-C and :class:`RunStopped` on SIGTERM (each after stopping the ranks
+    and writing the trace recorded so far).
+    """
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
@@ -223,12 +271,21 @@ def run(cfg: RunConfig) -> RunResult:
     cfg = cfg.resolved()
     desc = data.describe(cfg.data)
     train, test = data.load(cfg.data, n_train=cfg.n_train, n_test=cfg.n_test, seed=cfg.seed)
+    if cfg.batch_size > len(train):
+        raise ValueError(f"--batch-size {cfg.batch_size} is larger than the training set "
+                         f"({len(train)} examples); lower --batch-size")
     net, trainer = worker.build(cfg, desc.input_shape, desc.n_classes, desc.task)
     if cfg.trace:
-        _check_writable(cfg.trace)
-    spool = tempfile.mkdtemp(prefix="bpsim-run-")
+        check_writable(cfg.trace, "--trace")
+    if cfg.host.strip() in ("0.0.0.0", "::"):
+        print(f"bpsim run: warning: --host {cfg.host} binds every interface: the rendezvous "
+              "(and the ranks' links) can be reached from the network; use 127.0.0.1 on one "
+              "host", file=sys.stderr)
+    clean_stale_spools()
+    spool = tempfile.mkdtemp(prefix=f"{SPOOL_PREFIX}{os.getpid()}-")
     procs: list[Any] = []
     listener = None
+    restore = _on_sigterm()
     try:
         # Our own listening socket, bound to --host only (TCPStore alone would
         # listen on every interface), on a free port chosen by the OS.
@@ -254,20 +311,69 @@ def run(cfg: RunConfig) -> RunResult:
                                   worker.forwarded_env()))
             p.start()
             procs.append(p)
-        failure, interrupted = _watch(procs, spool)
+        failure, stop = _watch(procs, spool)
         del store                      # the ranks are gone; close the rendezvous
         res = _finish(cfg, spool, net, trainer, test, failure)
-        if interrupted:
+        if isinstance(stop, KeyboardInterrupt):
             raise KeyboardInterrupt
+        if stop is not None:
+            raise RunStopped(_stopped_text(cfg), 143, res)
         if failure is not None:
             rank, err = failure
             raise RunFailed(f"rank {rank} failed: {err}", rank, err, res)
         return res
+    except _Terminate:                 # SIGTERM before the ranks ran or while finishing
+        _stop(procs)
+        raise RunStopped(_stopped_text(cfg), 143) from None
     finally:
         _stop(procs)
         shutil.rmtree(spool, ignore_errors=True)
         if listener is not None:
             listener.close()
+        restore()
+
+
+def _stopped_text(cfg: RunConfig) -> str:
+    kept = f"; the trace recorded so far is in {cfg.trace}" if cfg.trace else ""
+    return f"stopped by SIGTERM: every rank was stopped{kept}"
+
+
+def _on_sigterm() -> Any:
+    """Make SIGTERM raise :class:`_Terminate` in this (main) thread, once;
+    returns a function that puts the previous handler back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)   # a second SIGTERM waits for the first
+        raise _Terminate()
+
+    old = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, old)
+
+
+def clean_stale_spools(folder: str | None = None) -> list[str]:
+    """Remove the spool folders of launchers that are gone (killed with
+    SIGKILL, say); returns the folders removed. A spool's name carries its
+    launcher's pid (:data:`SPOOL_PREFIX`), so live runs are left alone."""
+    removed = []
+    for d in Path(folder or tempfile.gettempdir()).glob(f"{SPOOL_PREFIX}*"):
+        pid = d.name[len(SPOOL_PREFIX):].split("-")[0]
+        if not pid.isdigit() or not d.is_dir() or _alive(int(pid)):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(str(d))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _listen(host: str) -> Any:
@@ -280,16 +386,27 @@ def _listen(host: str) -> Any:
                          "machine, e.g. 127.0.0.1") from None
 
 
-def _check_writable(path: str) -> None:
-    folder = Path(path).resolve().parent
+def check_writable(path: str, flag: str = "--trace") -> None:
+    """Refuse an output file path that cannot be written, before any work:
+    a folder, a missing or read-only folder, a read-only file."""
+    p = Path(path)
+    folder = p.resolve().parent
+    if p.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; give a file name such as "
+                         f"{p / 'trace.json'}")
     if not folder.is_dir():
-        raise FileNotFoundError(f"cannot write the trace to {path}: folder {folder} does not "
-                                "exist; create it or choose another --trace path")
+        raise FileNotFoundError(f"cannot write {flag} {path}: folder {folder} does not "
+                                f"exist; create it or choose another {flag} path")
+    if not os.access(folder, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise ValueError(f"cannot write {flag} {path}: permission denied; choose a writable "
+                         "place")
 
 
-def _watch(procs: list[Any], spool: str, grace: float = 0.5) -> tuple[tuple[int, str] | None, bool]:
+def _watch(procs: list[Any], spool: str, grace: float = 0.5
+           ) -> tuple[tuple[int, str] | None, BaseException | None]:
     """Wait for every rank; on the first failure stop the rest. Returns
-    ``(failure, interrupted)`` with ``failure = (rank, one-line error)``."""
+    ``(failure, stop)`` with ``failure = (rank, one-line error)`` and ``stop``
+    the ``KeyboardInterrupt`` or SIGTERM that ended the wait (else None)."""
     from multiprocessing.connection import wait
 
     alive = {p.sentinel: (r, p) for r, p in enumerate(procs)}
@@ -311,13 +428,13 @@ def _watch(procs: list[Any], spool: str, grace: float = 0.5) -> tuple[tuple[int,
                         if p.exitcode != 0:
                             failed.setdefault(r, time.time())
                 break
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Terminate) as e:
         _stop(procs)
-        return None, True
+        return None, e
     if not failed:
-        return None, False
+        return None, None
     _stop(procs)
-    return _root_cause(procs, failed, spool), False
+    return _root_cause(procs, failed, spool), None
 
 
 def _root_cause(procs: list[Any], failed: dict[int, float], spool: str) -> tuple[int, str]:
@@ -348,6 +465,8 @@ def _root_cause(procs: list[Any], failed: dict[int, float], spool: str) -> tuple
             step = rec.get("step")
             where = f" (after {step} steps)" if rec.get("phase") == "train" else (
                 f" (during {rec.get('phase')})" if rec.get("phase") else "")
+            if rec.get("divergence"):        # its message says where already
+                where = ""
             cands.append((1 if rec.get("secondary") else 0, rec.get("time", seen), r,
                           rec["error"] + where))
     if not cands:
@@ -456,7 +575,7 @@ def summarize(cfg: RunConfig, results: dict[int, dict[str, Any]], weights: dict[
         "trace": cfg.trace if (trace is not None and cfg.trace) else None,
         "ok": done,
     }
-    if cfg.algo in ("gpipe", "1f1b"):
+    if cfg.microbatches is not None:
         summary["microbatches"] = cfg.microbatches
     bufs = {b: s for r in results.values() for b, s in r.get("buffers", {}).items()}
     if bufs:
@@ -496,19 +615,34 @@ def _busy(trace: Any) -> dict[int, float]:
 
 
 def _meta(cfg: RunConfig, results: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """The trace's meta: everything needed to simulate the run again
+    (``bpsim.sim.simulate_like``), every option resolved."""
     placement = list(range(cfg.blocks)) if cfg.workers > 1 else [0] * cfg.blocks
-    return json_safe({
+    per_epoch = next((r["steps_per_epoch"] for r in results.values()), None)
+    meta = {
         "source": "bpsim.runtime", "algo": cfg.algo, "workers": cfg.workers,
-        "blocks": cfg.blocks, "steps": cfg.steps, "batch_size": cfg.batch_size,
-        "microbatches": cfg.microbatches if cfg.algo in ("gpipe", "1f1b") else 1,
-        "buffer": cfg.buffer, "device": cfg.device, "backend": cfg.backend,
+        "blocks": cfg.blocks, "steps": cfg.steps, "steps_per_epoch": per_epoch,
+        "batch_size": cfg.batch_size,
+        "microbatches": cfg.microbatches if cfg.microbatches is not None else 1,
+        "buffer": cfg.buffer if cfg.buffer is not None else methods.DEFAULTS["buffer"],
+        "max_reuse": cfg.max_reuse,
+        "device": cfg.device, "backend": cfg.backend,
         "threads": cfg.threads, "cpus": cfg.cpus, "data": cfg.data, "model": cfg.model,
         "width": cfg.width, "depth": cfg.depth, "seed": cfg.seed,
         "slowdown": {str(b): s for b, s in cfg.slowdown.items()},   # by block, as the simulator
         "placement": placement,
         "clock": {str(r): res["clock"] for r, res in sorted(results.items())},
-        "options": {k: v for k, v in cfg.options.items()},
-    })
+        "options": dict(cfg.options),
+    }
+    if cfg.buffer is not None:       # a method with replay buffers: every read, in order
+        reads: dict[str, list] = {}
+        misses: dict[str, int] = {}
+        for r in results.values():
+            reads.update(r.get("buffer_reads", {}))
+            misses.update(r.get("buffer_misses", {}))
+        meta["buffer_reads"] = {str(b): reads.get(str(b), []) for b in range(2, cfg.blocks + 1)}
+        meta["buffer_misses"] = {str(b): misses.get(str(b), 0) for b in range(2, cfg.blocks + 1)}
+    return json_safe(meta)
 
 
 # ------------------------------------------------------------- torchrun
@@ -533,7 +667,7 @@ def run_torchrun(cfg: RunConfig) -> RunResult | None:
     train, test = data.load(cfg.data, n_train=cfg.n_train, n_test=cfg.n_test, seed=cfg.seed)
     net, trainer = worker.build(cfg, desc.input_shape, desc.n_classes, desc.task)
     if cfg.trace and rank == 0:
-        _check_writable(cfg.trace)
+        check_writable(cfg.trace, "--trace")
     spool = Path(cfg.trace + ".parts") if cfg.trace else Path(tempfile.mkdtemp(prefix="bpsim-run-"))
     spool.mkdir(parents=True, exist_ok=True)
     status: dict[str, Any] = {"step": 0, "phase": "start"}

@@ -19,6 +19,10 @@ by span (K = 3, one step; F fwd, B bwd, A aux, U update, H h-step)::
                block 2 |.F...HHHFBBU    h*_k sent back to block k - 1,
                block 3 |..HHHFBBU...    then the W-step fwd/bwd/update)
 
+    bwbpf      block 1 |FABBU           greedy (K = 2, 2 steps per stage)
+               block 2 |.FABBU          block 1 |FABBUFABBUFF.........
+               block 3 |..FALBBU        block 2 |...........FABBUFABBU
+
 ``dgl-async`` is ``dgl`` with block j > 1 reading its input from a replay
 buffer instead of waiting for block j - 1 (:class:`bpsim.replay.ReplayBuffer`,
 least-reused entry first). ``gpipe`` and ``1f1b`` use
@@ -32,31 +36,32 @@ simulator, which knows only op costs, sees every second the rank spent.
 ``wait`` spans cover the time the thread waited for a message. A slowed block
 (``--slowdown BLOCK:S``) does ``S - 1`` times each op's duration of extra
 real work (small matrix products) inside the same span. ``dgl``'s
-``local_update`` runs head, loss, backward and step in one call; the runtime
-hands it an optimizer stand-in whose ``zero_grad``/``step`` mark the cuts,
-which gives an ``aux`` span (head forward and loss), a ``bwd`` span (the
-backward through head and block) and an ``update`` span without a second
-copy of the math. BlockProp's N_h h-step iterations run in one call of
+``local_update`` (and BWBPF's ``last_block_update``) takes a ``timed``
+callback that wraps each of its phases; the runtime times each as a span
+(``aux``: head forward and loss, ``loss``: BWBPF's output layer, ``bwd``,
+``update``) without a second copy of the math. BlockProp's N_h h-step iterations run in one call of
 ``h_update``; their time is drawn as N_h equal ``hstep`` spans (the
 simulator's unit is one iteration).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Generator, Iterator
+from typing import Any, Callable, Generator, Iterable, Iterator
 
 import torch
 from torch import nn
 
-from bpsim.algorithms.base import DivergenceError
-from bpsim.algorithms.blockprop import frozen_running_stats, h_update, w_loss
+from bpsim.algorithms.base import diverged
+from bpsim.algorithms.blockprop import cache_rule, forward_init, start_point
+from bpsim.algorithms.bwbpf import last_block_update
 from bpsim.algorithms.dgl import block_forward, local_head, local_update
-from bpsim.objectives import block_map
 from bpsim.runtime.comm import Cursor, Inbound, Recv, Send, Take
 
-__all__ = ["BatchPlan", "BlockCtx", "SCHEDULES", "inbound_links", "burn", "STEP_ALGOS"]
+__all__ = ["BatchPlan", "BlockCtx", "inbound_links", "burn", "bp_step", "dgl_step", "bwbpf_step",
+           "greedy_step", "greedy_stage", "dgl_async_step", "blockprop_step"]
 
 Step = Generator[Any, Any, None]
 
@@ -96,6 +101,25 @@ class BatchPlan:
             epoch += 1
         self.steps = steps
         self.steps_per_epoch = len(trainer._batches(n, 0))
+        self._present: list[torch.Tensor] | None = None
+
+    def present(self, t: int) -> torch.Tensor:
+        """Which examples of batch ``t`` were in an earlier batch of the run:
+        with Alg. 2 exactly those have a cached ``h*`` (every batch either
+        refreshes its examples' ``h*`` or needs them all cached)."""
+        if self._present is None:
+            seen = torch.zeros(len(self.x_all), dtype=torch.bool)
+            self._present = []
+            for i in self.idx:
+                self._present.append(seen[i].clone())
+                seen[i] = True
+        return self._present[t]
+
+    def cache_kind(self, t: int, every: int | None) -> str:
+        """Alg. 2's rule for batch ``t`` (:func:`bpsim.algorithms.blockprop.cache_rule`)."""
+        if every is None:
+            return "forward"
+        return cache_rule(self.epochs[t], every, self.present(t))
 
     def x(self, t: int) -> torch.Tensor:
         return self.x_all[self.idx[t]].to(self.device)
@@ -153,8 +177,10 @@ class BlockCtx:
 
     def __init__(self, block: int, blocks: int, rank: int, net: Any, trainer: Any,
                  plan: BatchPlan, now: Callable[[], float], rows: list | None,
-                 device: torch.device, slow: float = 1.0, cursor: Cursor | None = None) -> None:
+                 device: torch.device, slow: float = 1.0, cursor: Cursor | None = None,
+                 algo: str | None = None) -> None:
         self.block, self.K, self.rank = block, blocks, rank
+        self.algo = algo or trainer.name
         self.first, self.last = block == 1, block == blocks
         self.net, self.trainer, self.plan = net, trainer, plan
         self.module: nn.Module = net.blocks[block - 1]
@@ -207,6 +233,13 @@ class BlockCtx:
             self.optimizer.step()
         self.updates += 1
 
+    def record_loss(self, value: float, step: int, what: str = "local loss") -> None:
+        """Keep a loss of this block; a non-finite one stops the run (as ``bpsim train``)."""
+        if not math.isfinite(value):
+            raise diverged(self.algo, f"at step {step + 1}", f"block {self.block}'s {what} is "
+                           f"{value}", f"lower the learning rate (lr={self.trainer.lrs})")
+        self.losses.append(value)
+
     def waited(self, step: int, mb: int = 0, until: float | None = None) -> None:
         """Record the time from the end of the last span to ``until`` (default:
         now) as a ``wait`` span (the thread was blocked in a library call,
@@ -216,42 +249,12 @@ class BlockCtx:
         self.cursor.wait(self.rows, self.rank, self.block, step, mb, t1, t1)
 
 
-class _PhaseOptimizer:
-    """Optimizer stand-in that cuts ``dgl.local_update`` into spans.
-
-    ``local_update`` computes the head and the loss, calls ``zero_grad``,
-    runs the backward, then ``step``: the calls mark where ``aux`` ends and
-    ``bwd`` begins, and where ``update`` begins.
-    """
-
-    def __init__(self, ctx: BlockCtx, step: int) -> None:
-        self.ctx, self.step_no = ctx, step
-        self.t = ctx.begin()
-        self.phase = "aux"
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.t = self.ctx._finish("aux", self.t, self.step_no)
-        self.ctx.optimizer.zero_grad(set_to_none=set_to_none)
-        self.phase = "bwd"
-
-    def step(self) -> None:
-        c = self.ctx
-        t = c._finish(self.phase, self.t, self.step_no)
-        c.optimizer.step()
-        self.t = c._finish("update", t, self.step_no)
-        self.phase = "done"
-
-    def close(self) -> None:
-        if self.phase != "done":  # local_update did not call zero_grad/step as expected
-            self.ctx._finish(self.phase, self.t, self.step_no)
-
-
 def _local_update(c: BlockCtx, out: torch.Tensor, y: torch.Tensor, t: int) -> None:
-    phases = _PhaseOptimizer(c, t)
-    loss = local_update(out, local_head(c.net, c.block - 1), phases, y, c.loss_fn)  # type: ignore[arg-type]
-    phases.close()
+    """DGL's local step (``dgl.local_update``) with each phase timed as a span."""
+    loss = local_update(out, local_head(c.net, c.block - 1), c.optimizer, y, c.loss_fn,
+                        timed=lambda phase: c.op(phase, t))
     c.updates += 1
-    c.losses.append(loss)
+    c.record_loss(loss, t)
 
 
 # -------------------------------------------------------------------- bp
@@ -270,7 +273,7 @@ def bp_step(c: BlockCtx, t: int) -> Step:
         with c.op("bwd", t):
             c.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-        c.losses.append(loss.item())
+        c.record_loss(loss.item(), t, "loss")
     else:
         yield Send(c.block + 1, out.detach(), t)
         g = yield Recv(c.block + 1, t)
@@ -294,6 +297,58 @@ def dgl_step(c: BlockCtx, t: int) -> Step:
     _local_update(c, out, c.plan.y(t), t)
 
 
+def bwbpf_step(c: BlockCtx, t: int) -> Step:
+    """BWBPF (Sec. 3): as :func:`dgl_step`, except that the last block also
+    feeds its detached output to the output layer, which alone learns from
+    the global loss (``bwbpf.last_block_update``: ``aux``, ``loss``, ``bwd``,
+    ``update``; ``bpsim.sim.schedules.bwbpf``)."""
+    if not c.last:
+        yield from dgl_step(c, t)
+        return
+    h = c.plan.x(t) if c.first else (yield Recv(c.block - 1, t))
+    with c.op("fwd", t):
+        out = block_forward(c.module, h)
+    y = c.plan.y(t)
+    local, glob = last_block_update(out, c.net.heads[c.block - 1], c.net.output, c.optimizer,
+                                    c.trainer.optimizers[c.K], y, c.loss_fn, c.loss_fn,
+                                    timed=lambda phase: c.op(phase, t))
+    c.updates += 1
+    c.record_loss(local, t)
+    c.record_loss(glob, t, "global loss")
+
+
+def greedy_stage(steps: int, blocks: int, t: int) -> int:
+    """The block (1-based) that trains at step ``t`` of a greedy run of
+    ``blocks`` stages of ``steps`` steps each (``bpsim.sim.schedules.greedy``)."""
+    return t // steps + 1
+
+
+def greedy_step(c: BlockCtx, t: int) -> Step:
+    """Sequential greedy training (DGL Sec. 2.2) over ``K`` stages of ``steps``
+    steps each (steps ``0..K steps - 1``, numbered across the stages).
+
+    In stage ``s`` block ``s`` trains on its auxiliary loss as in
+    :func:`dgl_step`; blocks ``1..s-1`` are frozen (evaluation mode, no
+    gradient) and only forward their output; blocks above ``s`` wait for
+    their stage (``GreedyTrainer`` scores them, which changes nothing).
+    """
+    stage = greedy_stage(c.plan.steps // c.K, c.K, t)
+    if stage < c.block:
+        return
+    h = c.plan.x(t) if c.first else (yield Recv(c.block - 1, t))
+    if stage == c.block:
+        with c.op("fwd", t):
+            out = block_forward(c.module, h)
+        _local_update(c, out, c.plan.y(t), t)
+        return
+    c.module.eval()
+    local_head(c.net, c.block - 1).eval()
+    with c.op("fwd", t):
+        with torch.no_grad():
+            out = c.module(h)
+    yield Send(c.block + 1, out, t)
+
+
 def dgl_async_step(c: BlockCtx, t: int) -> Step:
     """Asynchronous DGL (DGL Alg. 2/4): block j > 1 reads the least-reused
     entry of its replay buffer and waits only while the buffer is empty
@@ -311,18 +366,6 @@ def dgl_async_step(c: BlockCtx, t: int) -> Step:
 
 
 # ------------------------------------------------------------- blockprop
-def _cache_mode(c: BlockCtx, t: int) -> str:
-    """``plain`` (Alg. 1 step), ``hstep-cached`` (h-step from the cache) or
-    ``wstep-only`` (W-step on cached h*, Alg. 2)."""
-    every = getattr(c.trainer, "cache_every", None)
-    if every is None:
-        return "plain"
-    epoch = c.plan.epochs[t]
-    if epoch == 0:
-        return "plain"
-    return "hstep-cached" if epoch % every == 0 else "wstep-only"
-
-
 def _cache(c: BlockCtx, name: str, like: torch.Tensor) -> torch.Tensor:
     buf = c.state.get(name)
     if buf is None:
@@ -333,65 +376,65 @@ def _cache(c: BlockCtx, name: str, like: torch.Tensor) -> torch.Tensor:
 
 def _w_step(c: BlockCtx, h_in: torch.Tensor, target: torch.Tensor, t: int) -> None:
     """BlockProp's W-step of one block (Alg. 1 line 20): SGD on J_k (eq. 7)."""
-    k, tr = c.block, c.trainer
     with c.op("fwd", t):
-        J = w_loss(block_map(c.net, k), h_in, target, None if c.last else tr.lams[k - 1], c.loss_fn)
-    v = J.item()
-    if v != v or v in (float("inf"), float("-inf")):
-        raise DivergenceError(f"{tr.name} diverged at step {t + 1}: block {k}'s W-step objective "
-                              f"J_{k} is {v}; use a smaller lr_h (now {tr.lr_h}), a different lam "
-                              f"(now {tr.lams}) or a lower learning rate (lr={tr.lrs})")
+        J = c.trainer.w_objective(c.block, h_in, target, f"at step {t + 1}")
     with c.op("bwd", t):
         c.optimizer.zero_grad(set_to_none=True)
         J.backward()
-    c.losses.append(v)
+    c.record_loss(J.item(), t, f"W-step objective J_{c.block}")
     c.update(t)
 
 
 def blockprop_step(c: BlockCtx, t: int) -> Step:
     """BlockProp (Alg. 1), and with a cache Alg. 2 (``blockprop-cached``).
 
-    Forward init (block k < K sends ``b_k(h_k)`` up), h-step from block K
-    down to 2 (block k receives ``h*_{k+1}``, runs ``h_update`` and sends
-    ``h*_k`` down), then the W-step on ``(h*_k, h*_{k+1})``
-    (``bpsim.sim.schedules.blockprop`` / ``blockprop_cached``).
+    Forward init (block k < K sends ``a_{k+1} = b_k(h_k)`` up), h-step from
+    block K down to 2 (block k receives ``h*_{k+1}``, runs its h-step and
+    sends ``h*_k`` down), then the W-step on ``(h*_k, h*_{k+1})``
+    (``bpsim.sim.schedules.blockprop`` / ``blockprop_cached``). What a
+    mini-batch does with the cache is :func:`~bpsim.algorithms.blockprop.cache_rule`,
+    the trainer's rule: ``wstep`` sends nothing; ``cached`` lets every block
+    compute ``b_k`` on its own cached input before the h-step chain;
+    ``forward`` and ``mixed`` run the forward chain.
     """
     k, tr = c.block, c.trainer
-    mode = _cache_mode(c, t)
+    every = getattr(tr, "cache_every", None)
+    kind = c.plan.cache_kind(t, every)
     idx = c.plan.idx[t]
     x = c.plan.x(t) if c.first else None
     y = c.plan.y(t) if c.last else None
-    if mode == "wstep-only":   # Alg. 2: no messages at all
+    if kind == "wstep":   # Alg. 2: no messages at all
         h_in = x if c.first else c.state["h_in"][idx]
         target = y if c.last else c.state["target"][idx]
         _w_step(c, h_in, target, t)
         return
-    cached = mode == "hstep-cached"
-    h_own = None if (c.first or not cached) else c.state["h_in"][idx]
-    a = None
-    if not c.first and not cached:
+    present = c.plan.present(t).to(c.device) if kind != "forward" else None
+    cached_in = c.state["h_in"][idx] if (present is not None and not c.first) else None
+    start = a = None
+    if not c.first and kind != "cached":
         a = yield Recv(k - 1, t)                     # a_k = b_{k-1}(h_{k-1}), chained
+        start = start_point(a, cached_in, present)
+    elif not c.first:
+        start = cached_in
     if not c.last:                                   # initialise h_{k+1} (Alg. 1 line 5)
         with c.op("fwd", t):
-            with torch.no_grad(), frozen_running_stats(c.module):
-                nxt = c.module(x if c.first else (h_own if cached else a))
+            nxt = forward_init(c.module, x if c.first else start)
         yield Send(k + 1, nxt, t)
-    if not c.first and cached:
+    if not c.first and kind == "cached":
         a = yield Recv(k - 1, t)                     # a_k from block k-1's cached input
     if c.last:
         target = y
     else:
         target = yield Recv(k + 1, t)                # h*_{k+1}
-        if getattr(tr, "cache_every", None) is not None:
+        if every is not None:
             _cache(c, "target", target)[idx] = target
     if c.first:
         h_in = x
     else:
         nh = tr.nh
         t0 = c.begin()
-        h_star = h_update(block_map(c.net, k), a, target, tr.lams[k - 2],
-                          None if c.last else tr.lams[k - 1], nh, tr.lr_h[k - 2],
-                          loss_fn=c.loss_fn, h0=h_own)
+        h_star = tr.h_update(k, a, target, start if kind != "forward" else None,
+                             f"at step {t + 1}")
         if nh > 0:
             t1 = c._finish("hstep", t0, t)
             if c.rows is not None:   # one span per iteration, equal shares
@@ -401,46 +444,87 @@ def blockprop_step(c: BlockCtx, t: int) -> Step:
                     c.rows.append((c.rank, "compute", "hstep", k, t, 0, t0 + i * d,
                                    t1 if i == nh - 1 else t0 + (i + 1) * d, None))
         yield Send(k - 1, h_star, t)
-        if getattr(tr, "cache_every", None) is not None:
+        if every is not None:
             _cache(c, "h_in", h_star)[idx] = h_star
         h_in = h_star
     _w_step(c, h_in, target, t)
 
 
-SCHEDULES: dict[str, Callable[[BlockCtx, int], Step]] = {
-    "bp": bp_step, "dgl": dgl_step, "dgl-async": dgl_async_step,
-    "blockprop": blockprop_step, "blockprop-cached": blockprop_step,
-}
-STEP_ALGOS = tuple(SCHEDULES)
+# ----------------------------------------------------------- message plans
+def _items(plan: BatchPlan, shape: tuple[int, ...], steps: Iterable[int]
+           ) -> list[tuple[int, int, tuple[int, ...]]]:
+    return [(t, 0, (plan.size(t), *shape)) for t in steps]
 
 
-def inbound_links(algo: str, block: int, blocks: int, plan: BatchPlan,
+def _chain_in(block: int, blocks: int, plan: BatchPlan, in_shape: tuple[int, ...],
+              out_shape: tuple[int, ...], trainer: Any) -> list[Inbound]:
+    """One activation per step from the block below (``dgl``, ``bwbpf``)."""
+    return [Inbound(block - 1, _items(plan, in_shape, range(plan.steps)))] if block > 1 else []
+
+
+def _bp_in(block: int, blocks: int, plan: BatchPlan, in_shape: tuple[int, ...],
+           out_shape: tuple[int, ...], trainer: Any) -> list[Inbound]:
+    """Activations from below and gradients from above, every step."""
+    links = _chain_in(block, blocks, plan, in_shape, out_shape, trainer)
+    if block < blocks:
+        links.append(Inbound(block + 1, _items(plan, out_shape, range(plan.steps))))
+    return links
+
+
+def _async_in(block: int, blocks: int, plan: BatchPlan, in_shape: tuple[int, ...],
+              out_shape: tuple[int, ...], trainer: Any) -> list[Inbound]:
+    """Every output of the block below, into a replay buffer."""
+    return [Inbound(block - 1, _items(plan, in_shape, range(plan.steps)), buffered=True)] \
+        if block > 1 else []
+
+
+def _greedy_in(block: int, blocks: int, plan: BatchPlan, in_shape: tuple[int, ...],
+               out_shape: tuple[int, ...], trainer: Any) -> list[Inbound]:
+    """Activations from below in the stages of this block and those above it."""
+    n = plan.steps // blocks
+    steps = [t for t in range(plan.steps) if greedy_stage(n, blocks, t) >= block]
+    return [Inbound(block - 1, _items(plan, in_shape, steps))] if block > 1 else []
+
+
+def _blockprop_in(block: int, blocks: int, plan: BatchPlan, in_shape: tuple[int, ...],
+                  out_shape: tuple[int, ...], trainer: Any) -> list[Inbound]:
+    """a_k from below and h*_{k+1} from above, in every step with an h-step."""
+    every = getattr(trainer, "cache_every", None)
+    steps = [t for t in range(plan.steps) if plan.cache_kind(t, every) != "wstep"]
+    links = []
+    if block > 1:
+        links.append(Inbound(block - 1, _items(plan, in_shape, steps)))
+    if block < blocks:
+        links.append(Inbound(block + 1, _items(plan, out_shape, steps)))
+    return links
+
+
+def _plan(inbound: Callable[..., list[Inbound]], stages: bool = False) -> Callable[[Callable], Callable]:
+    """Attach a step's message plan: ``step.inbound(block, K, plan, in_shape,
+    out_shape, trainer)`` lists the links the block receives on, and
+    ``step.stages`` says whether a run of ``steps`` steps is ``K`` stages of
+    ``steps`` steps (``greedy``)."""
+    def mark(step: Callable) -> Callable:
+        step.inbound = inbound          # type: ignore[attr-defined]
+        step.stages = stages            # type: ignore[attr-defined]
+        return step
+    return mark
+
+
+bp_step = _plan(_bp_in)(bp_step)
+dgl_step = _plan(_chain_in)(dgl_step)
+bwbpf_step = _plan(_chain_in)(bwbpf_step)
+dgl_async_step = _plan(_async_in)(dgl_async_step)
+greedy_step = _plan(_greedy_in, stages=True)(greedy_step)
+blockprop_step = _plan(_blockprop_in)(blockprop_step)
+
+
+def inbound_links(step: Callable, block: int, blocks: int, plan: BatchPlan,
                   in_shape: tuple[int, ...], out_shape: tuple[int, ...],
-                  cache_every: int | None = None) -> list[Inbound]:
-    """The messages block ``block`` receives during a run, link by link, in order.
+                  trainer: Any = None) -> list[Inbound]:
+    """The messages block ``block`` receives when it runs ``step``, link by link, in order.
 
     ``in_shape``/``out_shape`` are the per-example shapes of the block's
     input and output; a message of step t has ``plan.size(t)`` rows.
     """
-    k = block
-    links: list[Inbound] = []
-
-    def items(shape: tuple[int, ...], steps: list[int]) -> list[tuple[int, int, tuple[int, ...]]]:
-        return [(t, 0, (plan.size(t), *shape)) for t in steps]
-
-    every = range(plan.steps)
-    if algo in ("bp", "dgl", "dgl-async"):
-        if k > 1:
-            links.append(Inbound(k - 1, items(in_shape, list(every)), buffered=algo == "dgl-async"))
-        if algo == "bp" and k < blocks:
-            links.append(Inbound(k + 1, items(out_shape, list(every))))
-    elif algo in ("blockprop", "blockprop-cached"):
-        steps = [t for t in every
-                 if cache_every is None or plan.epochs[t] == 0 or plan.epochs[t] % cache_every == 0]
-        if k > 1:
-            links.append(Inbound(k - 1, items(in_shape, steps)))
-        if k < blocks:
-            links.append(Inbound(k + 1, items(out_shape, steps)))
-    else:
-        raise ValueError(f"{algo!r} has no step schedule; choose one of {', '.join(STEP_ALGOS)}")
-    return links
+    return step.inbound(block, blocks, plan, in_shape, out_shape, trainer)

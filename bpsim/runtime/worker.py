@@ -44,22 +44,20 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from bpsim import methods
+from bpsim.algorithms.base import DivergenceError
 from bpsim.runtime.clock import SharedClock, sync_clock
 from bpsim.runtime.comm import BLOCKED, Cursor, DistComm, LocalComm, PeerError, Recv, Send, Take
-from bpsim.runtime.pipeline import PIPELINE_ALGOS, run_pipeline
+from bpsim.runtime.pipeline import run_pipeline
 from bpsim.runtime.record import Spool
-from bpsim.runtime.schedules import SCHEDULES, BatchPlan, BlockCtx, inbound_links
+from bpsim.runtime.schedules import BatchPlan, BlockCtx, inbound_links
 from bpsim.trace import atomic_write_text
 
 __all__ = ["entry", "run_rank", "build", "drive_dist", "drive_local", "FAULT_ENV",
-           "TRAINER_OF", "Rendezvous"]
+           "Rendezvous", "step_of", "plan_steps"]
 
 FAULT_ENV = "BPSIM_RUNTIME_FAULT"
 DEBUG_ENV = "BPSIM_RUNTIME_DEBUG"
-
-#: runtime algorithm -> in-process trainer whose net, optimizers and options it uses
-TRAINER_OF = {"bp": "bp", "gpipe": "bp", "1f1b": "bp", "dgl": "dgl", "dgl-async": "dgl",
-              "blockprop": "blockprop", "blockprop-cached": "blockprop-cached"}
 
 _SECONDARY_HINTS = ("gloo", "connection closed", "connection reset", "timed out", "nccl",
                     "pair closure", "broken pipe", "peer", "socket")
@@ -80,24 +78,39 @@ class Rendezvous:
 # ------------------------------------------------------------------- build
 def build(cfg: Any, input_shape: Sequence[int], n_classes: int, task: str) -> tuple[Any, Any]:
     """The net and in-process trainer a run trains (same on every rank and in
-    the launcher, which uses them to check the options and to evaluate)."""
-    from bpsim import nets
-    from bpsim.algorithms import get_trainer
+    the launcher, which uses them to check the options and to evaluate).
 
-    cls = get_trainer(TRAINER_OF[cfg.algo])
-    unknown = sorted(set(cfg.options) - set(cls.options))
-    if unknown:
-        takes = ", ".join("--" + o.replace("_", "-") for o in cls.options) or "no method options"
-        raise ValueError(f"{', '.join('--' + u.replace('_', '-') for u in unknown)} does not apply "
-                         f"to {cfg.algo}; it takes {takes}")
+    ``cfg`` is a resolved :class:`~bpsim.runtime.launch.RunConfig`: its
+    ``options`` hold the method's registry options with their defaults
+    (:meth:`bpsim.methods.Method.resolved_options`); the trainer takes those
+    its constructor knows, the net is built with ``options["aux"]``.
+    """
+    from bpsim import nets
+
+    cls = methods.load(methods.get(cfg.algo).trainer)
     net = nets.build(cfg.model, input_shape, n_classes, cfg.blocks, width=cfg.width,
-                     depth=cfg.depth, aux=cfg.aux or cls.aux_default,
+                     depth=cfg.depth, aux=cfg.options.get("aux"),
                      output_layer=cls.output_layer, seed=cfg.seed)
     lr = cfg.lr if cfg.lr is not None else cls.default_lr
+    kwargs = {k: v for k, v in cfg.options.items() if k in cls.options}
     trainer = cls(net, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                  batch_size=cfg.batch_size, seed=cfg.seed, task=task, progress=False,
-                  **cfg.options)
+                  batch_size=cfg.batch_size, seed=cfg.seed, task=task, progress=False, **kwargs)
     return net, trainer
+
+
+def step_of(algo: str) -> Callable:
+    """The runtime step of method ``algo`` (``Method.runtime`` of the registry)."""
+    m = methods.get(algo)
+    if m.runtime is None:
+        raise ValueError(f"{m.name} does not run on the runtime; choose one of "
+                         f"{', '.join(methods.names(runtime=True))}")
+    return methods.load(m.runtime)
+
+
+def plan_steps(step: Callable, steps: int, blocks: int) -> int:
+    """Mini-batches a run of ``steps`` steps uses: ``blocks * steps`` for a
+    schedule of one stage per block (``greedy``), else ``steps``."""
+    return steps * blocks if getattr(step, "stages", False) else steps
 
 
 class _AllOptimizers:
@@ -105,6 +118,10 @@ class _AllOptimizers:
 
     def __init__(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
         self.optimizers = list(optimizers)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [g for o in self.optimizers for g in o.param_groups]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for o in self.optimizers:
@@ -191,7 +208,7 @@ def drive_local(ctxs: Sequence[BlockCtx], comm: LocalComm, step_fn: Callable, st
                 elif kind is Recv:
                     ans = comm.recv(req.src, c.block, req.step, req.mb)
                 elif kind is Take:
-                    ans = comm.take(req.src)
+                    ans = comm.take(req.src, c.block, t[i])
                     if ans is None:
                         raise RuntimeError(_starved(c.block, t[i]))
                 else:
@@ -247,6 +264,9 @@ def run_rank(rank: int, cfg: Any, data: tuple[torch.Tensor, torch.Tensor] | None
 
     status = status if status is not None else {}
     world, K, algo = cfg.workers, cfg.blocks, cfg.algo
+    step_fn = step_of(algo)
+    pipelined = step_fn is run_pipeline
+    total = plan_steps(step_fn, cfg.steps, K)
     if cfg.cpus:
         os.sched_setaffinity(0, cfg.cpus)
     torch.set_num_threads(cfg.threads)
@@ -263,7 +283,7 @@ def run_rank(rank: int, cfg: Any, data: tuple[torch.Tensor, torch.Tensor] | None
     # Clock sync and other small CPU messages go over gloo even with NCCL.
     ctrl = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
     groups: dict[tuple[int, int], Any] = {}
-    if world > 1 and algo in SCHEDULES:
+    if world > 1 and not pipelined:
         for b in range(1, K):   # collective: every rank creates every group, in order
             groups[(b, b + 1)] = dist.new_group([b - 1, b], timeout=timeout)
             groups[(b + 1, b)] = dist.new_group([b - 1, b], timeout=timeout)
@@ -276,7 +296,7 @@ def run_rank(rank: int, cfg: Any, data: tuple[torch.Tensor, torch.Tensor] | None
         train, _ = datasets.load(cfg.data, n_train=cfg.n_train, n_test=cfg.n_test, seed=cfg.seed)
         data = (train.tensors[0], train.tensors[1])
     x_all, y_all = data
-    plan = BatchPlan(trainer, x_all, y_all, cfg.steps, device, full_only=algo in PIPELINE_ALGOS)
+    plan = BatchPlan(trainer, x_all, y_all, total, device, full_only=pipelined)
     here = [rank + 1] if world > 1 else list(range(1, K + 1))
     for b in here:
         net.blocks[b - 1].to(device)
@@ -285,14 +305,14 @@ def run_rank(rank: int, cfg: Any, data: tuple[torch.Tensor, torch.Tensor] | None
     if net.output is not None and K in here:
         net.output.to(device)
     status["phase"] = "clock"
-    clock: SharedClock = sync_clock(rank, world, force_ping_pong=cfg.force_ping_pong, group=ctrl)
+    clock: SharedClock = sync_clock(rank, world, group=ctrl)
     now = clock.now_fn()
     rows: list | None = [] if cfg.record else None
     spool = Spool(Path(spool_dir) / f"rank{rank}.spans.jsonl", rows if rows is not None else [])
     status["spool"] = spool
     cursor = Cursor()    # one compute thread per rank: one timeline cursor
     ctxs = [BlockCtx(b, K, rank if world > 1 else 0, net, trainer, plan, now, rows, device,
-                     slow=cfg.slowdown.get(b, 1.0), cursor=cursor) for b in here]
+                     slow=cfg.slowdown.get(b, 1.0), cursor=cursor, algo=algo) for b in here]
     fault = _fault()
 
     def check_fault(step_done: int) -> None:
@@ -310,27 +330,33 @@ def run_rank(rank: int, cfg: Any, data: tuple[torch.Tensor, torch.Tensor] | None
     status["phase"] = "train"
     t_start = now()
     comm_stats: dict[int, Any] = {}
-    if algo in PIPELINE_ALGOS:
+    reads: dict[int, list] = {}
+    misses: dict[int, int] = {}
+    if pipelined:
         c = ctxs[0]
         if world == 1:
             stage = torch.nn.Sequential(*net.blocks)
             c.optimizer = _AllOptimizers(trainer.optimizers)
         else:
             stage = net.blocks[rank]
-        run_pipeline(algo, c, stage, rank, world, cfg.microbatches, cfg.steps, step_end)
+        run_pipeline(algo, c, stage, rank, world, cfg.microbatches, total, step_end)
     elif world > 1:
         b = here[0]
         wire = device if backend == "nccl" else torch.device("cpu")
-        inbound = inbound_links(algo, b, K, plan, in_shapes[b - 1], tuple(shapes[b - 1]),
-                                getattr(trainer, "cache_every", None))
+        inbound = inbound_links(step_fn, b, K, plan, in_shapes[b - 1], tuple(shapes[b - 1]),
+                                trainer)
         comm = DistComm(b, K, now, rows, groups, inbound, device, wire, cfg.timeout,
                         buffer=cfg.buffer, max_reuse=cfg.max_reuse, cursor=cursor)
-        drive_dist(ctxs[0], comm, SCHEDULES[algo], cfg.steps, step_end)
+        drive_dist(ctxs[0], comm, step_fn, total, step_end)
         comm.flush()
         comm_stats = comm.buffer_stats()
+        reads, misses = comm.reads, comm.misses
     else:
-        local = LocalComm(buffered=range(1, K) if algo == "dgl-async" else (), buffer=cfg.buffer,
-                          max_reuse=cfg.max_reuse)
+        buffered = [b - 1 for b in range(2, K + 1)
+                    if any(ib.buffered for ib in inbound_links(step_fn, b, K, plan,
+                                                               in_shapes[b - 1],
+                                                               tuple(shapes[b - 1]), trainer))]
+        local = LocalComm(buffered=buffered, buffer=cfg.buffer, max_reuse=cfg.max_reuse)
 
         def local_end(block: int, t: int) -> None:
             if block == 1:
@@ -338,8 +364,9 @@ def run_rank(rank: int, cfg: Any, data: tuple[torch.Tensor, torch.Tensor] | None
             else:
                 spool.maybe_flush()
 
-        drive_local(ctxs, local, SCHEDULES[algo], cfg.steps, local_end)
+        drive_local(ctxs, local, step_fn, total, local_end)
         comm_stats = local.buffer_stats()
+        reads, misses = local.reads, local.misses
     t_end = now()
     status["phase"] = "report"
     spool.close()
@@ -351,6 +378,8 @@ def run_rank(rank: int, cfg: Any, data: tuple[torch.Tensor, torch.Tensor] | None
         "updates": {str(c.block): c.updates for c in ctxs},
         "losses": {str(c.block): c.losses for c in ctxs},
         "buffers": {str(src + 1): s for src, s in comm_stats.items()},
+        "buffer_reads": {str(b): r for b, r in reads.items()},
+        "buffer_misses": {str(b): n for b, n in misses.items()},
         "steps_per_epoch": plan.steps_per_epoch,
     }
     weights = {}
@@ -397,7 +426,9 @@ def _error_record(rank: int, e: BaseException, status: dict[str, Any]) -> dict[s
     secondary = isinstance(e, PeerError) or (
         isinstance(e, RuntimeError) and any(h in lower for h in _SECONDARY_HINTS)
         and "injected failure" not in lower)
-    return {"rank": rank, "error": f"{type(e).__name__}: {text}"[:600], "secondary": secondary,
+    divergence = isinstance(e, DivergenceError)
+    return {"rank": rank, "error": (text if divergence else f"{type(e).__name__}: {text}")[:600],
+            "secondary": secondary, "divergence": divergence,
             "time": time.time(), "step": status.get("step", 0), "phase": status.get("phase"),
             "traceback": traceback.format_exc()}
 
