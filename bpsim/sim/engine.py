@@ -63,7 +63,7 @@ class _Box:
 class _Buf:
     """A replay buffer with the messages still on the wire towards it."""
 
-    __slots__ = ("rb", "pending", "waiter", "reads_of", "log", "misses")
+    __slots__ = ("rb", "pending", "waiter", "reads_of", "log", "misses", "due")
 
     def __init__(self, capacity: int, max_reuse: int | None) -> None:
         self.rb = ReplayBuffer(capacity, max_reuse)
@@ -72,6 +72,7 @@ class _Buf:
         self.reads_of: dict[int, int] = {}     # producer step -> reads so far
         self.log: list[tuple[int, int, int]] = []   # (step, producer step, reads)
         self.misses = 0                         # reads that had to wait
+        self.due: dict[int, float] = {}         # replay: measured delivery by step
 
 
 class Engine:
@@ -118,6 +119,11 @@ class Engine:
         self.replay = replay
         # replay: when each device is done with the untraced time after its last op
         self.ready = {d: (replay.start_delay(d) if replay is not None else 0.0) for d in counts}
+        # replay: when the message block j consumes next was delivered in the
+        # measured run (its next op cannot have started earlier), and that of
+        # the message _transmit handled last
+        self.due: dict[int, float] = {}
+        self._due = -math.inf
         self.rows: list[tuple] = []
         self.updates = [0] * (blocks + 1)
         self.idle = [dict.fromkeys(IDLE_CAUSES, 0.0) for _ in range(blocks + 1)]
@@ -171,9 +177,18 @@ class Engine:
         now = env.now
         t = now if now > self.ready[dev] else self.ready[dev]
         tail = 0.0
+        due = self.due.pop(j, -math.inf)
         for op in ops:
             name = _SPAN_NAME.get(op, op)
-            head, d, after = self.replay.op(dev, j, name, step, mb)
+            head, d, after, t0, t1 = self.replay.op(dev, j, name, step, mb)
+            if t0 < due:
+                # the measured span began before its input was there: the
+                # runtime starts an op at the end of the rank's previous span,
+                # so it holds untraced time before the input came (e.g. the
+                # thread was descheduled); only the part after delivery is op
+                d = max(t1 - due, 0.0)
+                head = 0.0
+            due = -math.inf
             t += tail + head
             self.rows.append((dev, "compute", name, j, step, mb, t, t + d, None))
             t += d
@@ -200,7 +215,7 @@ class Engine:
         msg = self.n_msgs
         self.n_msgs = msg + 1
         if self.replay is not None:
-            s0, s1, r0, r1, done = self.replay.message(src, dst, step, mb)
+            s0, s1, r0, r1, done, self._due = self.replay.message(src, dst, step, mb)
             self.rows.append((ds, "comm", "send", src, step, mb, now + s0, now + s1, msg))
             self.rows.append((dd, "comm", "recv", dst, step, mb, now + r0, now + r1, msg))
             return now + done
@@ -232,11 +247,12 @@ class Engine:
         if box is None:
             box = self.boxes[(dst, kind)] = _Box()
         if self.dev[src] == self.dev[dst]:
-            box.q.append((self.env.now, payload, 0.0))
+            box.q.append((self.env.now, payload, 0.0, -math.inf))
         elif self.rendezvous:
-            box.q.append((None, payload, (src, step, mb)))
+            box.q.append((None, payload, (src, step, mb), -math.inf))
         else:   # a message between devices also costs its receiver the hand-off ``recv``
-            box.q.append((self._transmit(src, dst, step, mb), payload, self.handoff))
+            arrival = self._transmit(src, dst, step, mb)
+            box.q.append((arrival, payload, self.handoff, self._due))
         if box.waiter is not None:
             w, box.waiter = box.waiter, None
             w.succeed()
@@ -253,7 +269,9 @@ class Engine:
         if not box.q:
             box.waiter = env.event()
             yield box.waiter
-        arrival, payload, handoff = box.q.popleft()
+        arrival, payload, handoff, due = box.q.popleft()
+        if self.replay is not None:
+            self.due[j] = due
         if arrival is None:   # rendezvous: the transfer starts now that both sides are ready
             src, s, i = handoff
             arrival, handoff = self._transmit(src, j, s, i), self.handoff
@@ -276,6 +294,8 @@ class Engine:
         arrival = self._transmit(j, j + 1, step, 0)
         b = self.bufs[j]
         b.pending.append((arrival, step))
+        if self.replay is not None:
+            b.due[step] = self._due
         if b.waiter is not None:
             w, b.waiter = b.waiter, None
             w.succeed()
@@ -310,6 +330,8 @@ class Engine:
         produced = got[0]
         n = b.reads_of[produced] = b.reads_of.get(produced, 0) + 1
         b.log.append((step, produced, n))
+        if self.replay is not None:
+            self.due[j] = b.due.get(produced, -math.inf)
         if env.now > t:
             self.idle[j]["buffer"] += env.now - t
             self._wait_span(j, t, step, 0)

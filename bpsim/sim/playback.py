@@ -42,10 +42,11 @@ class Measured:
     """The durations of a measured trace, served to the engine in replay mode.
 
     ``op(rank, block, op, step, mb)`` returns the next ``(head, duration,
-    tail)`` of that op: untraced time after the wait before it, its
-    duration, untraced time after it. ``message(src, dst, step, mb)``
-    returns the send and recv spans and the delivery as offsets from the
-    end of the op that sent the message.
+    tail, t0, t1)`` of that op: untraced time after the wait before it,
+    its duration, untraced time after it, and its measured start and end
+    (from the trace's start). ``message(src, dst, step, mb)`` returns the
+    send and recv spans and the delivery as offsets from the end of the op
+    that sent the message, and the measured delivery time.
     """
 
     def __init__(self, trace: Trace) -> None:
@@ -102,7 +103,7 @@ class Measured:
                     self._start[rank] = max(tail, 0.0)
                 else:
                     prev[2] = max(tail, 0.0)
-                prev = [max(head, 0.0), r[7] - r[6], 0.0]
+                prev = [max(head, 0.0), r[7] - r[6], 0.0, r[6] - t0, r[7] - t0]
                 self._ops[(rank, r[3], r[2], r[4], r[5])].append(prev)
                 prev_end = r[7]
                 ends[(rank, r[3], r[4], r[5])].append(r[7])
@@ -121,7 +122,7 @@ class Measured:
             pe = e[i] if i >= 0 else t0
             done, _ = _delivered(rv, self.waits.get(rv[0], ()), tol=_TOL)
             self._msgs[(s[3], rv[3], s[4], s[5])].append(
-                (s[6] - pe, s[7] - pe, rv[6] - pe, rv[7] - pe, max(done - pe, 0.0)))
+                (s[6] - pe, s[7] - pe, rv[6] - pe, rv[7] - pe, max(done - pe, 0.0), done - t0))
         self.missing: list[tuple] = []
 
     @staticmethod
@@ -134,19 +135,20 @@ class Measured:
         """Untraced time before the rank's first op (or first wait)."""
         return self._start.get(rank, 0.0)
 
-    def op(self, rank: int, block: int, op: str, step: int, mb: int) -> tuple[float, float, float]:
+    def op(self, rank: int, block: int, op: str,
+           step: int, mb: int) -> tuple[float, float, float, float, float]:
         q = self._ops.get((rank, block, op, step, mb))
         if not q:
             self.missing.append((rank, block, op, step, mb))
-            return 0.0, 0.0, 0.0
-        h, d, t = q.popleft()
-        return h, d, t
+            return 0.0, 0.0, 0.0, math.inf, math.inf
+        h, d, t, t0, t1 = q.popleft()
+        return h, d, t, t0, t1
 
     def message(self, src: int, dst: int, step: int, mb: int) -> tuple[float, ...]:
         q = self._msgs.get((src, dst, step, mb))
         if not q:
             self.missing.append(("message", src, dst, step, mb))
-            return 0.0, 0.0, 0.0, 0.0, 0.0
+            return 0.0, 0.0, 0.0, 0.0, 0.0, -math.inf
         return q.popleft()
 
     def unused(self) -> int:
