@@ -385,3 +385,107 @@ def test_local_comm_blocks_until_the_message_is_there():
     c.send(1, 2, torch.ones(2), step=0)
     assert torch.equal(c.recv(1, 2, step=0), torch.ones(2))
     assert Send(2, torch.ones(1), 0).dst == 2 and Recv(1, 0).src == 1
+
+
+# ------------------------------------------------------- stops from outside
+def _start_run(tmp_path, token: str, out: Path) -> subprocess.Popen:
+    p = subprocess.Popen([str(BIN / "bpsim"), "run", "dgl", "--workers", "2", "--steps",
+                          "100000", "--trace", str(out)],
+                         env=_env(TMPDIR=str(tmp_path), **{token: "1"}), cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 90                  # hang detection only
+    while len(_with_token(token)) < 4 and time.monotonic() < deadline:  # launcher,
+        time.sleep(0.5)                               # fork server, 2 ranks
+    time.sleep(2.0)
+    return p
+
+
+def _spools(folder: Path) -> list[Path]:
+    from bpsim.runtime.launch import SPOOL_PREFIX
+
+    return sorted(folder.glob(f"{SPOOL_PREFIX}*"))
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_ranks_and_keeps_the_trace(tmp_path):
+    token = f"BPSIM_TEST_TOKEN_{uuid.uuid4().hex}"
+    out = tmp_path / "term.json"
+    p = _start_run(tmp_path, token, out)
+    try:
+        assert _spools(tmp_path), "the run made no spool folder"
+        p.send_signal(signal.SIGTERM)                  # what kill PID or a scheduler sends
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 143, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "SIGTERM" in lines[0], err
+    assert not _gone(token), "worker processes were left behind"
+    t = Trace.load(out).check()
+    assert {r[0] for r in t.rows} == {0, 1}
+    assert not _spools(tmp_path)
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_launcher_ends_the_ranks_and_the_next_run_removes_its_spool(tmp_path):
+    from bpsim.runtime.launch import clean_stale_spools
+
+    token = f"BPSIM_TEST_TOKEN_{uuid.uuid4().hex}"
+    p = _start_run(tmp_path, token, tmp_path / "kill.json")
+    try:
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert not _gone(token, wait=30), "ranks outlived their launcher"
+    left = _spools(tmp_path)
+    assert left, "a SIGKILLed launcher cannot clean up; its spool should still be there"
+    live = tmp_path / f"bpsim-run-{os.getpid()}-live"    # a live launcher's spool stays
+    live.mkdir()
+    assert sorted(map(Path, clean_stale_spools(str(tmp_path)))) == left
+    assert _spools(tmp_path) == [live]
+
+
+@pytest.mark.slow
+def test_divergence_stops_the_run_naming_the_block():
+    with pytest.raises(RunFailed) as e:
+        run(RunConfig("dgl", workers=2, steps=50, lr=1e6, evaluate=False))
+    msg = str(e.value)
+    assert "diverged at step" in msg and "block" in msg and "learning rate" in msg
+    assert "after" not in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(timeout=float("nan")), "--timeout"), (dict(timeout=float("inf")), "--timeout"),
+    (dict(host=""), "--host"), (dict(host="  "), "--host"),
+    (dict(algo="dgl", microbatches=3), "--microbatches does not apply"),
+    (dict(algo="nope"), "unknown method"),
+])
+def test_bad_run_config_is_a_value_error_naming_the_flag(kw, match):
+    kw.setdefault("algo", "bp")
+    with pytest.raises(ValueError, match=match):
+        RunConfig(**kw).resolved()
+
+
+def test_bad_outputs_and_oversized_batches_are_refused_before_launch(tmp_path):
+    from bpsim.runtime.launch import check_writable
+
+    with pytest.raises(ValueError, match="is a folder"):
+        check_writable(str(tmp_path), "--trace")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        check_writable(str(tmp_path / "no" / "t.json"), "--trace")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if not os.access(ro, os.W_OK):              # root may write anyway
+            with pytest.raises(ValueError, match="permission"):
+                check_writable(str(ro / "t.json"), "--trace")
+    finally:
+        ro.chmod(0o700)
+    with pytest.raises(ValueError, match="larger than the training set"):
+        run(RunConfig("dgl", batch_size=100, n_train=50))
+    with pytest.raises(ValueError, match="is a folder"):
+        run(RunConfig("dgl", trace=str(tmp_path)))

@@ -444,9 +444,9 @@ class BlockPropTrainer(Trainer):
             return h_update(block_map(self.net, k), a, target, self.lams[k - 2],
                             None if k == len(self.net) else self.lams[k - 1], self.nh,
                             self.lr_h[k - 2], loss_fn=self.loss, h0=h0)
-        except DivergenceError as e:
-            raise self.diverged(where, f"in the h-step of h_{k} (the input of block {k}): "
-                                f"{e}") from None
+        except DivergenceError as e:     # its message already says what to try
+            raise diverged(self.name, where, f"in the h-step of h_{k} (the input of block {k}): "
+                           f"{e}", f"or lower the learning rate (lr={self.lrs})") from None
 
     def w_objective(self, k: int, h_in: torch.Tensor, target: torch.Tensor,
                     where: str) -> torch.Tensor:

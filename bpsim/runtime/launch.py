@@ -356,24 +356,16 @@ def clean_stale_spools(folder: str | None = None) -> list[str]:
     """Remove the spool folders of launchers that are gone (killed with
     SIGKILL, say); returns the folders removed. A spool's name carries its
     launcher's pid (:data:`SPOOL_PREFIX`), so live runs are left alone."""
+    from bpsim.runtime.record import process_gone
+
     removed = []
     for d in Path(folder or tempfile.gettempdir()).glob(f"{SPOOL_PREFIX}*"):
         pid = d.name[len(SPOOL_PREFIX):].split("-")[0]
-        if not pid.isdigit() or not d.is_dir() or _alive(int(pid)):
+        if not pid.isdigit() or not d.is_dir() or not process_gone(int(pid)):
             continue
         shutil.rmtree(d, ignore_errors=True)
         removed.append(str(d))
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _listen(host: str) -> Any:

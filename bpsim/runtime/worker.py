@@ -49,7 +49,7 @@ from bpsim.algorithms.base import DivergenceError
 from bpsim.runtime.clock import SharedClock, sync_clock
 from bpsim.runtime.comm import BLOCKED, Cursor, DistComm, LocalComm, PeerError, Recv, Send, Take
 from bpsim.runtime.pipeline import run_pipeline
-from bpsim.runtime.record import Spool
+from bpsim.runtime.record import Spool, process_gone
 from bpsim.runtime.schedules import BatchPlan, BlockCtx, inbound_links
 from bpsim.trace import atomic_write_text
 
@@ -448,12 +448,8 @@ def _watch(launcher_pid: int) -> None:
     def loop() -> None:
         while True:
             time.sleep(1.0)
-            try:
-                os.kill(launcher_pid, 0)
-            except ProcessLookupError:
+            if process_gone(launcher_pid):
                 os._exit(1)
-            except PermissionError:
-                pass
 
     threading.Thread(target=loop, daemon=True, name="bpsim-watchdog").start()
 
