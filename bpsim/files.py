@@ -68,17 +68,29 @@ def check_writable(path: str | os.PathLike[str], flag: str = "output", *,
                              f"such as {p / 'out.json'}")
         if not os.access(p, os.W_OK | (os.X_OK if folder else 0)):
             raise ValueError(f"{flag} {text} is read-only; choose a path you may write")
-        if not folder and not os.access(p.parent, os.W_OK | os.X_OK):
-            # the file is replaced atomically through a temporary file beside it
-            raise ValueError(f"{flag} {text} is in a read-only folder; choose a path you may write")
+        # a file is replaced through a temporary file beside it
+        _probe(p if folder else p.absolute().parent, flag, text)
         return p
     base = _nearest_existing(p.absolute().parent)
     if not base.is_dir():
         raise ValueError(f"{flag} {text} cannot be created: {base} is a file, not a folder")
-    if not os.access(base, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {text} cannot be created: {base} is read-only; choose a path "
-                         "you may write")
+    _probe(base, flag, text)
     return p
+
+
+def _probe(folder: Path, flag: str, text: str) -> None:
+    """Create and remove an empty file in ``folder``: the permission bits do not
+    tell for a privileged user or a read-only file system."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {text} cannot be written: {folder} is read-only; choose a "
+                         "path you may write")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".bpsim-probe-", dir=folder)
+    except OSError as e:
+        raise ValueError(f"{flag} {text} cannot be written: {folder}: "
+                         f"{e.strerror or e}; choose a path you may write") from None
+    os.close(fd)
+    os.unlink(tmp)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
