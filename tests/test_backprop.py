@@ -99,3 +99,26 @@ def test_registry():
     assert get_trainer("bp") is BackpropTrainer
     with pytest.raises(ValueError, match="choose one of"):
         get_trainer("adam")
+
+
+def test_resume_refuses_other_settings_and_architectures(tmp_path, digits):
+    train = torch.utils.data.TensorDataset(*(t[:128] for t in digits[0].tensors))
+    BackpropTrainer(_net(), checkpoint_dir=tmp_path, seed=0, lr=0.05).fit(train, 2)
+    for kw, epochs, words in ((dict(seed=1), 3, "--seed 0"), (dict(lr=0.1), 3, "--lr 0.05"),
+                              ({}, 1, "done 2 epochs")):
+        t = BackpropTrainer(_net(), checkpoint_dir=tmp_path, **kw)
+        with pytest.raises(ValueError, match=words):
+            t.fit(train, epochs, resume=True)
+    other = nets.mlp([64, 32, 10], blocks=2, seed=0)
+    with pytest.raises(ValueError, match="another architecture"):
+        BackpropTrainer(other, checkpoint_dir=tmp_path).fit(train, 3, resume=True)
+
+
+def test_empty_checkpoint_and_bad_checkpoint_dirs(tmp_path, digits):
+    (tmp_path / "last.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="is empty"):
+        BackpropTrainer(_net(), checkpoint_dir=tmp_path).fit(digits[0], 1, resume=True)
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        BackpropTrainer(_net(), checkpoint_dir=f).fit(digits[0], 1)

@@ -186,6 +186,29 @@ def _per_block(value: float | Sequence[float], k: int, what: str) -> list[float]
     return vals
 
 
+def _flag_value(v: Any) -> str:
+    if isinstance(v, list):
+        return ",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v)
+    return str(v)
+
+
+def _check_checkpoint_dir(folder: Path) -> None:
+    """Refuse a checkpoint folder that cannot be written, before training."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--checkpoint-dir {folder} is a file; give a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create --checkpoint-dir {folder} ({e.strerror}); choose a "
+                         "writable place") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write into --checkpoint-dir {folder}: permission denied; "
+                         "choose a writable place")
+    if (folder / "last.pt").is_dir():
+        raise ValueError(f"{folder / 'last.pt'} is a folder, where the checkpoint goes; remove "
+                         "it or choose another --checkpoint-dir")
+
+
 class Trainer:
     """Base of every training method (see the module docstring).
 
@@ -321,6 +344,9 @@ class Trainer:
         """
         if not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+        self._fit_epochs = epochs
+        if self.checkpoint_dir is not None:
+            _check_checkpoint_dir(self.checkpoint_dir)
         if resume:
             if self.checkpoint_dir is None:
                 raise ValueError("resume=True needs checkpoint_dir")
@@ -370,9 +396,20 @@ class Trainer:
         return self.history
 
     # ------------------------------------------------------------ checkpoints
+    #: whether a resumed run needs the checkpoint's ``epochs`` (its schedule
+    #: depends on them, e.g. greedy's shares); others may go on for longer
+    resume_needs_epochs: bool = False
+
+    def run_settings(self) -> dict[str, Any]:
+        """What a resumed run must share with the run that wrote the checkpoint
+        (``epochs`` only when :attr:`resume_needs_epochs`)."""
+        return {"epochs": getattr(self, "_fit_epochs", None), "seed": self.seed,
+                "lr": list(self.lrs), "batch_size": self.batch_size}
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "algorithm": self.name,
+            "settings": self.run_settings(),
             "epoch": self.epoch,
             "net": self.net.state_dict(),
             "optimizers": [o.state_dict() for o in self.optimizers],
@@ -384,6 +421,32 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("algorithm") != self.name:
             raise ValueError(f"checkpoint is for {state.get('algorithm')!r}, not {self.name!r}")
+        held, mine = state.get("settings"), self.run_settings()
+        done = int(state.get("epoch", 0))
+        if mine["epochs"] is not None and mine["epochs"] < done:
+            raise ValueError(f"the checkpoint has done {done} epochs already, more than the "
+                             f"{mine['epochs']} asked for; ask for --epochs {done} or more, or "
+                             "delete the checkpoint")
+        if held is not None:
+            differ = [k for k in mine if mine[k] is not None and held.get(k) is not None
+                      and held[k] != mine[k] and (k != "epochs" or self.resume_needs_epochs)]
+            if differ:
+                holds = ", ".join(f"--{k.replace('_', '-')} {_flag_value(held[k])}" for k in differ)
+                asked = ", ".join(f"--{k.replace('_', '-')} {_flag_value(mine[k])}" for k in differ)
+                raise ValueError(f"the checkpoint was written by a run with {holds}, not {asked}; "
+                                 "resume with the same values or delete the checkpoint")
+        ours = self.net.state_dict()
+        theirs = state["net"]
+        bad = sorted(set(ours) ^ set(theirs)) or [
+            k for k in ours if tuple(ours[k].shape) != tuple(theirs[k].shape)]
+        if bad:
+            k = bad[0]
+            what = (f"{k} of shape {tuple(theirs[k].shape)}, this net's is {tuple(ours[k].shape)}"
+                    if k in ours and k in theirs else
+                    f"{k} {'only in the checkpoint' if k in theirs else 'missing from it'}")
+            raise ValueError(f"the checkpoint holds a net of another architecture ({what}); "
+                             "resume with the same --model, --blocks, --width, --depth and "
+                             "--aux, or delete the checkpoint")
         self.net.load_state_dict(state["net"])
         for o, s in zip(self.optimizers, state["optimizers"]):
             o.load_state_dict(s)
@@ -408,8 +471,23 @@ class Trainer:
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Restore a checkpoint written by ``save_checkpoint`` (``weights_only=True``)."""
+        path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"checkpoint {path} is a folder; remove it or choose another "
+                             "--checkpoint-dir")
+        if path.stat().st_size == 0:
+            raise ValueError(f"checkpoint {path} is empty (was its run killed while writing?); "
+                             "delete it to start afresh")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # a truncated or foreign file
-            raise ValueError(f"cannot read checkpoint {path}: {e}; delete it to start afresh") from None
-        self.load_state_dict(state)
+            why = " ".join(str(e).split())[:200] or type(e).__name__
+            raise ValueError(f"cannot read checkpoint {path} ({why}); it is damaged or not a "
+                             "bpsim checkpoint; delete it to start afresh") from None
+        if not isinstance(state, dict) or "net" not in state:
+            raise ValueError(f"{path} is not a bpsim checkpoint; delete it to start afresh")
+        try:
+            self.load_state_dict(state)
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"checkpoint {path} lacks {e} (written by another version of "
+                             "bpsim?); delete it to start afresh") from None

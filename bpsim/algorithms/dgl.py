@@ -260,6 +260,7 @@ class GreedyTrainer(DGLTrainer):
     """
 
     name = "greedy"
+    resume_needs_epochs = True        # the shares of the blocks depend on the epochs
     aux_default = method_aux("greedy")
     options = method_keywords("greedy")
 
