@@ -349,6 +349,19 @@ def _api_blockprop_nh(tmp):
     BlockPropTrainer(nets.mlp([64, 16, 10], blocks=2), nh=-1)
 
 
+def _api_trainer_checkpoint_dir(tmp):
+    from bpsim import nets
+    from bpsim.algorithms.backprop import BackpropTrainer
+
+    BackpropTrainer(nets.mlp([64, 16, 10], blocks=2), checkpoint_dir=tmp / "file.txt")
+
+
+def _api_save_under_file(tmp):
+    from bpsim.trace import Span, Trace
+
+    Trace([Span(0, "compute", "fwd", 1, 0, t0=0.0, t1=1.0)]).save(tmp / "file.txt" / "t.json")
+
+
 def _api_from_chrome(tmp):
     from bpsim.trace import Trace
 
@@ -375,6 +388,9 @@ API = [
     ("api-trace-from-chrome", _api_from_chrome, "traceEvents"),
     ("api-trace-save-to-folder", _api_save_to_folder, "folder"),
     ("api-check-writable-under-file", _api_check_writable, "file.txt"),
+    ("api-trace-save-under-file", _api_save_under_file, "file.txt"),
+    pytest.param("api-trainer-checkpoint-dir-file", _api_trainer_checkpoint_dir, "file.txt",
+                 marks=_xfail("R", "the trainer checks checkpoint_dir when it is built")),
     ("api-simulate-blocks-0", _api_simulate(blocks=0), "blocks"),
     ("api-simulate-unknown", _api_simulate(algo="nope"), "nope"),
     ("api-simulate-steps-nan", _api_simulate(steps=math.nan), "steps"),
