@@ -3,13 +3,15 @@
 ``run(RunConfig("dgl", workers=2, steps=200))`` trains with rank k holding
 block k + 1, records every rank's timeline in the trace vocabulary of
 :mod:`bpsim.trace` on a shared clock, and returns the summary, the merged
-trace and the trained weights. ``bpsim run`` is its command line.
+trace and the trained weights. ``bpsim run`` (:mod:`bpsim.cli.run`) is its
+command line. The methods it runs and the step each uses come from the
+registry :mod:`bpsim.methods` (``Method.runtime``).
 
 Modules, one concept each:
 
 * :mod:`~bpsim.runtime.launch` -- start the ranks, watch them, gather results;
 * :mod:`~bpsim.runtime.worker` -- what one rank does, and the two executors;
-* :mod:`~bpsim.runtime.schedules` -- one block's step for each algorithm;
+* :mod:`~bpsim.runtime.schedules` -- one block's step for each method;
 * :mod:`~bpsim.runtime.pipeline` -- GPipe / 1F1B on ``torch.distributed.pipelining``;
 * :mod:`~bpsim.runtime.comm` -- messages: requests, links, receiver threads;
 * :mod:`~bpsim.runtime.clock` -- the shared clock (zero and offsets);

@@ -13,8 +13,11 @@ rank whose failure came first (a rank that fails *because* a peer vanished
 is reported only when nothing else explains the failure). Ranks also time
 out on their own (``--timeout``) if a peer stops sending, and end when the
 launcher disappears. Ctrl-C stops every rank the same way and re-raises
-``KeyboardInterrupt`` after writing the partial trace. Traces and results
-are written atomically.
+``KeyboardInterrupt`` after writing the partial trace; SIGTERM does the same
+and raises :class:`RunStopped` (exit code 143). Traces and results are
+written atomically. The spool folder (``bpsim-run-<pid>-*`` in the
+temporary directory) is removed at the end; folders left by launchers
+killed with SIGKILL are removed by the next run (:func:`clean_stale_spools`).
 
 Under ``torchrun`` (:func:`run_torchrun`) there is no launcher of ours: each
 process runs one rank, rank 0 gathers spans, results and weights at the end
@@ -41,7 +44,8 @@ from bpsim import methods
 from bpsim.trace import json_safe
 
 __all__ = ["RunConfig", "RunResult", "RunFailed", "RunStopped", "ALGORITHMS", "run",
-           "run_torchrun", "under_torchrun", "SPOOL_PREFIX"]
+           "run_torchrun", "under_torchrun", "SPOOL_PREFIX", "clean_stale_spools",
+           "check_writable"]
 
 #: the methods ``bpsim run`` runs (those with a runtime step in :mod:`bpsim.methods`)
 ALGORITHMS = methods.names(runtime=True)
