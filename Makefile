@@ -1,5 +1,6 @@
 # bpsim: two commands for a newcomer.
-#   make lab    set up .venv (if needed) and open the course in JupyterLab
+#   make lab    set up .venv (if needed) and open the course in JupyterLab (student notebooks;
+#               make lab-solutions opens the executed ones with solutions)
 #   make test   set up .venv (if needed) and run every test
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -10,7 +11,7 @@ STAMP := $(VENV)/.bpsim-installed
 TORCH_CPU ?= torch==2.13.0
 NBVAL_FLAGS := --nbval-lax --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg -p no:randomly
 
-.PHONY: setup lab test test-unit test-notebooks test-browser notebooks check bench clean
+.PHONY: setup lab lab-solutions students test test-unit test-notebooks test-browser notebooks check bench clean
 
 setup: $(STAMP)
 
@@ -29,11 +30,30 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m ipykernel install --sys-prefix --name bpsim --display-name "Python (bpsim)" >/dev/null
 	@touch $(STAMP)
 
-lab: $(STAMP)
-	@if [ -n "$$DISPLAY" ] || [ "$$(uname)" = Darwin ]; then open=""; else open="--no-browser"; fi; \
+# Student notebooks: the lessons with every exercise's solution replaced by a stub, written by
+# `bpsim course student` into the git-ignored student/ and rewritten whenever a lesson changes.
+LESSONS := $(wildcard lessons/[0-9][0-9]-*.py)
+STUDENT := student
+STUDENT_STAMP := $(STUDENT)/.built
+# jupyter lab on $(1); opens a browser where there is a display
+jupyter_lab = if [ -n "$$DISPLAY" ] || [ "$$(uname)" = Darwin ]; then open=""; else open="--no-browser"; fi; \
 	if [ "$$(id -u)" = 0 ]; then open="$$open --allow-root"; fi; \
-	echo "Opening the course; if no browser opens, paste the http://127.0.0.1 URL printed below."; \
-	$(BIN)/jupyter lab $$open --ip=127.0.0.1 notebooks/00-start-here.ipynb
+	echo "Opening $(1); if no browser opens, paste the http://127.0.0.1 URL printed below."; \
+	$(BIN)/jupyter lab $$open --ip=127.0.0.1 $(1)
+
+$(STUDENT_STAMP): $(LESSONS) bpsim/course/build.py | $(STAMP)
+	$(BIN)/bpsim course student >/dev/null
+	@touch $@
+
+students: $(STUDENT_STAMP)
+
+# the course as a student meets it: exercises to fill in, no solutions
+lab: $(STAMP) $(STUDENT_STAMP)
+	@$(call jupyter_lab,$(STUDENT)/00-start-here.ipynb)
+
+# the executed instructor notebooks, solutions included
+lab-solutions: $(STAMP)
+	@$(call jupyter_lab,notebooks/00-start-here.ipynb)
 
 test: $(STAMP)
 	@total=$$SECONDS; \
@@ -50,8 +70,9 @@ test: $(STAMP)
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests -q
 
-test-notebooks: $(STAMP)
-	BPSIM_FAST=1 $(BIN)/python -m pytest $(NBVAL_FLAGS) notebooks -q
+# the executed notebooks against their stored outputs, and the student notebooks run top to bottom
+test-notebooks: $(STAMP) $(STUDENT_STAMP)
+	BPSIM_FAST=1 $(BIN)/python -m pytest $(NBVAL_FLAGS) notebooks $(STUDENT) -q
 
 check: $(STAMP)
 	$(BIN)/bpsim course check
@@ -75,5 +96,5 @@ bench: $(STAMP)
 	@for s in benchmarks/[!_]*.py; do echo "== $$s"; $(BIN)/python $$s --quick || exit 1; done
 
 clean:
-	rm -rf build dist *.egg-info .pytest_cache .hypothesis
+	rm -rf build dist *.egg-info .pytest_cache .hypothesis $(STUDENT)
 	find . -name __pycache__ -not -path './$(VENV)/*' -prune -exec rm -rf {} +

@@ -161,7 +161,7 @@ widgets.explorer(
 # %%
 # BEGIN SOLUTION
 idle = 1 - 1 / 4
-# END SOLUTION
+# END SOLUTION: idle = ...
 checks.idle_fraction(4, idle)
 
 # %% [markdown]

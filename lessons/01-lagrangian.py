@@ -153,7 +153,7 @@ def my_h_step(net, x, y, lam, n_h, lr_h):
         (g,) = torch.autograd.grad(L, h)
         h = (h - lr_h * len(x) * g).detach()                   # per-example step: batch mean x batch size
     return h.detach()
-    # END SOLUTION
+    # END SOLUTION: return ...
 
 
 checks.h_step(net, x, y, lam=1.0, n_h=10, lr_h=0.05, answer=my_h_step(net, x, y, lam=1.0, n_h=10, lr_h=0.05))

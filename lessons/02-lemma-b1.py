@@ -302,7 +302,7 @@ with torch.no_grad():
     z = xf @ linear.weight.T + linear.bias                 # (B, 32) pre-activations
     r = hs_ex[0] - torch.relu(z)                           # residual h*_2 - b_1(x)
     my_grad = -(2 * lam_ex / len(x)) * ((z > 0) * r).T @ xf
-    # END SOLUTION
+    # END SOLUTION: my_grad = ...
 checks.w_grad_block1(net, x, y, hs_ex, lam_ex, my_grad)
 
 # %% [markdown]

@@ -319,7 +319,7 @@ print("forward FLOPs per example of each block:", F)
 # BEGIN SOLUTION
 forward = sum(F)
 ratio = (3 * forward + forward + 4 * 2 * sum(F[1:])) / (3 * forward)
-# END SOLUTION
+# END SOLUTION: ratio = ...
 checks.blockprop_cost_ratio(cost_net, 4, ratio)
 
 # %% [markdown]

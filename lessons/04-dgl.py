@@ -217,7 +217,7 @@ C, H, W = 512, 8, 8
 conv = 2 * 9 * C * C * H * W
 head = 2 * conv + 2 * (4 * C) * 10
 ratio = head / conv
-# END SOLUTION
+# END SOLUTION: ratio = ...
 checks.cnn_aux_ratio(C, H, W, ratio)
 
 # %% [markdown]
@@ -416,7 +416,7 @@ snaps = [p[0] for p in log_dgl["probe"]]
 final = snaps[-1].flatten(1)
 scale = final.norm(dim=1).mean()
 c_hat = [((s.flatten(1) - final).norm(dim=1).mean() / scale).item() for s in snaps]
-# END SOLUTION
+# END SOLUTION: c_hat = ...
 checks.drift_proxy(snaps, c_hat)
 
 # %% [markdown]

@@ -218,7 +218,7 @@ norms = []
 for params in param_groups:
     grads = torch.autograd.grad(glob, params, allow_unused=True, retain_graph=True)
     norms.append(sum(float((g ** 2).sum()) for g in grads if g is not None) ** 0.5)
-# END SOLUTION
+# END SOLUTION: norms = ...
 checks.global_loss_reach(net, x, y, norms)
 
 # %% [markdown]

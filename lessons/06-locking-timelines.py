@@ -404,7 +404,7 @@ widgets.explorer(
 # %%
 # BEGIN SOLUTION
 bubble = (4 - 1) / (8 + 4 - 1)
-# END SOLUTION
+# END SOLUTION: bubble = ...
 checks.gpipe_bubble(4, 8, bubble)
 
 # %% [markdown]
@@ -417,7 +417,7 @@ checks.gpipe_bubble(4, 8, bubble)
 # %%
 # BEGIN SOLUTION
 dgl_over_bp = t_bp(4, 100, F, B, U, c) / t_dgl(4, 100, F, A, B, U, c)
-# END SOLUTION
+# END SOLUTION: dgl_over_bp = ...
 checks.dgl_speedup(4, 100, "fwd=1,bwd=2,aux=0.2,update=0.1,comm=0.05", dgl_over_bp)
 
 # %% [markdown]

@@ -114,7 +114,7 @@ print("reuse of every entry ever stored:", buf.reuse_counts(), " staleness of ev
 # %%
 # BEGIN SOLUTION
 served = [2, 1, 3, 3, 2]
-# END SOLUTION
+# END SOLUTION: served = ...
 checks.replay_order(served)
 
 # %% [markdown]
@@ -379,7 +379,7 @@ for M, a in zip(M_VALUES, by_M):
 # BEGIN SOLUTION
 weights = [1, 1 / 2, 1, 1]
 p = [w / sum(weights) for w in weights]
-# END SOLUTION
+# END SOLUTION: p = ...
 checks.slowdown_pmf(4, 2, 2.0, p)
 
 # %% [markdown]

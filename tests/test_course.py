@@ -50,12 +50,28 @@ def test_notebooks_match_their_lessons():
 
 
 def test_student_versions_hide_solutions(tmp_path):
+    import nbformat
+
     written = build.student(out_dir=tmp_path)
     assert len(written) == len(LESSONS)
-    for p in written:
-        text = p.read_text()
-        assert "BEGIN SOLUTION" not in text
-        assert "NotImplementedError" in text
+    for src, p in zip(LESSONS, written):
+        nb = nbformat.read(p, as_version=4)
+        code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+        assert "SOLUTION" not in code and "NBVAL_CHECK_OUTPUT" not in code
+        assert not any(c.get("outputs") for c in nb.cells if c.cell_type == "code")
+        # every solution body is gone
+        for body in re.findall(r"# BEGIN SOLUTION\n(.*?)\n[ \t]*# END SOLUTION", src.read_text(), re.S):
+            assert body.strip() not in code, f"{p.name} keeps a solution"
+        # each exercise gets a stub that leaves its answer "not attempted", never an exception
+        assert code.count("# YOUR CODE HERE") == src.read_text().count("# BEGIN SOLUTION") > 0
+        assert "NotImplementedError" not in code, f"{src.name}: give the END SOLUTION line a stub"
+
+
+def test_student_stub_replaces_the_solution():
+    src = "x = 1\n    # BEGIN SOLUTION\n    y = 2\n    # END SOLUTION: y = ...\n# NBVAL_CHECK_OUTPUT\ncheck(y)\n"
+    assert build.student_source(src) == "x = 1\n    # YOUR CODE HERE\n    y = ...\ncheck(y)\n"
+    bare = "# BEGIN SOLUTION\ny = 2\n# END SOLUTION\n"
+    assert build.student_source(bare) == "# YOUR CODE HERE\nraise NotImplementedError\n"
 
 
 def test_check_fails_on_a_stale_notebook(tmp_path):

@@ -16,11 +16,15 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["lessons", "build", "check", "student", "read_lesson"]
+__all__ = ["lessons", "build", "check", "student", "student_source", "read_lesson"]
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 _LESSON = re.compile(r"^(\d\d)-[a-z0-9-]+\.py$")
-_SOLUTION = re.compile(r"^([ \t]*)# BEGIN SOLUTION\n.*?^[ \t]*# END SOLUTION[^\n]*\n?", re.S | re.M)
+# A solution runs from "# BEGIN SOLUTION" to "# END SOLUTION"; the END line may give the student's stub after a
+# colon ("# END SOLUTION: idle = ..."), which the student version runs in its place so that the exercise's check
+# answers "not attempted" instead of raising.
+_SOLUTION = re.compile(r"^([ \t]*)# BEGIN SOLUTION\n.*?^[ \t]*# END SOLUTION(?::[ \t]*([^\n]*))?[^\n]*\n?", re.S | re.M)
+_CHECK_OUTPUT = re.compile(r"^# NBVAL_CHECK_OUTPUT[^\n]*\n?", re.M)
 
 
 def lessons(lessons_dir: Path | None = None, only: list[str] | None = None) -> list[Path]:
@@ -127,17 +131,32 @@ def check(lessons_dir: Path | None = None, out_dir: Path | None = None) -> list[
     return problems
 
 
+def _stub(m: re.Match) -> str:
+    indent, stub = m.group(1), (m.group(2) or "").strip()
+    return f"{indent}# YOUR CODE HERE\n{indent}{stub or 'raise NotImplementedError'}\n"
+
+
+def student_source(source: str) -> str:
+    """A code cell as students get it: each solution replaced by ``# YOUR CODE HERE`` and its stub
+    (``raise NotImplementedError`` when the END line gives none), nbval output markers dropped
+    (a student notebook has no stored outputs to compare with)."""
+    return _CHECK_OUTPUT.sub("", _SOLUTION.sub(_stub, source))
+
+
 def student(out_dir: Path | None = None, lessons_dir: Path | None = None) -> list[Path]:
-    """Write student notebooks: code between ``# BEGIN SOLUTION`` and ``# END SOLUTION``
-    is replaced by ``raise NotImplementedError``, outputs are cleared."""
+    """Write student notebooks (unexecuted, no solutions) into ``out_dir`` (default ``student/``).
+
+    Code between ``# BEGIN SOLUTION`` and ``# END SOLUTION: stub`` is replaced by the stub, which leaves
+    the exercise's answer as ``...`` so that its check answers "not attempted"; the notebooks run top
+    to bottom as they are.
+    """
     out = Path(out_dir or ROOT / "student")
     written = []
     for src in lessons(lessons_dir):
         nb = read_lesson(src)
         for cell in nb.cells:
-            if cell.cell_type == "code" and "# BEGIN SOLUTION" in cell.source:
-                cell.source = _SOLUTION.sub(
-                    lambda m: f"{m.group(1)}# YOUR CODE HERE\n{m.group(1)}raise NotImplementedError\n", cell.source)
+            if cell.cell_type == "code":
+                cell.source = student_source(cell.source)
         _strip_volatile(nb)
         dest = out / (src.stem + ".ipynb")
         _write_atomic(nb, dest)
