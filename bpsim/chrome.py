@@ -27,7 +27,7 @@ from typing import Any
 
 from bpsim.files import atomic_write_text, jsonable
 
-__all__ = ["TraceError", "LANES", "to_chrome", "rows_from_chrome", "read", "write"]
+__all__ = ["TraceError", "LANES", "tid", "to_chrome", "rows_from_chrome", "read", "write"]
 
 #: the two lanes of a rank, in thread-id order
 LANES = ("compute", "comm")
