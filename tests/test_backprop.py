@@ -122,3 +122,6 @@ def test_empty_checkpoint_and_bad_checkpoint_dirs(tmp_path, digits):
     f.write_text("x")
     with pytest.raises(ValueError, match="is a file"):
         BackpropTrainer(_net(), checkpoint_dir=f).fit(digits[0], 1)
+    (tmp_path / "ck" / "last.pt").mkdir(parents=True)
+    with pytest.raises(ValueError, match="is a folder"):
+        BackpropTrainer(_net(), checkpoint_dir=tmp_path / "ck").fit(digits[0], 1)

@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from bpsim import methods
+from bpsim.files import check_writable
 from bpsim.nets import BlockNet
 
 __all__ = ["method_keywords", "method_aux", "Trainer", "History", "EpochRecord", "StepResult", "DivergenceError", "diverged", "evaluate", "head_accuracies"]
@@ -192,23 +193,6 @@ def _flag_value(v: Any) -> str:
     return str(v)
 
 
-def _check_checkpoint_dir(folder: Path) -> None:
-    """Refuse a checkpoint folder that cannot be written, before training."""
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"--checkpoint-dir {folder} is a file; give a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"cannot create --checkpoint-dir {folder} ({e.strerror}); choose a "
-                         "writable place") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write into --checkpoint-dir {folder}: permission denied; "
-                         "choose a writable place")
-    if (folder / "last.pt").is_dir():
-        raise ValueError(f"{folder / 'last.pt'} is a folder, where the checkpoint goes; remove "
-                         "it or choose another --checkpoint-dir")
-
-
 class Trainer:
     """Base of every training method (see the module docstring).
 
@@ -346,7 +330,10 @@ class Trainer:
             raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
         self._fit_epochs = epochs
         if self.checkpoint_dir is not None:
-            _check_checkpoint_dir(self.checkpoint_dir)
+            check_writable(self.checkpoint_dir, "--checkpoint-dir", folder=True)
+            if (self.checkpoint_dir / "last.pt").is_dir():
+                raise ValueError(f"{self.checkpoint_dir / 'last.pt'} is a folder, where the "
+                                 "checkpoint goes; remove it or choose another --checkpoint-dir")
         if resume:
             if self.checkpoint_dir is None:
                 raise ValueError("resume=True needs checkpoint_dir")

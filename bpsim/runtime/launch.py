@@ -41,11 +41,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from bpsim import methods
-from bpsim.trace import json_safe
+from bpsim.files import check_writable, json_safe
 
 __all__ = ["RunConfig", "RunResult", "RunFailed", "RunStopped", "ALGORITHMS", "run",
-           "run_torchrun", "under_torchrun", "SPOOL_PREFIX", "clean_stale_spools",
-           "check_writable"]
+           "run_torchrun", "under_torchrun", "SPOOL_PREFIX", "clean_stale_spools"]
 
 #: the methods ``bpsim run`` runs (those with a runtime step in :mod:`bpsim.methods`)
 ALGORITHMS = methods.names(runtime=True)
@@ -380,22 +379,6 @@ def _listen(host: str) -> Any:
     except OSError as e:
         raise ValueError(f"cannot listen on --host {host!r} ({e}); give an address of this "
                          "machine, e.g. 127.0.0.1") from None
-
-
-def check_writable(path: str, flag: str = "--trace") -> None:
-    """Refuse an output file path that cannot be written, before any work:
-    a folder, a missing or read-only folder, a read-only file."""
-    p = Path(path)
-    folder = p.resolve().parent
-    if p.is_dir():
-        raise ValueError(f"{flag} {path} is a folder; give a file name such as "
-                         f"{p / 'trace.json'}")
-    if not folder.is_dir():
-        raise FileNotFoundError(f"cannot write {flag} {path}: folder {folder} does not "
-                                f"exist; create it or choose another {flag} path")
-    if not os.access(folder, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        raise ValueError(f"cannot write {flag} {path}: permission denied; choose a writable "
-                         "place")
 
 
 def _watch(procs: list[Any], spool: str, grace: float = 0.5

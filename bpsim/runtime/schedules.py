@@ -180,7 +180,7 @@ class BlockCtx:
                  device: torch.device, slow: float = 1.0, cursor: Cursor | None = None,
                  algo: str | None = None) -> None:
         self.block, self.K, self.rank = block, blocks, rank
-        self.algo = algo or trainer.name
+        self.algo = algo or getattr(trainer, "name", "")
         self.first, self.last = block == 1, block == blocks
         self.net, self.trainer, self.plan = net, trainer, plan
         self.module: nn.Module = net.blocks[block - 1]

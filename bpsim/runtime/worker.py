@@ -51,7 +51,7 @@ from bpsim.runtime.comm import BLOCKED, Cursor, DistComm, LocalComm, PeerError, 
 from bpsim.runtime.pipeline import run_pipeline
 from bpsim.runtime.record import Spool, process_gone
 from bpsim.runtime.schedules import BatchPlan, BlockCtx, inbound_links
-from bpsim.trace import atomic_write_text
+from bpsim.files import atomic_write_text
 
 __all__ = ["entry", "run_rank", "build", "drive_dist", "drive_local", "FAULT_ENV",
            "Rendezvous", "step_of", "plan_steps"]
