@@ -128,6 +128,11 @@ class Engine:
         self.updates = [0] * (blocks + 1)
         self.idle = [dict.fromkeys(IDLE_CAUSES, 0.0) for _ in range(blocks + 1)]
         self.boxes: dict[tuple[int, str], _Box] = {}
+        # messages each block sent: how many have not left yet (rendezvous),
+        # when the last one is delivered, and a flush waiting for them
+        self.unsent = [0] * (blocks + 1)
+        self.sent_until = [0.0] * (blocks + 1)
+        self.flushing: dict[int, simpy.Event] = {}
         self.bufs: dict[int, _Buf] = {}
         self.n_msgs = 0
 
@@ -218,6 +223,7 @@ class Engine:
             s0, s1, r0, r1, done, self._due = self.replay.message(src, dst, step, mb)
             self.rows.append((ds, "comm", "send", src, step, mb, now + s0, now + s1, msg))
             self.rows.append((dd, "comm", "recv", dst, step, mb, now + r0, now + r1, msg))
+            self._landed(src, now + r1)
             return now + done
         o = self.xfer[src]
         c = self.latency
@@ -232,7 +238,13 @@ class Engine:
             r = now + c
         self.rows.append((ds, "comm", "send", src, step, mb, s, s + o, msg))
         self.rows.append((dd, "comm", "recv", dst, step, mb, r, r + o, msg))
+        self._landed(src, r + o)
         return r + o
+
+    def _landed(self, src: int, t: float) -> None:
+        """A message of block src arrives at ``t`` (what :meth:`flush` waits for)."""
+        if t > self.sent_until[src]:
+            self.sent_until[src] = t
 
     def send(self, src: int, dst: int, kind: str, step: int, mb: int = 0,
              payload: Any = None) -> None:
@@ -250,6 +262,7 @@ class Engine:
             box.q.append((self.env.now, payload, 0.0, -math.inf))
         elif self.rendezvous:
             box.q.append((None, payload, (src, step, mb), -math.inf))
+            self.unsent[src] += 1
         else:   # a message between devices also costs its receiver the hand-off ``recv``
             arrival = self._transmit(src, dst, step, mb)
             box.q.append((arrival, payload, self.handoff, self._due))
@@ -275,6 +288,9 @@ class Engine:
         if arrival is None:   # rendezvous: the transfer starts now that both sides are ready
             src, s, i = handoff
             arrival, handoff = self._transmit(src, j, s, i), self.handoff
+            self.unsent[src] -= 1
+            if self.unsent[src] == 0 and src in self.flushing:
+                self.flushing.pop(src).succeed()
         # usable a hand-off after it has arrived and block j asks for it
         ready = (arrival if arrival > env.now else env.now) + handoff
         if ready > env.now:
@@ -283,6 +299,21 @@ class Engine:
             self.idle[j][cause] += env.now - t
             self._wait_span(j, t, step, mb)
         return payload
+
+    def flush(self, j: int, step: int) -> Generator[simpy.Event, Any, None]:
+        """Wait until every message block j sent has been delivered (under
+        rendezvous: taken by its receiver, then moved). torch's pipelining
+        schedules end each step this way, before the optimizer step."""
+        env = self.env
+        t = env.now
+        if self.unsent[j] > 0:
+            self.flushing[j] = env.event()
+            yield self.flushing[j]
+        if self.sent_until[j] > env.now:
+            yield env.timeout(self.sent_until[j] - env.now)
+        if env.now > t:
+            self.idle[j]["gradient"] += env.now - t
+            self._wait_span(j, t, step, 0)
 
     # ------------------------------------------------------ replay buffers
     def make_buffers(self, capacity: int, max_reuse: int | None) -> None:

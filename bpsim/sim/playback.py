@@ -12,9 +12,12 @@ rule.
 
 Each rank's compute lane is read as a chain ``op, gap, wait, gap, op``. A
 ``wait`` span counts as a dependency wait when a message arrived on that
-rank during it (the model's ``recv``/``take`` reproduces it); any other
-wait is untraced time to the model and is reported as ``unexplained_wait``
-(a wait the model does not have).
+rank during it for the step and micro-batch it waited for (any entry, for
+a replay buffer), reproduced by the model's ``recv``/``take``, or when a
+message the rank sent in that step was still on its way when it began
+(the model's ``flush`` of a pipeline step); any other wait is untraced time to the
+model and is reported as ``unexplained_wait`` (a wait the model does not
+have).
 """
 
 from __future__ import annotations
@@ -49,21 +52,27 @@ class Measured:
     that sent the message, and the measured delivery time.
     """
 
-    def __init__(self, trace: Trace) -> None:
+    def __init__(self, trace: Trace, buffered: bool = False) -> None:
         t0 = trace.start
         rows = trace.rows
-        arrivals: dict[int, list[float]] = defaultdict(list)
+        # arrival times on each rank: of any message (buffered links, where a
+        # read may take any entry), else by the (step, micro-batch) waited for
+        arrivals: dict[Any, list[float]] = defaultdict(list)
         sends: dict[Any, tuple] = {}
         recvs: dict[Any, tuple] = {}
+        out: dict[int, list[tuple[float, float]]] = defaultdict(list)  # (sent, delivered)
         for r in rows:
             if r[2] == "recv" and r[1] == "comm":
-                arrivals[r[0]].append(r[7])
+                arrivals[r[0] if buffered else (r[0], r[4], r[5])].append(r[7])
                 if r[8] is not None:
                     recvs[r[8]] = r
             elif r[2] == "send" and r[1] == "comm" and r[8] is not None:
                 sends[r[8]] = r
         for v in arrivals.values():
             v.sort()
+        for m, s in sends.items():
+            if m in recvs:
+                out[(s[0], s[4], s[5])].append((s[6], recvs[m][7]))
         lanes: dict[int, list[tuple]] = defaultdict(list)
         for r in rows:
             if r[1] == "compute":
@@ -75,7 +84,6 @@ class Measured:
         ends: dict[tuple, list[float]] = defaultdict(list)   # (rank, block, step, mb)
         for rank, lane in lanes.items():
             lane.sort(key=lambda r: (r[6], r[7]))
-            arr = arrivals.get(rank, [])
             prev = None            # [head, duration, tail] of the previous op
             prev_end = t0
             first_wait = last_wait = None
@@ -83,8 +91,11 @@ class Measured:
             lost = 0.0
             for r in lane:
                 if r[2] == "wait":
+                    arr = arrivals.get(rank if buffered else (rank, r[4], r[5]), ())
                     i = bisect.bisect_left(arr, r[6] - _TOL)
-                    if i < len(arr) and arr[i] <= r[7] + _TOL:
+                    if (i < len(arr) and arr[i] <= r[7] + _TOL) or any(
+                            a < r[6] - _TOL and b > r[6] + _TOL
+                            for a, b in out.get((rank, r[4], 0), ())):
                         explained.append((r[6], r[7]))
                         if first_wait is None:
                             first_wait = r[6]
@@ -238,7 +249,7 @@ def replay(trace: Trace) -> ReplayResult:
     blocks, steps = kw["blocks"], kw["steps"]
     place = parse_placement(kw.get("placement"), blocks)
     opts = method.resolved_options({k: kw[k] for k in method.options if k in kw})
-    measured = Measured(trace)
+    measured = Measured(trace, buffered=method.name == "dgl-async")
     res = run_schedule(method, blocks, steps, Costs(fwd=0.0, bwd=0.0), opts,
                        steps_per_epoch=kw.get("steps_per_epoch"), placement=place,
                        replay=measured,

@@ -116,6 +116,7 @@ def _pipeline_block(e: Engine, j: int, steps: int, order: list[tuple[str, int]])
     for t in range(steps):
         for kind, i in order:
             yield from _micro_op(e, j, kind, t, i)
+        yield from e.flush(j, t)     # the schedule's last sends are taken first
         yield from e.run(j, ("update",), t)
         e.updates[j] += 1
 
