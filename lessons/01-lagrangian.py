@@ -49,6 +49,13 @@ print("fast mode" if FAST else "full mode")
 # distance. Each penalty is a **spring** between the output of block $k$ and the input of block $k+1$ (the springs of
 # the paper's Fig. 1): stiff when $\lambda_k$ is large, slack when it is small.
 #
+# **A name, said once.** Eq. 4 is a *quadratic penalty*, which the paper calls the augmented loss; this course calls it
+# that throughout. It is not an augmented Lagrangian in the optimisation textbook's sense. The method of multipliers
+# would add a multiplier term $\mu_k^\top\big(h_{k+1} - b_k(h_k)\big)$ for every constraint and update each $\mu_k$ after
+# every solve; the multipliers make the constraints hold exactly at a finite $\lambda_k$. With the penalty alone the
+# minimiser keeps a stretch of order $1/\lambda_k$ in every spring (section 3 measures it), and the constraints of eq. 3
+# hold only as $\lambda_k \to \infty$: the limit of Theorem 5.1 (lesson 02). BlockProp has no multipliers.
+#
 # ```
 #  x = h_1 ──[ b_1 ]──► b_1(x)  ~~~λ_1~~~  h_2 ──[ b_2 ]──► b_2(h_2) ~~~λ_2~~~  h_3 ──[ b_3 ]──► b_3(h_3) ── ℓ ── y
 # ```
@@ -100,7 +107,8 @@ print(f"ordinary loss of the network:   {ordinary.item():.2f}")
 # **h-step**), then over the weights with the gluing variables fixed (the **W-step**).
 #
 # Only two terms of eq. 4 contain a given $h_k$: the spring into it from block $k-1$ and the term that block $k$ feeds,
-# either the next spring or, for the last block, the loss. Collecting them gives the *block Lagrangian* (eq. 5):
+# either the next spring or, for the last block, the loss. Collecting them gives the *block objective* (eq. 5; the
+# paper writes $\mathcal{L}_k$, and `bpsim` calls it `objectives.block_lagrangian`):
 #
 # $$\mathcal{L}_k(h_k) = \lambda_{k-1}\,\big\|h_k - b_{k-1}(h_{k-1})\big\|^2 + \begin{cases}
 # \lambda_k\,\big\|h_{k+1} - b_k(h_k)\big\|^2 & 2 \le k \le K-1 \\[2pt] \ell\big(y, b_K(h_K)\big) & k = K \end{cases}$$
@@ -361,10 +369,11 @@ for name, accs in curves.items():
 # ## Summary
 #
 # * Cutting a network into blocks and naming the signals at the cuts turns training into a constrained problem
-#   (eq. 3); BlockProp relaxes the constraints into springs $\lambda_k\|h_{k+1} - b_k(h_k)\|^2$ (eq. 4).
+#   (eq. 3); BlockProp relaxes the constraints into springs $\lambda_k\|h_{k+1} - b_k(h_k)\|^2$ (eq. 4): a quadratic
+#   penalty (the *augmented loss*), without the multipliers of an augmented Lagrangian.
 # * In `bpsim`: blocks $1..K$ are `net.blocks[0..K-1]`, gluing variables $h_2..h_K$ are `hs[0..K-2]`, $h_1 = x$, and the
 #   target after block $K$ is $y$. Every term is a batch mean; `lr_h` is a per-example step.
-# * The **h-step** minimises the block Lagrangians (eq. 5) from the top block down; $h^*$ settles where the spring
+# * The **h-step** minimises the block objectives $\mathcal{L}_k$ (eq. 5) from the top block down; $h^*$ settles where the spring
 #   balances the pull of the loss, at a stretch of about $\|\nabla_h\ell\|/(2\lambda)$.
 # * The **W-step** gives every block its own objective (eq. 7): a local regression onto $h^*_{k+1}$, or the loss for
 #   the last block. The blocks update independently, in parallel.
