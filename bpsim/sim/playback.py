@@ -39,6 +39,7 @@ from bpsim.trace import Trace
 __all__ = ["Measured", "ReplayResult", "replay"]
 
 _TOL = 1e-9
+_SEND_TOL = 1e-4   # a send posted this soon after a wait began was posted with it
 
 
 class Measured:
@@ -72,7 +73,7 @@ class Measured:
             v.sort()
         for m, s in sends.items():
             if m in recvs:
-                out[(s[0], s[4], s[5])].append((s[6], recvs[m][7]))
+                out[(s[0], s[4])].append((s[6], recvs[m][7]))
         lanes: dict[int, list[tuple]] = defaultdict(list)
         for r in rows:
             if r[1] == "compute":
@@ -94,8 +95,8 @@ class Measured:
                     arr = arrivals.get(rank if buffered else (rank, r[4], r[5]), ())
                     i = bisect.bisect_left(arr, r[6] - _TOL)
                     if (i < len(arr) and arr[i] <= r[7] + _TOL) or any(
-                            a < r[6] - _TOL and b > r[6] + _TOL
-                            for a, b in out.get((rank, r[4], 0), ())):
+                            a <= r[6] + _SEND_TOL and b > r[6] + _TOL
+                            for a, b in out.get((rank, r[4]), ())):
                         explained.append((r[6], r[7]))
                         if first_wait is None:
                             first_wait = r[6]
