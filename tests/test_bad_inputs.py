@@ -167,10 +167,8 @@ CLI = [
     ("run-trace-is-folder", ["run", "dgl", "--trace", "@/folder"], "--trace"),
     ("run-trace-under-file", ["run", "dgl", "--trace", "@/file.txt/t.json"], "--trace"),
     ("run-trace-read-only", ["run", "dgl", "--trace", "{ro}/t.json"], "--trace"),
-    pytest.param("run-diverges", ["run", "dgl", "--lr", "1e6", "--steps", "50", "--no-eval",
-                                  "--timeout", "30"], "block",
-                 marks=_xfail("R", "a diverging run names the block but exits 1 (a rank "
-                                     "failed), where bpsim train exits 2")),
+    ("run-diverges", ["run", "dgl", "--lr", "1e6", "--steps", "50", "--no-eval",
+                      "--timeout", "30"], "block"),
     # simulate
     ("simulate-unknown-method", ["simulate", "nope"]),
     ("simulate-blocks-0", ["simulate", "dgl", "--blocks", "0"]),

@@ -450,8 +450,11 @@ def test_sigkill_of_the_launcher_ends_the_ranks_and_the_next_run_removes_its_spo
 
 @pytest.mark.slow
 def test_divergence_stops_the_run_naming_the_block():
-    with pytest.raises(RunFailed) as e:
+    from bpsim.algorithms.base import DivergenceError
+
+    with pytest.raises(DivergenceError) as e:     # a ValueError: bad settings, exit 2
         run(RunConfig("dgl", workers=2, steps=50, lr=1e6, evaluate=False))
+    assert e.value.result.trace is not None
     msg = str(e.value)
     assert "diverged at step" in msg and "block" in msg and "learning rate" in msg
     assert "after" not in msg and "\n" not in msg

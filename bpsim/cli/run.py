@@ -104,7 +104,7 @@ def _human(s: dict[str, Any]) -> str:
 
 def cmd(args: argparse.Namespace) -> int:
     """Run ``bpsim run`` on parsed arguments."""
-    from bpsim.runtime.launch import RunFailed, run, run_torchrun, under_torchrun
+    from bpsim.runtime.launch import RunFailed, RunStopped, run, run_torchrun, under_torchrun
 
     cfg = config_from_args(args)
     try:
@@ -119,6 +119,9 @@ def cmd(args: argparse.Namespace) -> int:
         if args.json and e.result is not None:
             print(json.dumps(e.result.summary, allow_nan=False))
         return 1
+    except RunStopped as e:            # SIGTERM: ranks stopped, partial trace written
+        print(f"bpsim run: {' '.join(str(e).split())}", file=sys.stderr)
+        return e.exit_code
     if args.json:
         print(json.dumps(res.summary, allow_nan=False))
     else:

@@ -204,6 +204,8 @@ class RunConfig:
                              f"--workers {torch_gpus()} or --device cpu")
         if c.backend not in ("gloo", "nccl"):
             raise ValueError(f"backend must be gloo or nccl, got {c.backend!r}")
+        if c.trace:
+            check_writable(c.trace, "--trace")
         if pipelined and c.batch_size % c.microbatches:
             raise ValueError(f"--batch-size {c.batch_size} does not split into "
                              f"{c.microbatches} equal micro-batches; make it a multiple")
@@ -261,7 +263,9 @@ def run(cfg: RunConfig) -> RunResult:
     """Run ``cfg`` with one process per rank on this host (see the module docstring).
 
     Raises ``ValueError``/``FileNotFoundError`` on bad input before any rank
-    starts, :class:`RunFailed` when a rank fails, ``KeyboardInterrupt`` on
+    starts, :class:`~bpsim.algorithms.base.DivergenceError` (a ``ValueError``,
+    with the partial ``result``) when training diverged on a rank,
+    :class:`RunFailed` when a rank fails otherwise, ``KeyboardInterrupt`` on
     Ctrl-C and :class:`RunStopped` on SIGTERM (each after stopping the ranks
     and writing the trace recorded so far).
     """
@@ -269,6 +273,7 @@ def run(cfg: RunConfig) -> RunResult:
     import torch.multiprocessing as mp
 
     from bpsim import data
+    from bpsim.algorithms.base import DivergenceError
     from bpsim.runtime import worker
 
     cfg = cfg.resolved()
@@ -278,8 +283,6 @@ def run(cfg: RunConfig) -> RunResult:
         raise ValueError(f"--batch-size {cfg.batch_size} is larger than the training set "
                          f"({len(train)} examples); lower --batch-size")
     net, trainer = worker.build(cfg, desc.input_shape, desc.n_classes, desc.task)
-    if cfg.trace:
-        check_writable(cfg.trace, "--trace")
     if cfg.host.strip() in ("0.0.0.0", "::"):
         print(f"bpsim run: warning: --host {cfg.host} binds every interface: the rendezvous "
               "(and the ranks' links) can be reached from the network; use 127.0.0.1 on one "
@@ -323,6 +326,10 @@ def run(cfg: RunConfig) -> RunResult:
             raise RunStopped(_stopped_text(cfg), 143, res)
         if failure is not None:
             rank, err = failure
+            if _diverged(spool, rank):     # bad settings, not a broken run: as bpsim train
+                e = DivergenceError(f"rank {rank} failed: {err}")
+                e.result = res             # type: ignore[attr-defined]
+                raise e
             raise RunFailed(f"rank {rank} failed: {err}", rank, err, res)
         return res
     except _Terminate:                 # SIGTERM before the ranks ran or while finishing
@@ -334,6 +341,15 @@ def run(cfg: RunConfig) -> RunResult:
         if listener is not None:
             listener.close()
         restore()
+
+
+def _diverged(spool: str, rank: int) -> bool:
+    """Whether rank ``rank`` stopped because training diverged."""
+    try:
+        return bool(json.loads((Path(spool) / f"rank{rank}.error.json").read_text())
+                    .get("divergence"))
+    except (OSError, ValueError):
+        return False
 
 
 def _stopped_text(cfg: RunConfig) -> str:
