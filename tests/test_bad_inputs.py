@@ -29,10 +29,6 @@ from bpsim.cli import main
 ROOT_USER = hasattr(os, "geteuid") and os.geteuid() == 0
 
 
-def _xfail(owner: str, why: str):
-    return pytest.mark.xfail(strict=False, reason=f"owner: {owner}: {why}")
-
-
 # ------------------------------------------------------------------ bad files
 def _event(**args):
     return {"ph": "X", "name": "fwd", "pid": 0, "tid": 0, "ts": 0, "dur": 1, "args": args}
