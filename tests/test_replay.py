@@ -131,3 +131,24 @@ def test_compare_refuses_bad_times_and_block_counts_and_warns_on_methods():
     assert len(res["warnings"]) == 1
     text = format_report(res)
     assert text.startswith("warning:") and "nan" not in text
+
+
+# ------------------------------------------------------- measured runs
+@pytest.mark.slow
+@pytest.mark.parametrize("algo,slowdown", [(a, {}) for a in methods.names(runtime=True)]
+                         + [("dgl-async", {2: 2.0})])
+def test_a_short_measured_run_replays_within_twice_the_targets(algo, slowdown):
+    """The replay of a real run (2 workers, 24 steps) keeps its makespan within
+    4 % and its ops' starts within 10 % of a step (twice the benchmark's
+    targets, benchmarks/fidelity.py); buffer reads replay as measured."""
+    from bpsim.runtime import RunConfig, run
+
+    res = run(RunConfig(algo, workers=2, steps=24, slowdown=slowdown, evaluate=False))
+    rep = replay(res.trace).report
+    assert rep["missing"] == 0 and rep["unused"] == 0, rep
+    assert abs(rep["makespan_error"]) <= 0.04, rep
+    assert rep["start_offset_median"] <= 0.10, rep
+    if algo == "dgl-async":
+        for sim_b, meas_b in zip(rep["buffers"], rep["measured_buffers"]):
+            for k in ("reuse_mean", "staleness_mean"):
+                assert sim_b[k] == pytest.approx(meas_b[k], rel=0.10, abs=0.05), rep

@@ -15,7 +15,7 @@ Each rank's compute lane is read as a chain ``op, gap, wait, gap, op``. A
 rank during it for the step and micro-batch it waited for (any entry, for
 a replay buffer), reproduced by the model's ``recv``/``take``, or when a
 message the rank sent in that step was still on its way when it began
-(the model's ``flush`` of a pipeline step); any other wait is untraced time to the
+(the model's ``flush`` at the end of a ``gpipe`` or ``1f1b`` step); any other wait is untraced time to the
 model and is reported as ``unexplained_wait`` (a wait the model does not
 have).
 """
@@ -53,7 +53,7 @@ class Measured:
     that sent the message, and the measured delivery time.
     """
 
-    def __init__(self, trace: Trace, buffered: bool = False) -> None:
+    def __init__(self, trace: Trace, buffered: bool = False, flushes: bool = False) -> None:
         t0 = trace.start
         rows = trace.rows
         # arrival times on each rank: of any message (buffered links, where a
@@ -94,7 +94,7 @@ class Measured:
                 if r[2] == "wait":
                     arr = arrivals.get(rank if buffered else (rank, r[4], r[5]), ())
                     i = bisect.bisect_left(arr, r[6] - _TOL)
-                    if (i < len(arr) and arr[i] <= r[7] + _TOL) or any(
+                    if (i < len(arr) and arr[i] <= r[7] + _TOL) or flushes and any(
                             a <= r[6] + _SEND_TOL and b > r[6] + _TOL
                             for a, b in out.get((rank, r[4]), ())):
                         explained.append((r[6], r[7]))
@@ -250,7 +250,8 @@ def replay(trace: Trace) -> ReplayResult:
     blocks, steps = kw["blocks"], kw["steps"]
     place = parse_placement(kw.get("placement"), blocks)
     opts = method.resolved_options({k: kw[k] for k in method.options if k in kw})
-    measured = Measured(trace, buffered=method.name == "dgl-async")
+    measured = Measured(trace, buffered=method.name == "dgl-async",
+                        flushes=method.name in ("gpipe", "1f1b"))
     res = run_schedule(method, blocks, steps, Costs(fwd=0.0, bwd=0.0), opts,
                        steps_per_epoch=kw.get("steps_per_epoch"), placement=place,
                        replay=measured,
