@@ -71,16 +71,12 @@ def _ops(rows, block: int) -> list[tuple]:
 @pytest.mark.slow
 @pytest.mark.parametrize("algo", METHODS)
 def test_measured_op_sequence_is_the_simulated_one(algo):
-    from bpsim.sim import simulate
+    """The simulator, given nothing but the trace's meta (``simulate_like``),
+    runs every block's ops in the measured order."""
+    from bpsim.sim import simulate_like
 
     res = _run(algo, 2)
-    meta = res.trace.meta
-    opts = meta["options"]
-    sim = simulate(algo, blocks=meta["blocks"], steps=meta["steps"], costs="fwd=1,bwd=2,comm=0.1",
-                   microbatches=meta["microbatches"], buffer=meta["buffer"],
-                   max_reuse=meta["max_reuse"], nh=opts.get("nh"),
-                   cache_every=opts.get("cache_every"),
-                   steps_per_epoch=meta["steps_per_epoch"], placement=meta["placement"])
+    sim = simulate_like(res.trace, costs="fwd=1,bwd=2,comm=0.1")
     for block in (1, 2):
         measured = _ops(res.trace.rows, block)
         assert measured, f"block {block} recorded no op"
