@@ -26,7 +26,8 @@ def _max_diff(a: dict, b: dict) -> float:
 
 @pytest.mark.parametrize("algo,extra", [("dgl", {}), ("bp", {}),
                                         ("blockprop", {"options": {"nh": 2}}),
-                                        ("blockprop-cached", {"options": {"nh": 1}})])
+                                        ("blockprop-cached", {"options": {"nh": 1}}),
+                                        ("greedy", {}), ("bwbpf", {})])
 def test_cuda_run_trains_the_same_weights_as_the_cpu_run(algo, extra):
     kw = dict(workers=2, steps=12, evaluate=False, **extra)
     gpu = run(RunConfig(algo, device="cuda", **kw))
