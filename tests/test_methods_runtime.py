@@ -18,7 +18,7 @@ from bpsim.runtime.worker import build
 
 METHODS = methods.names(runtime=True)
 N_TRAIN, BATCH = 128, 32           # 4 steps per epoch
-STEPS = {"blockprop-cached": 10}   # epochs 0 (h-step), 1 (W-step only), 2 (h-step from the cache)
+STEPS = {"blockprop-cached": 12}   # epochs 0 (h-step), 1 (W-step only), 2 (h-step from the cache)
 
 
 def _config(algo: str, workers: int) -> RunConfig:
@@ -38,26 +38,16 @@ def _run(algo: str, workers: int):
 
 
 def _in_process(algo: str) -> dict[str, torch.Tensor]:
-    """The in-process trainer of ``algo`` on the runtime's batches (Trainer.fit's order)."""
+    """``Trainer.fit`` (what ``bpsim train`` runs) of ``algo`` over as many whole
+    epochs as the run has steps: the same net, options, seed and batch order."""
     cfg = _config(algo, 1).resolved()
     desc = data.describe("digits")
     train, _ = data.load("digits", n_train=N_TRAIN, seed=0)
     net, tr = build(cfg, desc.input_shape, desc.n_classes, desc.task)
-    x, y = train.tensors
-    steps = cfg.steps * (cfg.blocks if algo == "greedy" else 1)
-    per_epoch = len(tr._batches(len(x), 0))
-    if algo == "greedy":
-        tr._total_epochs = steps // per_epoch          # GreedyTrainer.fit's schedule
-    done, epoch = 0, 0
-    while done < steps:
-        tr.epoch = epoch
-        net.train()
-        for idx in tr._batches(len(x), epoch):
-            if done == steps:
-                break
-            tr.train_step(x[idx], y[idx], idx)
-            done += 1
-        epoch += 1
+    steps = cfg.steps * (cfg.blocks if algo == "greedy" else 1)   # greedy: K stages
+    per_epoch = len(tr._batches(len(train), 0))
+    assert steps % per_epoch == 0
+    tr.fit(train, steps // per_epoch)
     return net.state_dict()
 
 
@@ -99,13 +89,13 @@ def test_meta_holds_every_resolved_option():
     res = _run("blockprop-cached", 2)
     m = res.trace.meta
     assert m["algo"] == "blockprop-cached" and m["blocks"] == 2 and m["workers"] == 2
-    assert m["steps"] == 10 and m["steps_per_epoch"] == 4 and m["placement"] == [0, 1]
+    assert m["steps"] == 12 and m["steps_per_epoch"] == 4 and m["placement"] == [0, 1]
     assert m["options"] == methods.get("blockprop-cached").resolved_options({"nh": 2})
     for key in ("batch_size", "microbatches", "buffer", "max_reuse", "slowdown"):
         assert key in m
     # Alg. 2: the W-step-only epoch sends nothing; the h-step epochs do
     comm_steps = {r[4] for r in res.trace.rows if r[1] == "comm"}
-    assert comm_steps == {0, 1, 2, 3, 8, 9}
+    assert comm_steps == {0, 1, 2, 3, 8, 9, 10, 11}
 
 
 @pytest.mark.slow
