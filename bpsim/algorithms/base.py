@@ -36,7 +36,8 @@ from bpsim import methods
 from bpsim.files import check_writable
 from bpsim.nets import BlockNet
 
-__all__ = ["method_keywords", "method_aux", "Trainer", "History", "EpochRecord", "StepResult", "DivergenceError", "diverged", "evaluate", "head_accuracies"]
+__all__ = ["Trainer", "History", "EpochRecord", "StepResult", "DivergenceError", "diverged",
+           "evaluate", "head_accuracies", "method_keywords", "method_aux"]
 
 
 #: registry options that shape the net (``aux``) or the pipeline (``microbatches``)

@@ -163,7 +163,8 @@ def run_pipeline(algo: str, ctx: BlockCtx, stage_module: nn.Module, stage_index:
             schedule.step()
         ctx.waited(t)     # the schedule's wait for its last sends to be taken
         if losses:
-            ctx.losses.append(float(torch.stack([v.detach() for v in losses]).mean()))
+            ctx.record_loss(float(torch.stack([v.detach() for v in losses]).mean()), t, "loss",
+                            block=ctx.K)     # the last block computes it, whatever the stage
         ctx.update(t, grad_scale=1.0 / microbatches)
         if on_step_end is not None:
             on_step_end(t)

@@ -233,11 +233,14 @@ class BlockCtx:
             self.optimizer.step()
         self.updates += 1
 
-    def record_loss(self, value: float, step: int, what: str = "local loss") -> None:
-        """Keep a loss of this block; a non-finite one stops the run (as ``bpsim train``)."""
+    def record_loss(self, value: float, step: int, what: str = "local loss",
+                    block: int | None = None) -> None:
+        """Keep a loss of this block (computed by ``block``, default this one);
+        a non-finite one stops the run (as ``bpsim train``)."""
         if not math.isfinite(value):
-            raise diverged(self.algo, f"at step {step + 1}", f"block {self.block}'s {what} is "
-                           f"{value}", f"lower the learning rate (lr={self.trainer.lrs})")
+            raise diverged(self.algo, f"at step {step + 1}",
+                           f"block {block or self.block}'s {what} is {value}",
+                           f"lower the learning rate (lr={self.trainer.lrs})")
         self.losses.append(value)
 
     def waited(self, step: int, mb: int = 0, until: float | None = None) -> None:
