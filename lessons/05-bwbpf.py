@@ -236,12 +236,12 @@ checks.global_loss_reach(net, x, y, norms)
 
 # %%
 EPOCHS = pick(5, 10)
-histories, heads = {}, {}
+histories, heads, trained = {}, {}, {}
 bp_net = vgg(4, "bp")
 histories["backprop"] = BackpropTrainer(bp_net, lr=0.05, seed=0).fit(train, EPOCHS, test=test)
 for K_ in (2, 4):
     for kind, trainer in (("DGL", DGLTrainer), ("BWBPF", BWBPFTrainer)):
-        m = vgg(K_, kind.lower())
+        trained[f"{kind}, K={K_}"] = m = vgg(K_, kind.lower())
         histories[f"{kind}, K={K_}"] = trainer(m, lr=0.05, seed=0).fit(train, EPOCHS, test=test)
         heads[f"{kind}, K={K_}"] = head_accuracies(m, test)
 
@@ -285,27 +285,68 @@ viz.learning_curves(histories, title=f"backprop, DGL and BWBPF ({'digits' if FAS
 # spatial information, so block 1's dense head scores well below DGL's MLP-aux head on the same block (the $K = 4$
 # rows). The block itself is not useless for that: block 2, reading its features, does fine.
 #
-# What to take from these numbers, and what not. On a small CNN and a few epochs all three methods land close together;
-# single runs on a few hundred test images differ by a few points from seed to seed, so read gaps of that size as
-# noise. The BWBPF summary reports block-wise training beating backprop on CIFAR-10 and Tiny-ImageNet with VGG and
-# ResNet models, and error growing with $K$ (K = 4 to 16); DGL Table 3 makes a similar point on ImageNet. Neither
-# claim is something a 5-epoch run on 8x8 digits can confirm. `benchmarks/accuracy_dgl.py` runs the same comparison
-# with a 6-layer net on Fashion-MNIST; its stored results appear below when present.
+# **Why BWBPF's output layer trails its own block-$K$ head.** In the $K = 4$ row the network's prediction (the output
+# layer) scores below the GAP + linear head on the same block 4. The features are not the problem. The output layer is
+# DGL's 3-layer classifier, trained only by the global loss on features that keep changing under it while the blocks
+# learn; the linear head is trained together with its block. Freeze the blocks and give the output layer one more epoch
+# on the now fixed features:
+
+# %%
+bw = trained["BWBPF, K=4"].eval()   # evaluation mode: batch norm uses its running statistics, as in testing
+with torch.no_grad():
+    z_train, z_test = [bw.activations(t.tensors[0])[-1] for t in (train, test)]
+before = (bw.output(z_test).argmax(1) == test.tensors[1]).float().mean().item()
+opt = torch.optim.SGD(bw.output.parameters(), lr=0.05, momentum=0.9)
+order = torch.randperm(len(z_train), generator=torch.Generator().manual_seed(0))
+for i in range(0, len(order), 64):
+    batch = order[i:i + 64]
+    loss = F.cross_entropy(bw.output(z_train[batch]), train.tensors[1][batch])
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+with torch.no_grad():
+    after = (bw.output(z_test).argmax(1) == test.tensors[1]).float().mean().item()
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print(f"BWBPF, K=4: block 4's head {heads['BWBPF, K=4'][-1]:.2f}; output layer {before:.2f} after training, "
+      f"{after:.2f} after one more epoch on frozen features")
+assert after > before, "the output layer should gain once its input stops moving"
+
+# %% [markdown]
+# One epoch on fixed inputs lifts the output layer well past where it was: it had been chasing a moving target, a
+# cost of training the classifier *only* through a loss on detached, still-changing features. A longer schedule (or a
+# final pass like this one) closes most of the gap.
+#
+# ### What the committed benchmark says
+#
+# The live runs are one seed on a small data set. `benchmarks/accuracy_dgl.py` ran the same comparison with a 6-layer
+# net on Fashion-MNIST (2,500 training and 2,000 test images, 10 epochs, one seed; differences below the printed noise
+# are not significant):
 
 # %%
 bench = Path(bpsim.__file__).resolve().parents[1] / "benchmarks" / "results" / "accuracy_dgl.json"
-if bench.exists():
-    stored = json.loads(bench.read_text())
-    info = stored["info"]
-    print(f"benchmarks/accuracy_dgl.py: Fashion-MNIST, {info['n_train']} training images, {info['epochs']} epochs, "
-          f"first width {info['width']}")
-    for r in stored["results"].get("bwbpf", []):
-        label = "backprop" if r["algo"] == "bp" else f"{r['algo']}, K={r['blocks']}"
-        print(f"  {label:12} test accuracy {100 * r['test_accuracy']:.1f}%")
-else:
-    print("no stored benchmark yet: run `python benchmarks/accuracy_dgl.py` to fill this in")
+stored = json.loads(bench.read_text())
+info, rows = stored["info"], stored["results"]["bwbpf"]
+noise = info["noise_points"]
+print(f"benchmarks/results/accuracy_dgl.json: Fashion-MNIST, {info['n_train']} training images, {info['epochs']} epochs,"
+      f" one seed; noise ±{noise:.1f} points")
+acc = {}
+for r in rows:
+    label = "backprop" if r["algo"] == "bp" else f"{r['algo']}, K={r['blocks']}"
+    acc[label] = 100 * r["test_accuracy"]
+    per_head = "" if r["head_test_accuracy"] is None else f"   heads {[round(100 * a, 1) for a in r['head_test_accuracy']]}"
+    print(f"  {label:12} test accuracy {acc[label]:.1f}%{per_head}")
+assert acc["bwbpf, K=4"] < acc["backprop"] - noise and abs(acc["bwbpf, K=2"] - acc["backprop"]) < noise
 
 # %% [markdown]
+# **"BWBPF beats backprop" is not reproduced here.** At $K = 2$ BWBPF ties backprop (82.8% against 82.7%, far inside
+# the noise); at $K = 4$ it is almost 5 points behind (77.9% against 82.7%), well outside it. DGL loses less at
+# $K = 4$ (79.7%). The BWBPF summary reports block-wise training beating backprop on CIFAR-10 and Tiny-ImageNet with
+# VGG and ResNet models and error growing with $K$; our smaller net, data and schedule agree with the second part only
+# (ledger claim C15 in lesson 00). In the committed run the output layer trails block 4's head by about a point, within
+# the noise; the live run above shows the mechanism more sharply.
+#
 # ## Summary
 #
 # * BWBPF trains each of the $K$ blocks with a dense head and a local cross-entropy on detached inputs, and trains a
@@ -315,8 +356,10 @@ else:
 #   by returning `None`.
 # * Without them every loss reaches every block below it, block 1 waits for $K+1$ signals, and the locks of backprop
 #   return.
-# * Compared with DGL, BWBPF gives the last block a head of its own and moves the classifier out into an output layer;
-#   accuracies are close to DGL's and backprop's on our small runs.
+# * Compared with DGL, BWBPF gives the last block a head of its own and moves the classifier out into an output layer,
+#   which learns on moving features and trails until they settle.
+# * Accuracy: BWBPF ties backprop at $K = 2$ and falls about 5 points behind at $K = 4$ in the committed benchmark; the
+#   paper's "better than backprop" is not reproduced at this size.
 #
 # **Previous:** [04 · Decoupled Greedy Learning](04-dgl.ipynb) · **Next:**
 # [06 · Locking made visible](06-locking-timelines.ipynb), where the simulator draws the device timelines of every
