@@ -45,7 +45,7 @@ def _in_process(algo: str) -> dict[str, torch.Tensor]:
     train, _ = data.load("digits", n_train=N_TRAIN, seed=0)
     net, tr = build(cfg, desc.input_shape, desc.n_classes, desc.task)
     steps = cfg.steps * (cfg.blocks if algo == "greedy" else 1)   # greedy: K stages
-    per_epoch = len(tr._batches(len(train), 0))
+    per_epoch = len(tr.batches(len(train), 0))
     assert steps % per_epoch == 0
     tr.fit(train, steps // per_epoch)
     return net.state_dict()
@@ -99,9 +99,11 @@ def test_meta_holds_every_resolved_option():
 
 
 @pytest.mark.slow
-def test_dgl_async_records_every_buffer_read():
-    res = run(RunConfig("dgl-async", workers=2, blocks=2, steps=6, width=16, batch_size=BATCH,
-                        n_train=N_TRAIN, buffer=2, slowdown={1: 2.0}, evaluate=False))
+@pytest.mark.parametrize("workers", [1, 2])
+def test_dgl_async_records_every_buffer_read(workers):
+    res = run(RunConfig("dgl-async", workers=workers, blocks=2, steps=6, width=16,
+                        batch_size=BATCH, n_train=N_TRAIN, buffer=2, slowdown={1: 2.0},
+                        evaluate=False))
     m = res.trace.meta
     reads = m["buffer_reads"]["2"]
     assert [r[0] for r in reads] == list(range(6))             # one read per consumer step
@@ -111,5 +113,6 @@ def test_dgl_async_records_every_buffer_read():
     for _, p, n in reads:
         seen[p] = seen.get(p, 0) + 1
         assert n == seen[p]
-    assert m["buffer_misses"]["2"] >= 1                         # it waited for the first entry
+    misses = m["buffer_misses"]
+    assert set(misses) == {"2"} and isinstance(misses["2"], int) and misses["2"] >= 0
     assert res.summary["buffers"]["2"]["gets"] == 6

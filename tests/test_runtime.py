@@ -46,7 +46,7 @@ def _in_process(trainer_cls, steps: int, full_only: bool = False, **kw):
     done, epoch = 0, 0
     while done < steps:
         tr.epoch = epoch
-        for idx in tr._batches(len(x), epoch):
+        for idx in tr.batches(len(x), epoch):
             if full_only and len(idx) != tr.batch_size:
                 continue
             if done == steps:

@@ -308,7 +308,10 @@ class Trainer:
         finally:
             self.net.train(was)
 
-    def _batches(self, n: int, epoch: int) -> list[torch.Tensor]:
+    def batches(self, n: int, epoch: int) -> list[torch.Tensor]:
+        """The mini-batches (dataset indices) of ``epoch`` over ``n`` examples:
+        a permutation seeded by ``(seed, epoch)`` cut into ``batch_size``
+        pieces. ``fit`` and the runtime (every rank) use this one order."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         perm = torch.randperm(n, generator=g)
         return [perm[i : i + self.batch_size] for i in range(0, n, self.batch_size)]
@@ -345,7 +348,7 @@ class Trainer:
         x_all, y_all = train.tensors[0], train.tensors[1]
         show = self.progress if self.progress is not None else sys.stderr.isatty()
         for epoch in range(self.epoch, epochs):
-            batches = self._batches(len(x_all), epoch)
+            batches = self.batches(len(x_all), epoch)
             torch.manual_seed(self.seed * 1_000_003 + epoch + 7)  # randomness inside steps
             self.net.train()
             t0 = time.perf_counter()

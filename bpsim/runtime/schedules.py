@@ -71,7 +71,7 @@ class BatchPlan:
     """The mini-batches of a run: the in-process trainer's seeded order.
 
     Step ``t`` uses batch ``t`` of the concatenated epochs
-    ``Trainer._batches(n, 0) + Trainer._batches(n, 1) + ...``, so a run of
+    ``Trainer.batches(n, 0) + Trainer.batches(n, 1) + ...``, so a run of
     ``steps`` steps sees exactly the batches ``Trainer.fit`` would. With
     ``full_only`` batches smaller than ``batch_size`` are skipped (the
     pipeline schedules need equal micro-batch shapes).
@@ -87,7 +87,7 @@ class BatchPlan:
         self.epochs: list[int] = []
         epoch = 0
         while len(self.idx) < steps:
-            batches = trainer._batches(n, epoch)
+            batches = trainer.batches(n, epoch)
             if full_only:
                 batches = [b for b in batches if len(b) == trainer.batch_size]
                 if not batches:
@@ -100,7 +100,7 @@ class BatchPlan:
                 self.epochs.append(epoch)
             epoch += 1
         self.steps = steps
-        self.steps_per_epoch = len(trainer._batches(n, 0))
+        self.steps_per_epoch = len(trainer.batches(n, 0))
         self._present: list[torch.Tensor] | None = None
 
     def present(self, t: int) -> torch.Tensor:
