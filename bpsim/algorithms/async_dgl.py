@@ -157,8 +157,8 @@ class AsyncDGLTrainer(DGLTrainer):
     """
 
     name = "dgl-async"
-    aux_default = method_aux("dgl-async")
-    options = method_keywords("dgl-async", "slowdown", "pmf")
+    aux_default = method_aux(name)
+    options = method_keywords(name, "slowdown", "pmf")
 
     def __init__(
         self,

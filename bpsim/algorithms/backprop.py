@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from bpsim.algorithms.base import StepResult, Trainer
+from bpsim.algorithms.base import StepResult, Trainer, method_keywords
 
 __all__ = ["BackpropTrainer"]
 
@@ -18,6 +18,7 @@ class BackpropTrainer(Trainer):
     """Plain SGD on the global loss through all blocks (``bp``)."""
 
     name = "bp"
+    options = method_keywords(name)   # none; gpipe's and 1f1b's microbatches shape the pipeline
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> StepResult:
         self.zero_grad()

@@ -413,7 +413,7 @@ class BlockPropTrainer(Trainer):
     """
 
     name = "blockprop"
-    options = method_keywords("blockprop")
+    options = method_keywords(name)
     default_lr = 0.05
 
     def __init__(self, net: BlockNet, *, lam: Lams = DEFAULTS["lam"], nh: int = DEFAULTS["nh"],
@@ -506,7 +506,7 @@ class CachedBlockPropTrainer(BlockPropTrainer):
     """
 
     name = "blockprop-cached"
-    options = method_keywords("blockprop-cached")
+    options = method_keywords(name)
 
     def __init__(self, net: BlockNet, *, cache_every: int = DEFAULTS["cache_every"],
                  **kwargs: Any) -> None:

@@ -89,9 +89,9 @@ class BWBPFTrainer(Trainer):
     """
 
     name = "bwbpf"
-    aux_default = method_aux("bwbpf")
+    aux_default = method_aux(name)
     output_layer = True
-    options: tuple[str, ...] = method_keywords("bwbpf")
+    options: tuple[str, ...] = method_keywords(name)
 
     def __init__(self, net: BlockNet, **kwargs: Any) -> None:
         if net.output is None:

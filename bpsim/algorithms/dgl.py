@@ -214,9 +214,9 @@ class DGLTrainer(Trainer):
     """
 
     name = "dgl"
-    aux_default = method_aux("dgl")
+    aux_default = method_aux(name)
     output_layer = False
-    options: tuple[str, ...] = method_keywords("dgl")
+    options: tuple[str, ...] = method_keywords(name)
 
     def __init__(self, net: BlockNet, **kwargs: Any) -> None:
         _check_dgl_net(net, self.name)
@@ -261,8 +261,8 @@ class GreedyTrainer(DGLTrainer):
 
     name = "greedy"
     resume_needs_epochs = True        # the shares of the blocks depend on the epochs
-    aux_default = method_aux("greedy")
-    options = method_keywords("greedy")
+    aux_default = method_aux(name)
+    options = method_keywords(name)
 
     def __init__(self, net: BlockNet, *, epochs_per_block: Sequence[int] | None = None, **kwargs: Any) -> None:
         super().__init__(net, **kwargs)
