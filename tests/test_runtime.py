@@ -477,3 +477,11 @@ def test_bad_outputs_and_oversized_batches_are_refused_before_launch(tmp_path):
         run(RunConfig("dgl", batch_size=100, n_train=50))
     with pytest.raises(ValueError, match="is a folder"):
         run(RunConfig("dgl", trace=str(tmp_path)))
+
+
+@pytest.mark.slow
+def test_host_on_every_interface_warns(capsys):
+    res = run(RunConfig("dgl", workers=2, steps=1, host="0.0.0.0", evaluate=False))
+    assert res.summary["ok"]
+    err = capsys.readouterr().err
+    assert "every interface" in err and "network" in err
