@@ -320,9 +320,9 @@ def bwbpf_step(c: BlockCtx, t: int) -> Step:
     c.record_loss(glob, t, "global loss")
 
 
-def greedy_stage(steps: int, blocks: int, t: int) -> int:
-    """The block (1-based) that trains at step ``t`` of a greedy run of
-    ``blocks`` stages of ``steps`` steps each (``bpsim.sim.schedules.greedy``)."""
+def greedy_stage(steps: int, t: int) -> int:
+    """The block (1-based) that trains at step ``t`` of a greedy run whose
+    stages have ``steps`` steps each (``bpsim.sim.schedules.greedy``)."""
     return t // steps + 1
 
 
@@ -335,7 +335,7 @@ def greedy_step(c: BlockCtx, t: int) -> Step:
     gradient) and only forward their output; blocks above ``s`` wait for
     their stage (``GreedyTrainer`` scores them, which changes nothing).
     """
-    stage = greedy_stage(c.plan.steps // c.K, c.K, t)
+    stage = greedy_stage(c.plan.steps // c.K, t)
     if stage < c.block:
         return
     h = c.plan.x(t) if c.first else (yield Recv(c.block - 1, t))
@@ -485,7 +485,7 @@ def _greedy_in(block: int, blocks: int, plan: BatchPlan, in_shape: tuple[int, ..
                out_shape: tuple[int, ...], trainer: Any) -> list[Inbound]:
     """Activations from below in the stages of this block and those above it."""
     n = plan.steps // blocks
-    steps = [t for t in range(plan.steps) if greedy_stage(n, blocks, t) >= block]
+    steps = [t for t in range(plan.steps) if greedy_stage(n, t) >= block]
     return [Inbound(block - 1, _items(plan, in_shape, steps))] if block > 1 else []
 
 
