@@ -73,7 +73,7 @@ def key(cfg: dict) -> str:
 def run(cfg: dict, train, test, args, seed: int) -> dict:
     """Train one configuration from ``seed`` and return its record."""
     cls = get_trainer(cfg["algo"])
-    desc = data.describe("fashion-mnist")
+    desc = data.describe(args.data)
     net = nets.build("cnn", desc.input_shape, desc.n_classes, cfg["blocks"], width=args.width,
                      aux=cfg.get("aux"), output_layer=cls.output_layer, seed=seed)
     kw = {}
@@ -189,7 +189,8 @@ def markdown(results: dict[str, list[dict]], info: dict) -> str:
     bp = next((r for r in by.values() if r["algo"] == "bp"), None)
     md = ["# Accuracy: DGL, async DGL and BWBPF against backprop", "",
           f"What ran: `{info['command']}`. DGL's VGG-like CNN (6 conv layers, first width "
-          f"{info['width']}, doubling at each of the two poolings) on Fashion-MNIST, "
+          f"{info['width']}, doubling at each of the two poolings) on "
+          f"{ {'digits': '8x8 digits'}.get(info.get('data'), 'Fashion-MNIST') }, "
           f"{info['n_train']} training examples (seeded subset), {info['n_test']} test examples, "
           f"{info['epochs']} epochs, batch {info['batch_size']}, SGD lr {info['lr']} momentum 0.9"
           f"{f', weight decay {wd:g}' if wd else ''}"
@@ -282,8 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (< 1 min); writes no results")
     ap.add_argument("--width", type=int, default=16, help="first conv width (paper: 128)")
-    ap.add_argument("--n-train", type=int, default=2500)
-    ap.add_argument("--n-test", type=int, default=2000)
+    ap.add_argument("--data", default="fashion-mnist", choices=("fashion-mnist", "digits"),
+                    help="data set (digits: scikit-learn's 8x8 digits, all 1437 training and 360 test images)")
+    ap.add_argument("--n-train", type=int, default=None, help="training subset (default 2500; digits: all)")
+    ap.add_argument("--n-test", type=int, default=None, help="test subset (default 2000; digits: all)")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=0.02)
@@ -309,12 +312,14 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(os.path.splitext(args.render[0])[0] + ".md", md)
         print(md)
         return 0
+    if args.data == "fashion-mnist":
+        args.n_train, args.n_test = args.n_train or 2500, args.n_test or 2000
     if args.quick:
         args.width, args.n_train, args.n_test, args.epochs = 4, 256, 256, 1
     torch.set_num_threads(1)
     out = args.out or (None if args.quick else
                        os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    train, test = data.load("fashion-mnist", n_train=args.n_train, n_test=args.n_test, seed=0)
+    train, test = data.load(args.data, n_train=args.n_train, n_test=args.n_test, seed=0)
     sections = list(args.only or SECTIONS)
     t0, done, results = time.perf_counter(), {}, {}
     for sec, cfgs in plan(sections).items():
@@ -331,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     n_test = len(test)
     info = {
         "command": " ".join(["python benchmarks/accuracy_dgl.py"] + list(sys.argv[1:] if argv is None else argv)),
-        "width": args.width, "n_train": len(train), "n_test": n_test, "epochs": args.epochs,
+        "data": args.data, "width": args.width, "n_train": len(train), "n_test": n_test, "epochs": args.epochs,
         "batch_size": args.batch_size, "lr": args.lr, "seeds": args.seeds,
         "weight_decay": args.weight_decay,
         "milestone": max(1, (3 * args.epochs) // 4) + 1 if args.epochs > 1 else None,

@@ -217,10 +217,12 @@ def _c10_judge(n: Numbers) -> str:
     return NOT_REPRODUCED
 
 
+ASYNC = "accuracy_dgl_async_digits"   # the study with several seeds
+
+
 def _async_rows(r: Results, part: str) -> tuple[list[dict], float]:
-    if "accuracy_async" in r:
-        return r["accuracy_async"]["results"][part], r["accuracy_async"]["info"]["noise_points"]
-    return r["accuracy_dgl"]["results"][f"async_{part}"], r["accuracy_dgl"]["info"]["noise_points"]
+    """Rows of the async study (slowdown or buffer sweep) and its noise, in points."""
+    return r[ASYNC]["results"][f"async_{part}"], r[ASYNC]["info"]["noise_points"]
 
 
 def _c11_extract(r: Results) -> Numbers:
@@ -373,18 +375,19 @@ CLAIMS: tuple[Claim, ...] = (
           _c10_extract, _c10_judge,
           lambda n: f"DGL {n['dgl']:.2f} vs greedy {n['greedy']:.2f} % ({_seeds(n)})"),
     Claim("C11", "DGL Fig. 5", "async DGL keeps its accuracy up to ~1.2x slowdown", "no loss up to S ≈ 1.2 "
-          "(3 seeds x 6 layers)", "accuracy_dgl (async_slowdown)", "07",
+          "(3 seeds x 6 layers)", ASYNC, "07",
           "reproduced: accuracy at S = 1.2 not below S = 1 by more than the noise, with >= 3 seeds; partly: the same "
           "with fewer seeds",
           _c11_extract, _c11_judge,
-          lambda n: f"S = 1/1.2/2: {n['S1']:.2f}/{n['S1.2']:.2f}/{n['S2']:.2f} % ({_seeds(n)})"),
+          lambda n: f"S = 1/1.2/2: {n['S1']:.2f}/{n['S1.2']:.2f}/{n['S2']:.2f} % (±{n['std']:.2f} at 1.2; "
+          f"{_seeds(n)}, digits)"),
     Claim("C12", "DGL Fig. 6", "small replay buffers cost little", "\"even a tiny buffer\": slight loss",
-          "accuracy_dgl (async_buffer)", "07",
+          ASYNC, "07",
           "reproduced: some M <= 5 within the noise of the largest M, >= 3 seeds; partly: only a larger M is, or "
           "fewer seeds",
           _c12_extract, _c12_judge,
           lambda n: "M = " + "/".join(str(int(float(m))) for m in n["acc"]) + ": "
-          + "/".join(f"{v:.2f}" for v in n["acc"].values()) + f" % ({_seeds(n)})"),
+          + "/".join(f"{v:.2f}" for v in n["acc"].values()) + f" % ({_seeds(n)}, digits)"),
     Claim("C13", "DGL Corollary 3.1", "block j converges as its input's drift dies out", "a bound (a proof)",
           "theory", "04",
           "partly (at best; the drift is a proxy): block 2's squared gradient norm ends < 0.1x its peak and the "
