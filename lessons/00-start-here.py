@@ -1,7 +1,7 @@
 # %% [markdown]
 # # 00 · Start here: why train without end-to-end backprop?
 #
-# **Time:** about 25 minutes · **Prerequisites:** Python, a first course in neural networks
+# **Time:** about 30 minutes · **Prerequisites:** Python, a first course in neural networks
 #
 # **By the end of this lesson you will be able to**
 # 1. name the three *locking* problems of backpropagation and see them on a device timeline;

@@ -1,7 +1,7 @@
 # %% [markdown]
 # # 04 · Decoupled Greedy Learning: every block learns on its own
 #
-# **Time:** about 50 minutes · **Prerequisites:** lessons [00](00-start-here.ipynb) (locking, blocks, `Trainer.fit`)
+# **Time:** about 60 minutes · **Prerequisites:** lessons [00](00-start-here.ipynb) (locking, blocks, `Trainer.fit`)
 # and [03](03-blockprop.ipynb) (a method that keeps the *global* objective)
 #
 # **By the end of this lesson you will be able to**
