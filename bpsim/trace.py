@@ -175,7 +175,7 @@ class Trace:
         with balanced blocks). Ranks that share caches, a memory bus or
         cores may slow each other down in the overlapped part, so two runs
         with the same ops but different overlap need not have the same op
-        times (``Costs.contention`` lets the simulator try that).
+        times (the simulator does not model that).
         """
         fr = self.span_overlaps(lane)
         busy = shared = 0.0

@@ -98,3 +98,15 @@ def test_checks_are_registered():
     names = checks.registry()
     assert "bp_makespan" in names and "makespan_error" in names
     assert "bp_makespan" in checks.__all__ and "makespan_error" in checks.__all__
+
+
+# -------------------------------------------------------------- buffer_reuse
+def test_buffer_reuse_period_ratio_is_correct_and_known_mistakes_get_hints():
+    S = 3.0
+    P1 = sum(g(op, 1) for op in ("fwd", "aux", "bwd", "update"))
+    P2 = sum(g(op, 2) for op in ("fwd", "aux", "bwd", "update"))
+    assert checks.buffer_reuse(COSTS, S, S * P1 / P2).status == "correct"
+    upside = checks.buffer_reuse(COSTS, S, P2 / (S * P1))
+    assert upside.status == "incorrect" and "upside down" in upside.message
+    assert checks.buffer_reuse(COSTS, S, None).status == "not attempted"
+    assert checks.buffer_reuse("fwd=1,bwd=2", 2.0, 2.0).status == "correct"

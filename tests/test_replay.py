@@ -152,3 +152,23 @@ def test_a_short_measured_run_replays_within_twice_the_targets(algo, slowdown):
         for sim_b, meas_b in zip(rep["buffers"], rep["measured_buffers"]):
             for k in ("reuse_mean", "staleness_mean"):
                 assert sim_b[k] == pytest.approx(meas_b[k], rel=0.10, abs=0.05), rep
+
+
+def test_cli_replay_prints_the_report_and_refuses_mixed_arguments(tmp_path, capsys):
+    import json
+
+    from bpsim.cli import main
+
+    r = simulate("dgl-async", blocks=2, steps=8, costs=COST, slowdown={1: 2.0})
+    src, out = tmp_path / "m.json", tmp_path / "r.json"
+    r.trace.save(src)
+    assert main(["simulate", "--replay", str(src), "--json", "--trace", str(out)]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    for k in ("makespan", "measured_makespan", "makespan_error", "busy_error",
+              "start_offset_median", "buffers", "measured_buffers"):
+        assert k in rep
+    assert rep["makespan_error"] == pytest.approx(0.0, abs=1e-9)
+    assert Trace.load(out).makespan == pytest.approx(r.makespan)
+    assert main(["simulate", "dgl", "--replay", str(src)]) == 2
+    assert "leave out ALGO" in capsys.readouterr().err
+    assert main(["simulate"]) == 2

@@ -46,9 +46,10 @@ def _method(name: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def add_algo(p: argparse.ArgumentParser, *, runtime: bool = False) -> None:
+def add_algo(p: argparse.ArgumentParser, *, runtime: bool = False,
+             optional: bool = False) -> None:
     """The ``ALGO`` positional: a registry name or alias (``runtime=True``: those
-    ``bpsim run`` can run), stored canonical."""
+    ``bpsim run`` can run), stored canonical; ``optional``: may be left out (None)."""
     names = methods.names(runtime=True) if runtime else methods.names()
 
     def algo(s: str) -> str:
@@ -60,7 +61,7 @@ def add_algo(p: argparse.ArgumentParser, *, runtime: bool = False) -> None:
 
     aliases = ", ".join(f"{a} = {m.name}" for m in methods.METHODS if m.name in names
                         for a in m.aliases)
-    p.add_argument("algo", type=algo, metavar="ALGO",
+    p.add_argument("algo", type=algo, metavar="ALGO", **({"nargs": "?"} if optional else {}),
                    help=f"one of {', '.join(names)} (aliases: {aliases}); see the list below")
     # the method list keeps one line per method, so the description is wrapped here
     p.formatter_class = argparse.RawDescriptionHelpFormatter

@@ -9,6 +9,7 @@ import argparse
 import inspect
 import json
 from dataclasses import replace
+from typing import Any
 
 from bpsim.cli import types as T
 from bpsim.cli.args import add_algo, add_method_options, method_options
@@ -24,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Simulate the device timeline of one training regime. Method options "
                     "take the same defaults as in bpsim train and bpsim run; those that do not "
                     "change the timeline (--lam, --lr-h, --aux) are checked and then ignored.")
-    add_algo(p)
+    add_algo(p, optional=True)
     p.add_argument("--blocks", type=T.positive_int, default=4, metavar="K", help="number of blocks")
     p.add_argument("--steps", type=T.positive_int, default=100, metavar="N", help="minibatch steps")
     p.add_argument("--cost", type=T.nonempty, default=None, metavar="SPEC",
@@ -44,6 +45,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="with --calibrate: draw each op's time from the measured distribution "
                         "(default), from a lognormal with the measured spread, or take every "
                         "op's median")
+    p.add_argument("--replay", default=None, metavar="MEASURED.json",
+                   help="replay a measured run (bpsim run --trace) with its own op durations "
+                        "through the model's dependencies; everything else comes from its meta")
     # (room for more simulate options here)
     p.add_argument("--trace", type=T.out_file, default=None, metavar="SIM.json",
                    help="write the simulated Chrome trace (Perfetto)")
@@ -61,6 +65,10 @@ def cmd(args: argparse.Namespace) -> int:
     from bpsim.sim import Costs, simulate
     from bpsim.trace import Trace
 
+    if args.replay is not None:
+        return _replay(args)
+    if args.algo is None:
+        raise ValueError("give a method (bpsim simulate ALGO ...) or --replay MEASURED.json")
     options = method_options(args)
     takes = inspect.signature(simulate).parameters
     options = {k: v for k, v in options.items() if k in takes}
@@ -79,6 +87,11 @@ def cmd(args: argparse.Namespace) -> int:
     res = simulate(args.algo, blocks=args.blocks, steps=args.steps, costs=costs,
                    slowdown=T.slowdowns(args.slowdown), steps_per_epoch=args.steps_per_epoch,
                    placement=args.placement, seed=args.seed, protocol=args.protocol, **options)
+    return _report(args, res)
+
+
+def _report(args: argparse.Namespace, res: Any) -> int:
+    """Write ``res.trace`` to ``--trace``; print ``res`` as JSON or its summary."""
     if args.trace:
         res.trace.save(args.trace)
     if args.json:
@@ -88,3 +101,14 @@ def cmd(args: argparse.Namespace) -> int:
         if args.trace:
             print(f"trace written to {args.trace} (open it in https://ui.perfetto.dev)")
     return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    """``bpsim simulate --replay MEASURED.json``: the run is read from the trace."""
+    from bpsim.sim import replay
+    from bpsim.trace import Trace
+
+    if args.algo is not None or args.cost or args.calibrate:
+        raise ValueError("--replay reads the method, options and op durations from the trace; "
+                         "leave out ALGO, --cost and --calibrate")
+    return _report(args, replay(Trace.load(args.replay)))

@@ -519,6 +519,36 @@ def bp_makespan(costs: Any, blocks: int, steps: int, answer: Any) -> Feedback:
     ], hint="T_bp = N (sum_k (F_k + B_k) + 2 (K - 1) c + U_1), with costs.get(op, k) and costs.comm")
 
 
+def buffer_reuse(costs: Any, slowdown: float, answer: Any) -> Feedback:
+    """Lesson 08: the mean reads per entry of the replay buffer between two
+    ``dgl-async`` blocks when block 1 (the producer) is slowed by ``slowdown``,
+    with per-block ``costs`` (every op at its median).
+
+    The expected value is the simulator's; block 2 repeats a period
+    ``P_2 = F_2 + A_2 + B_2 + U_2`` and reads an entry each time, while block 1
+    writes one every ``S P_1``, so each entry is read about ``S P_1 / P_2``
+    times (at least once).
+    """
+    from dataclasses import replace
+
+    from bpsim import sim
+
+    fixed = replace(sim.Costs.coerce(costs), spread=0.0, jitter={})
+    S = float(slowdown)
+    expected = sim.simulate("dgl-async", blocks=2, steps=200, costs=fixed,
+                            slowdown={1: S}).buffers[0]["reuse_mean"]
+
+    def period(k: int) -> float:
+        return sum(fixed.get(op, k) for op in ("fwd", "aux", "bwd", "update"))
+
+    P1, P2 = period(1), period(2)
+    return compare(answer, expected, rtol=0.05, close_rtol=0.2, mistakes=[
+        (P2 / (S * P1), "upside down: the slow producer writes less often, so each entry is read *more* "
+                        "often: S P_1 / P_2"),
+        (S, "S alone assumes equal blocks; weigh it by the periods: S P_1 / P_2"),
+    ], hint="entries are written every S P_1 and read every P_2: about S P_1 / P_2 reads each")
+
+
 def registry() -> dict[str, Callable[..., Feedback]]:
     """Every check by name (used by tests to make sure each has a lesson)."""
     import inspect

@@ -23,7 +23,8 @@ def net_of(cfg: Any) -> Any:
     from bpsim import data, nets
 
     desc = data.describe(cfg.data)
-    return nets.build(cfg.model, desc.input_shape, desc.n_classes, cfg.blocks,
+    blocks = cfg.blocks if cfg.blocks is not None else cfg.workers   # as RunConfig.resolved
+    return nets.build(cfg.model, desc.input_shape, desc.n_classes, blocks,
                       width=cfg.width, depth=cfg.depth)
 
 
