@@ -1,4 +1,4 @@
-"""Simulator speed (issue 5, item 8): spans per second, and the ratio to a bare
+"""Simulator speed: spans per second, and the ratio to a bare
 SimPy loop.
 
 For K = 8 blocks and 10,000 steps of ``dgl`` and ``dgl-async`` (tracing on:

@@ -1,4 +1,4 @@
-"""The SimPy simulator: closed-form makespans (issue 5, item 6), trace
+"""The SimPy simulator: closed-form makespans, trace
 invariants over random costs, determinism, calibration, comparison, CLI."""
 
 from __future__ import annotations
