@@ -173,10 +173,27 @@ for kind, r in ratios.items():
     print(f"{kind:8} {' '.join(f'{100 * v:6.1f}' for v in r):46} {100 * max(r):6.1f}%  {paper[kind]}")
 
 # %% [markdown]
-# CNN-aux costs about twice its block: it is two convolutions of the same size as the block's one. The spatial averaging
-# in MLP-aux and MLP-SR-aux brings the heads down to a few percent, the paper's target of about 5% (§2.4). Our exact
-# percentages differ from Table 1 because the heads' MLP widths (4x the channels here) and the block whose ratio is
-# reported are choices; the orders of magnitude are the point.
+# CNN-aux costs about twice its block: it is two convolutions of the same size as the block's one; that matches
+# Table 1's 200%. The spatial averaging in MLP-aux and MLP-SR-aux brings the heads down to a few percent, the paper's
+# target of about 5% (§2.4), but not to Table 1's 0.7% and 4.0%. The difference is the width of the heads' MLP, which
+# the paper does not give: `bpsim` makes it 4x the block's channels (2048 on the 512-channel blocks), and an MLP on a
+# 2x2 map costs about $2(4C\,w + w^2)$ FLOPs for width $w$, so the head grows with the square of $w$. With a constant
+# width the ratios come down:
+
+# %%
+# NBVAL_CHECK_OUTPUT
+for w in (None, 512, 256):
+    row = []
+    for kind in ("mlp", "mlp-sr"):
+        m_w = nets.vgg(blocks=6, width=128, layers=6, input_shape=(3, 32, 32), aux=kind, aux_width=w, seed=0)
+        row.append(100 * max(m_w.head_flops()[:-1]) / max(m_w.block_flops()))
+    print(f"head width {'4C (default)' if w is None else w:>12}: MLP-aux {row[0]:.2f}%, MLP-SR-aux {row[1]:.2f}%")
+    if w == 512:
+        assert row[0] < 1.0 and row[1] < 4.0    # width 512: MLP-aux near Table 1's 0.7%, MLP-SR-aux below its 4.0%
+
+# %% [markdown]
+# A width of 512 gives 0.86% and 2.9%, on either side of the paper's numbers, so Table 1's heads were probably a few
+# hundred units wide; the orders of magnitude are the point.
 #
 # Table 1 also lists accuracies on CIFAR-10 (CNN-aux 92.2%, MLP-aux 90.6%, MLP-SR-aux 91.2%): the cheap heads give up
 # about a point. Training three CNNs long enough to see a gap of that size does not fit a lesson;
@@ -350,9 +367,28 @@ widgets.explorer(
 
 # %% [markdown]
 # Block 1's two curves coincide exactly: same initialisation, same batches, same input, and no signal from above in
-# either method. Higher up, DGL starts behind (its input is still moving) and catches up within a few epochs, as in
-# DGL Fig. 3. The price of sequential training is time: $K$ stages one after the other. On $K$ devices DGL does the
-# same number of updates per block in about a $K$-th of the time:
+# either method. Higher up, DGL starts behind (its input is still moving). In this short single-seed run it closes
+# only part of the gap (the final accuracies printed above). DGL Fig. 3, with 50 epochs per layer on CIFAR-10, shows
+# it catching up fully. The committed study (`benchmarks/accuracy_dgl.py --data digits --only greedy`: the lesson's
+# kind of CNN, $K = 4$, MLP-aux, constant step, five seeds) measures the final gap at two lengths:
+
+# %%
+# NBVAL_CHECK_OUTPUT
+mean_gap = {}
+for name in ("accuracy_dgl_greedy_digits_4ep", "accuracy_dgl_greedy_digits"):
+    st = json.loads((results / f"{name}.json").read_text())
+    acc = {a: [100 * r["test_accuracy"] for r in st["results"]["greedy"] if r["algo"] == a] for a in ("dgl", "greedy")}
+    gaps = [d - g for d, g in zip(acc["dgl"], acc["greedy"])]
+    mean_gap[st["info"]["epochs"]] = sum(gaps) / len(gaps)
+    print(f"{st['info']['epochs']:2d} epochs per block, {len(gaps)} seeds: DGL {sum(acc['dgl']) / len(gaps):.1f}, "
+          f"greedy {sum(acc['greedy']) / len(gaps):.1f}; DGL - greedy by seed {[round(g, 1) for g in gaps]}")
+assert abs(mean_gap[15]) < abs(mean_gap[4]) / 2          # the mean gap at least halves with more training
+
+# %% [markdown]
+# The gap halves between 4 and 15 epochs per block (ledger claim C10: *partly*): DGL is catching up, and in four of
+# five seeds it is within about two points by 15 epochs; one seed stays far behind. Whether it closes completely, as
+# in the paper, would take longer runs than this study. The price of sequential training is time: $K$ stages one
+# after the other. On $K$ devices DGL does the same number of updates per block in about a $K$-th of the time:
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -558,8 +594,9 @@ assert mem[2] > mem[4] > mem[8] and mem[2] < 1, "DGL's share should shrink as K 
 #   (update unlocking). In `bpsim` one step is `block_forward` + `local_update` per block.
 # * The head must be cheap next to its block: CNN-aux costs about 200% of a layer-wise block, MLP-aux and MLP-SR-aux a
 #   few percent (Table 1); larger blocks make any head relatively cheaper.
-# * Solving $(P_1), (P_2), \dots$ one after the other and solving them all at once reach similar accuracy; the parallel
-#   version starts behind at the deeper blocks and catches up (Fig. 3), and accuracy increases with depth (Fig. 4).
+# * Solving $(P_1), (P_2), \dots$ one after the other and solving them all at once target the same problems; the
+#   parallel version starts behind at the deeper blocks and closes the gap with training (Fig. 3; on digits the gap halves from
+#   4 to 15 epochs per block, five seeds), and accuracy increases with depth (Fig. 4).
 # * Corollary 3.1: the drift $c^t_{j-1}$ of block $j$'s input slows its convergence by a term
 #   $\sum_t \sqrt{c^t_{j-1}}\,\eta_t / \sum_t \eta_t$; a decaying step size lets the drift, and the penalty, die out.
 # * Memory: a greedy block's graph ends at its head, so DGL holds at most its largest block's activations for backward
