@@ -102,7 +102,7 @@ print(f"largest |makespan error| of the three replays: {worst:.2%}")
 # %% [markdown]
 # Each replay ends within 5 % of its measured run, its ops within a tenth of a step of their measured starts (the cell
 # asserts both). The model's dependency structure is the runtime's; where it was not, the replay located the mechanism:
-# the pipelines (`gpipe`, `1f1b`) end each step only once their last sends have arrived, which the simulator now models
+# the pipelines (`gpipe`, `1f1b`) end each step only once their last sends have arrived, which the simulator models
 # (`Engine.flush`), and a runtime span starts where the rank's previous span ended, so a descheduled thread shows up
 # inside the next op (the replay counts only the part after the op's input was delivered).
 #
