@@ -236,7 +236,8 @@ checks.buffer_reuse(costs, S_EX, reuse_guess)
 # %%
 measured_ex = run(config("dgl-async", slowdown={1: S_EX})).trace
 rp = sim.replay(measured_ex).report
-print(f"your prediction {reuse_guess:.2f}; the real run: measured {rp['measured_buffers'][0]['reuse_mean']:.2f}, "
+guess = "(none yet)" if reuse_guess is ... else f"{reuse_guess:.2f}"
+print(f"your prediction {guess}; the real run: measured {rp['measured_buffers'][0]['reuse_mean']:.2f}, "
       f"replayed {rp['buffers'][0]['reuse_mean']:.2f}")
 
 # %% [markdown]
