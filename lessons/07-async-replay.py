@@ -31,7 +31,7 @@ from torch.utils.data import TensorDataset
 
 import bpsim
 from bpsim import data, nets, sim, trace, viz
-from bpsim.algorithms.async_dgl import AsyncDGLTrainer
+from bpsim.algorithms.async_dgl import AsyncDGLTrainer, slowdown_pmf
 from bpsim.algorithms.dgl import DGLTrainer
 from bpsim.course import checks, pick, widgets
 from bpsim.replay import ReplayBuffer
@@ -466,7 +466,18 @@ checks.slowdown_pmf(4, 2, 2.0, p)
 
 # %% [markdown]
 # Under this $p$, what fraction of all iterations does block 2 get? How many iterations does the emulation run in total
-# before block 2 has made $N$ updates, if the other blocks did not stop at $N$?
+# before block 2 has made $N$ updates, if the other blocks did not stop at $N$? Think, then run the cell.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+pmf = slowdown_pmf(4, 2, 2.0)
+print(f"block 2 gets {pmf[1]:.3f} of the iterations (1/7); N of its updates take about {1 / pmf[1]:.0f} N iterations")
+assert abs(pmf[1] - 1 / 7) < 1e-12
+
+# %% [markdown]
+# The weights are $1, \tfrac12, 1, 1$, summing to $3.5$, so block 2 is drawn with probability $0.5 / 3.5 = 1/7$ and
+# needs about $7N$ iterations for $N$ updates, while each other block would have made $2N$ by then. That is why DGL
+# §4.3 stops each layer after the same number of updates: otherwise the fast layers would train twice as long.
 #
 # ## Summary
 #
