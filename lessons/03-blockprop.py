@@ -189,22 +189,26 @@ assert abs(final["BlockProp N_h=2, lam=10"] - final["SGD (backprop)"]) < noise_f
 # makes every middle block regress its output onto the next gluing variable. Lesson 02 showed the price: one sweep is
 # block-coordinate descent, so $h^*$ (and the W-step gradient) is less exact than for $K = 2$.
 #
-# The same four-layer MLP, cut into $K = 2, 3, 4$ blocks, against backprop:
+# A four-layer MLP, cut into $K = 2, 3, 4$ blocks, against backprop, on 600 digits in both modes (the next cell says
+# why):
 #
 # 🔮 **Predict before you run:** does accuracy fall as $K$ grows? By a lot?
 
 # %%
-deep = [sizes[0], 64, 64, 64, 10]
-deep_epochs = pick(10, 5)
+deep = [64, 64, 64, 64, 10]
+deep_epochs = 10
+deep_train, deep_test = data.load("digits", n_train=600)
+deep_noise = 200 * (0.9 * 0.1 / len(deep_test)) ** 0.5
 # backprop gets its own learning rate: the best final test accuracy over a small grid (tuned on the test set, which
 # can only flatter the baseline)
-bp_tuning = {lr: BackpropTrainer(nets.mlp(deep, blocks=2, seed=0), lr=lr, seed=0).fit(train, deep_epochs, test=test)
+bp_tuning = {lr: BackpropTrainer(nets.mlp(deep, blocks=2, seed=0), lr=lr, seed=0).fit(deep_train, deep_epochs,
+                                                                                       test=deep_test)
              for lr in (0.02, 0.05, 0.1, 0.2)}
 best_lr = max(bp_tuning, key=lambda lr: bp_tuning[lr].final_accuracy)
 deep_runs = {f"backprop, lr={best_lr}": bp_tuning[best_lr]}
 for K in (2, 3, 4):
     trainer = BlockPropTrainer(nets.mlp(deep, blocks=K, seed=0), lam=1.0, nh=4, lr=0.05, seed=0)
-    deep_runs[f"BlockProp K={K}"] = trainer.fit(train, deep_epochs, test=test)
+    deep_runs[f"BlockProp K={K}"] = trainer.fit(deep_train, deep_epochs, test=deep_test)
 viz.learning_curves(deep_runs, title="A 4-layer MLP cut into K blocks (λ = 1, N_h = 4)")
 
 # %%
@@ -214,15 +218,36 @@ for name, hist in deep_runs.items():
     print(f"{name:18s}: final test accuracy {hist.final_accuracy:.2f}")
 bp_acc = bp_tuning[best_lr].final_accuracy
 assert deep_runs["BlockProp K=2"].final_accuracy >= deep_runs["BlockProp K=4"].final_accuracy
-assert abs(bp_acc - deep_runs["BlockProp K=2"].final_accuracy) < noise_fast / 100, "tuned backprop within the noise"
+assert abs(bp_acc - deep_runs["BlockProp K=2"].final_accuracy) < deep_noise / 100, "tuned backprop within the noise"
 
 # %% [markdown]
 # Accuracy drops a little with every extra cut: more springs, each a place where the blocks may disagree, and an
 # h-step further from the joint optimum. Backprop needs its learning rate tuned on this deep, narrow net: at BlockProp's
 # 0.05 it is slow to leave the flat start (see the grid printed above); tuned, it lands within the noise of BlockProp
-# with $K = 2$. One seed on a small data set, so read the ordering of the BlockProp runs, not the gaps. In exchange for
-# the accuracy, each block needs only its neighbours' gluing variables, so $K$ devices can hold $K$ blocks. The paper's
-# experiments stop at $K = 2$ and list more blocks as future work (§6).
+# with $K = 2$. One seed on a small data set, so read the ordering of the BlockProp runs, not the gaps.
+#
+# 🔮 **Predict:** train the same three BlockProp nets on all 1,347 training digits instead of 600 (more than twice the
+# steps). Do $K = 3$ and $K = 4$ improve as $K = 2$ does?
+
+# %%
+long_train, long_test = data.load("digits")
+longer = {K: BlockPropTrainer(nets.mlp(deep, blocks=K, seed=0), lam=1.0, nh=4, lr=0.05, seed=0)
+          .fit(long_train, deep_epochs, test=long_test) for K in (2, 3, 4)}
+
+# %%
+# NBVAL_CHECK_OUTPUT
+for K, hist in longer.items():
+    print(f"BlockProp K={K}, all digits: test accuracy per epoch {[round(a, 2) for a in hist.test_accuracy]}")
+assert min(longer[3].final_accuracy, longer[4].final_accuracy) < longer[2].final_accuracy - 0.1
+
+# %% [markdown]
+# They do not: with more steps, $K = 3$ and $K = 4$ rise and then fall apart while $K = 2$ keeps improving. On all of
+# MNIST the same settings ($\lambda = 1$, $N_h = 4$, learning rate 0.05, momentum 0.9) make $K = 4$ diverge in its
+# second epoch (a run outside this notebook), which is why this section stays on 600 digits in both modes. A likely
+# cause: with more than one gluing variable the W-step of a middle block regresses onto a target $h^*_{k+1}$ that the
+# next block's W-step moves at the same time, and nothing in Algorithm 1 keeps the two from chasing each other. The paper's experiments stop at $K = 2$ and list
+# more blocks as future work (§6); `bpsim` shows why that is not a formality. In exchange for this fragility, each
+# block needs only its neighbours' gluing variables, so $K$ devices can hold $K$ blocks.
 #
 # ## 3. Caching the gluing variables (Algorithm 2)
 #
