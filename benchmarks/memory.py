@@ -30,6 +30,7 @@ import platform
 import sys
 import weakref
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -80,7 +81,8 @@ class SavedBytes:
     def _unpack(h):
         return h.t if isinstance(h, _Holder) else h
 
-    def hooks(self):
+    def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
+        """The context manager that counts while it is active."""
         return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
 
@@ -108,7 +110,7 @@ def _dgl_step(net, x, y, opts) -> None:
         h = out.detach()
 
 
-def measure(case: str, net_fn, x: torch.Tensor, y: torch.Tensor, device: str) -> dict:
+def measure(case: str, net_fn: Callable[[], nets.BlockNet], x: torch.Tensor, y: torch.Tensor, device: str) -> dict:
     """Peak saved bytes of one step of backprop and of DGL (one worker, and per block)."""
     out: dict = {"case": case, "batch": len(x), "input": list(x.shape[1:])}
     for method in ("bp", "dgl"):

@@ -68,7 +68,7 @@ def lemma_b1(sizes: list[int], blocks: int, n: int = 32, lam: float = 1.0, eps: 
             "rel_gap": gaps, "max_rel_gap": max(gaps)}
 
 
-def theorem_51(betas=(1e-1, 3e-2, 1e-2, 3e-3, 1e-3), seed: int = 0) -> dict:
+def theorem_51(betas: tuple[float, ...] = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3), seed: int = 0) -> dict:
     """BlockProp's exact-h* gradient against backprop's as lambda = 1/beta grows."""
     train, _ = data.load("digits")
     net = nets.mlp([64, 32, 32, 10], blocks=3, seed=seed)
