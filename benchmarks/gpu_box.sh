@@ -7,8 +7,8 @@
 #      is stated for K no larger than the core count, and this machine has
 #      a core per rank with cores to spare (it was not quieter, though:
 #      see benchmarks/results/h200/README.md);
-#   4. benchmarks/throughput.py --quick and fidelity.py --held-only with
-#      --device cuda (fidelity's quick mode is too short on a GPU);
+#   4. benchmarks/throughput.py --quick and fidelity.py (one repeat) with
+#      --device cuda;
 #   5. a torchrun launch of `bpsim run` with ranks computing on the GPU.
 # Results go to $OUT (default ./gpu_out). Without network the machine lacks
 # simpy: carry its wheel in .whl/ (see docs/runtime.md, section GPUs).
@@ -41,8 +41,8 @@ step fidelity on the CPU cores, $REPEATS repeats
 timeout 330 $PY benchmarks/fidelity.py --repeats "$REPEATS" --out "$OUT/cpu"
 step throughput --device cuda --quick
 timeout 75 $PY benchmarks/throughput.py --quick --device cuda --out "$OUT/cuda"
-step fidelity --device cuda --held-only, 1 repeat
-timeout 150 $PY benchmarks/fidelity.py --held-only --repeats 1 --device cuda --out "$OUT/cuda"
+step fidelity --device cuda, 1 repeat
+timeout 150 $PY benchmarks/fidelity.py --repeats 1 --device cuda --out "$OUT/cuda"
 step torchrun
 timeout 45 $PY -m torch.distributed.run --standalone --nproc-per-node 2 -m bpsim run dgl \
     --workers 2 --steps 30 --device cuda
