@@ -67,6 +67,14 @@ class Method:
     synchronous : bool
         True when every block takes one step per minibatch in lock-step, so
         a one-process and a multi-process run reach the same weights.
+    protocol : str
+        How its messages move between devices: ``"eager"`` (sent at once,
+        received early by a background thread, as bpsim's runtime does) or
+        ``"rendezvous"`` (a message leaves once its receiver asks for it, as
+        in torch's pipelining schedules behind ``gpipe`` and ``1f1b``).
+    min_blocks : int
+        The fewest blocks it can train (2 for BlockProp: it needs a gluing
+        variable).
     """
 
     name: str
@@ -79,6 +87,8 @@ class Method:
     aliases: tuple[str, ...] = ()
     defaults: Mapping[str, Any] = field(default_factory=dict)
     synchronous: bool = True
+    protocol: str = "eager"
+    min_blocks: int = 1
 
     def default(self, option: str) -> Any:
         """The default of ``option`` for this method (``KeyError`` if unknown)."""
@@ -112,19 +122,19 @@ METHODS: tuple[Method, ...] = (
     Method("gpipe", "backprop pipelined over micro-batches, all forwards then all backwards",
            "GPipe (Huang et al.); the pipelined baseline",
            f"{_A}.backprop:BackpropTrainer", "bpsim.runtime.pipeline:run_pipeline", f"{_S}:gpipe",
-           options=("microbatches",)),
+           options=("microbatches",), protocol="rendezvous"),
     Method("1f1b", "backprop pipelined over micro-batches, one forward one backward",
            "PipeDream-flush (Narayanan et al.); the pipelined baseline",
            f"{_A}.backprop:BackpropTrainer", "bpsim.runtime.pipeline:run_pipeline",
-           f"{_S}:one_f_one_b", options=("microbatches",)),
+           f"{_S}:one_f_one_b", options=("microbatches",), protocol="rendezvous"),
     Method("blockprop", "BlockProp: h-step on the gluing variables, then a parallel W-step",
            "BlockProp Sec. 4, Alg. 1",
            f"{_A}.blockprop:BlockPropTrainer", f"{_R}:blockprop_step", f"{_S}:blockprop",
-           options=_BLOCKPROP),
+           options=_BLOCKPROP, min_blocks=2),
     Method("blockprop-cached", "BlockProp with h* cached per example, h-step every E epochs",
            "BlockProp App. C, Alg. 2",
            f"{_A}.blockprop:CachedBlockPropTrainer", f"{_R}:blockprop_step",
-           f"{_S}:blockprop_cached", options=(*_BLOCKPROP, "cache_every")),
+           f"{_S}:blockprop_cached", options=(*_BLOCKPROP, "cache_every"), min_blocks=2),
     Method("dgl", "decoupled greedy learning: each block on its own auxiliary loss",
            "DGL Sec. 3.1, Alg. 1",
            f"{_A}.dgl:DGLTrainer", f"{_R}:dgl_step", f"{_S}:dgl", options=("aux",),

@@ -8,6 +8,7 @@ with the same command line.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, Mapping
 
 from bpsim import methods
@@ -40,13 +41,20 @@ def _positive_int(name: str, v: Any, lo: int = 1) -> int:
 
 
 def estimate_spans(algo: str, blocks: int, steps: int, **options: Any) -> int:
-    """About how many spans a simulation records (compute, waits, messages)."""
-    name = methods.resolve(algo)
-    m = options.get("microbatches") or 1
-    nh = options.get("nh") or 0
-    per_block = {"gpipe": 4 * m + 2, "1f1b": 4 * m + 2, "blockprop": nh + 8,
-                 "blockprop-cached": nh + 8, "greedy": 4 * (blocks + 1)}.get(name, 8)
-    return steps * blocks * per_block
+    """About how many spans a simulation records (compute, waits, messages).
+
+    Simulates two steps with the default costs and scales their span count
+    to ``steps``: every schedule records a fixed number of spans per step.
+    """
+    method = methods.get(algo)
+    probe = min(steps, 2)
+    opts = {k: v for k, v in options.items() if k in _TIMED}
+    rendezvous = method.protocol == "rendezvous"
+    eng = Engine(blocks, Costs().table(blocks, {}), parse_placement(None, blocks),
+                 rendezvous=rendezvous)
+    methods.load(method.schedule)(eng, probe, steps_per_epoch=probe, **opts)
+    eng.env.run()
+    return math.ceil(len(eng.rows) * steps / probe)
 
 
 def run_schedule(method: methods.Method, blocks: int, steps: int, costs: Costs,
@@ -149,9 +157,8 @@ def simulate(algo: str, blocks: int = 4, steps: int = 100,
         _positive_int("max_reuse", opts["max_reuse"])
     if steps_per_epoch is not None:
         _positive_int("steps_per_epoch", steps_per_epoch)
-    if name.startswith("blockprop") and blocks < 2:
-        raise ValueError(f"{name} needs at least 2 blocks (gluing variables h_2..h_K), "
-                         f"got blocks={blocks}")
+    if blocks < method.min_blocks:
+        raise ValueError(f"{name} needs at least {method.min_blocks} blocks, got blocks={blocks}")
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
     n = estimate_spans(name, blocks, steps, **opts)
@@ -159,8 +166,7 @@ def simulate(algo: str, blocks: int = 4, steps: int = 100,
         raise SpanLimitError(f"{name} with {blocks} blocks and {steps} steps would record about "
                              f"{n:,} spans, over the limit of {max_spans:,}; simulate fewer "
                              "steps (the makespan grows linearly with them)")
-    proto = protocol if protocol != "auto" else (
-        "rendezvous" if name in ("gpipe", "1f1b") else "eager")
+    proto = protocol if protocol != "auto" else method.protocol
     cost = Costs.coerce(costs)
     slow = {int(k): float(v) for k, v in (slowdown or {}).items()}
     place = parse_placement(placement, blocks)

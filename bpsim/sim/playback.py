@@ -250,8 +250,8 @@ def replay(trace: Trace) -> ReplayResult:
     blocks, steps = kw["blocks"], kw["steps"]
     place = parse_placement(kw.get("placement"), blocks)
     opts = method.resolved_options({k: kw[k] for k in method.options if k in kw})
-    measured = Measured(trace, buffered=method.name == "dgl-async",
-                        flushes=method.name in ("gpipe", "1f1b"))
+    measured = Measured(trace, buffered="buffer" in method.options,
+                        flushes=method.protocol == "rendezvous")
     res = run_schedule(method, blocks, steps, Costs(fwd=0.0, bwd=0.0), opts,
                        steps_per_epoch=kw.get("steps_per_epoch"), placement=place,
                        replay=measured,
@@ -276,7 +276,7 @@ def replay(trace: Trace) -> ReplayResult:
         "busy_error": busy, "start_offset_median": med, "matched": len(common),
         "missing": len(measured.missing), "unused": measured.unused(),
     }
-    if method.name == "dgl-async":
+    if "buffer" in method.options:
         report["buffers"] = buffer_stats(rt)
         report["measured_buffers"] = buffer_stats(trace)
     return ReplayResult(result=res, measured=trace, report=report)
