@@ -55,22 +55,25 @@ def last_block_update(out: torch.Tensor, head: nn.Module, output: nn.Module,
 
     ``out`` is block K's output (graph to block K only). The output layer
     sees ``out.detach()``, so the global loss reaches the output layer alone.
-    ``timed(phase)`` wraps the phases ``"aux"`` (head and local loss),
-    ``"loss"`` (output layer and global loss), ``"bwd"`` and ``"update"``,
-    as in :func:`bpsim.algorithms.dgl.local_update`.
+    ``timed(phase)`` wraps the phases ``"aux"`` (head, local loss and its
+    backward to the block's output), ``"loss"`` (output layer, global loss
+    and its backward to the output layer), ``"bwd"`` (backward through the
+    block) and ``"update"``, as in :func:`bpsim.algorithms.dgl.local_update`.
 
     Returns
     -------
     (local loss, global loss), before the update.
     """
     with timed("aux"):
-        local = dgl.local_loss(out, head, y, head_loss)
-    with timed("loss"):
-        glob = dgl.local_loss(out.detach(), output, y, output_loss)
-    with timed("bwd"):
         block_optimizer.zero_grad(set_to_none=True)
         output_optimizer.zero_grad(set_to_none=True)
-        (local + glob).backward()
+        local = dgl.local_loss(out, head, y, head_loss)
+        grad_out = dgl.head_backward(local, out, head)
+    with timed("loss"):
+        glob = dgl.local_loss(out.detach(), output, y, output_loss)
+        glob.backward()
+    with timed("bwd"):
+        dgl.block_backward(out, grad_out)
     with timed("update"):
         block_optimizer.step()
         output_optimizer.step()

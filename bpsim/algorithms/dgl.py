@@ -43,7 +43,7 @@ from bpsim.algorithms.base import StepResult, Trainer, method_aux, method_keywor
 from bpsim.nets import BlockNet, split_evenly
 
 __all__ = [
-    "block_forward", "local_loss", "local_update", "local_head", "untimed",
+    "block_forward", "local_loss", "local_update", "head_backward", "block_backward", "local_head", "untimed",
     "DGLTrainer", "GreedyTrainer", "probe_outputs", "input_drift",
 ]
 
@@ -80,6 +80,34 @@ def local_loss(out: torch.Tensor, head: nn.Module, y: torch.Tensor, loss_fn: Los
     return loss_fn(head(out), y)
 
 
+def head_backward(loss: torch.Tensor, out: torch.Tensor, head: nn.Module) -> torch.Tensor | None:
+    """Backpropagate a local ``loss`` through ``head`` only, down to ``out``.
+
+    Accumulates the head's parameter gradients and returns the loss
+    gradient at the block's output ``out`` (``None`` when ``out`` needs no
+    gradient, in which case the whole backward is done here). With
+    :func:`block_backward` it splits one backward pass at the block's
+    output (the chain rule), so the two halves can be timed as the trace's
+    ``aux`` and ``bwd`` ops.
+    """
+    if not out.requires_grad:
+        loss.backward()
+        return None
+    params = [p for p in head.parameters() if p.requires_grad]
+    grad_out, *grads = torch.autograd.grad(loss, [out, *params], allow_unused=True)
+    for p, g in zip(params, grads):
+        if g is not None:
+            p.grad = g if p.grad is None else p.grad + g
+    return grad_out
+
+
+def block_backward(out: torch.Tensor, grad: torch.Tensor | None) -> None:
+    """Backpropagate ``grad`` (the loss gradient at ``out``) through the block
+    that produced ``out``; nothing to do when the block has no parameters."""
+    if grad is not None and out.requires_grad:
+        out.backward(grad)
+
+
 def untimed(phase: str) -> ContextManager[None]:
     """The default ``timed`` of :func:`local_update`: phases are not observed."""
     return nullcontext()
@@ -114,10 +142,14 @@ def local_update(
         ``loss_fn(scores, y) -> scalar tensor``, e.g. ``F.cross_entropy``.
     timed : callable
         ``timed(phase)`` returns a context manager entered around each of the
-        three phases, in order: ``"aux"`` (head forward and loss), ``"bwd"``
-        (backward through head and block) and ``"update"`` (the optimizer
+        three phases, in order: ``"aux"`` (the head's forward, loss and
+        backward down to the block's output: the auxiliary head's whole
+        cost, the trace's ``aux`` op), ``"bwd"`` (backward through the block
+        alone, the same op as backprop's) and ``"update"`` (the optimizer
         step). The runtime times each phase as a span of that name; the
-        trainers leave the default, which observes nothing.
+        trainers leave the default, which observes nothing. The split is the
+        chain rule at the block's output, so the gradients are those of one
+        backward through head and block.
 
     Returns
     -------
@@ -125,10 +157,11 @@ def local_update(
         The local loss before the update.
     """
     with timed("aux"):
-        loss = local_loss(out, head, y, loss_fn)
-    with timed("bwd"):
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = local_loss(out, head, y, loss_fn)
+        grad_out = head_backward(loss, out, head)
+    with timed("bwd"):
+        block_backward(out, grad_out)
     with timed("update"):
         optimizer.step()
     return loss.item()
