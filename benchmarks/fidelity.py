@@ -126,9 +126,28 @@ def held_out(steps: int, quick: bool) -> list[tuple[str, Any]]:
     return cases
 
 
+def cost_moves(measured: Any, predicted: Any, top: int = 3) -> list[list[Any]]:
+    """The ``top`` op costs (block:op, and the message latency) of a held-out
+    run furthest from what the prediction charged them, as
+    ``[key, measured / predicted]``: where calibrated costs did not carry."""
+    import math
+
+    ratios = []
+    for b, ops in measured.per_block.items():
+        for op, v in ops.items():
+            q = predicted.per_block.get(b, {}).get(op)
+            if q and v and op in ("fwd", "bwd", "aux", "update", "hstep", "loss"):
+                ratios.append([f"{b}:{op}", v / q])
+    if measured.comm and predicted.comm:
+        ratios.append(["comm", measured.comm / predicted.comm])
+    ratios.sort(key=lambda kv: -abs(math.log(kv[1])))
+    return ratios[:top]
+
+
 def predict_row(label: str, traces: list[Any], costs: Any, mb_costs: Any) -> dict[str, Any]:
     """The prediction of one held-out case against its repeats."""
-    from bpsim.sim import simulate_like
+    from bpsim.sim import Costs, simulate, simulate_like
+    from bpsim.sim.api import like_kwargs
     from bpsim.sim.calibrate import median_run
     from bpsim.sim.results import buffer_stats
 
@@ -137,10 +156,14 @@ def predict_row(label: str, traces: list[Any], costs: Any, mb_costs: Any) -> dic
     pred = simulate_like(t, mb_costs if algo in PIPES else costs)
     spans = sorted(x.makespan for x in traces)
     med = statistics.median(spans)
+    # its own costs already hold its slowdown, so simulate them without it
+    own = simulate(**{**like_kwargs(t), "slowdown": {}}, costs=Costs.from_trace(t))
     row = {"case": label, "algo": algo, "steps": t.meta["steps"], "repeats": len(spans),
            "makespan_measured": med, "makespans_measured": spans,
            "makespan_simulated": pred.makespan, "makespan_error": pred.makespan / med - 1,
-           "half_spread": (spans[-1] - spans[0]) / 2 / med}
+           "half_spread": (spans[-1] - spans[0]) / 2 / med,
+           "self_error": own.makespan / med - 1,
+           "cost_moves": cost_moves(Costs.from_trace(t), Costs.from_trace(pred.trace))}
     if algo == "dgl-async":
         row["buffers"] = buffer_stats(pred.trace)
         row["measured_buffers"] = buffer_stats(t)
@@ -207,13 +230,20 @@ def markdown(o: dict[str, Any]) -> str:
     lines += ["## Prediction", "",
               f"Calibrated on `dgl` ({s['steps']} steps), each case measured "
               f"{s['repeats']} times after {WARMUP} warm-up steps; error of the prediction "
-              "against the median measured makespan, beside half the repeats' spread.", "",
-              "| case | measured (s) | predicted (s) | error | half spread | buffers predicted |"
-              " buffers measured |", "|---|---|---|---|---|---|---|"]
+              "against the median measured makespan, beside half the repeats' spread. "
+              "*Self* is the error when the case is simulated with its own calibrated costs "
+              "instead (what the model does with costs that fit); *costs that moved* are the "
+              "case's measured op costs (block:op, message latency) furthest from those the "
+              "prediction charged, as measured / charged.", "",
+              "| case | measured (s) | predicted (s) | error | half spread | self | "
+              "costs that moved | buffers predicted | buffers measured |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in p["cases"]:
+        moved = ", ".join(f"{k} x{v:.2f}" for k, v in r.get("cost_moves", []))
         lines.append(f"| {r['case']} | {r['makespan_measured']:.4g} | "
                      f"{r['makespan_simulated']:.4g} | {_pct(r['makespan_error'])} | "
-                     f"{_pct(r['half_spread'], False)} | {_buf(r.get('buffers'))} | "
+                     f"{_pct(r['half_spread'], False)} | {_pct(r.get('self_error'))} | "
+                     f"{moved} | {_buf(r.get('buffers'))} | "
                      f"{_buf(r.get('measured_buffers'))} |")
     lines += ["", f"Mean signed error {p['mean_error']:+.2%}; {p['within']} of "
                   f"{len(p['cases'])} cases within half their spread + 2 %.", ""]
