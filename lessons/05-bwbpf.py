@@ -285,8 +285,10 @@ viz.learning_curves(histories, title=f"backprop, DGL and BWBPF ({'digits' if FAS
 # spatial information, so block 1's dense head scores well below DGL's MLP-aux head on the same block (the $K = 4$
 # rows). The block itself is not useless for that: block 2, reading its features, does fine.
 #
-# **Why BWBPF's output layer trails its own block-$K$ head.** In the $K = 4$ row the network's prediction (the output
-# layer) scores below the GAP + linear head on the same block 4. The features are not the problem. The output layer is
+# **Why BWBPF's output layer trails its own block-$K$ head.** In the fast run's $K = 4$ row the network's prediction
+# (the output layer) scores well below the GAP + linear head on the same block 4; in full mode, with more data and
+# epochs, the two end level, and in the committed benchmark below the output layer trails by about a point. The
+# features are not the problem. The output layer is
 # DGL's 3-layer classifier, trained only by the global loss on features that keep changing under it while the blocks
 # learn; the linear head is trained together with its block. Freeze the blocks and give the output layer one more epoch
 # on the now fixed features:
