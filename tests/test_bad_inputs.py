@@ -101,6 +101,8 @@ CLI = [
     ("train-lr-nan", ["train", "bp", "--lr", "nan"]),
     ("train-lr-empty", ["train", "bp", "--lr", ""]),
     ("train-lr-too-many", ["train", "bp", "--lr", "0.1,0.1,0.1"]),
+    ("train-lr-over-float32", ["train", "dgl", "--lr", "1e300"]),
+    ("train-weight-decay-inf", ["train", "bp", "--weight-decay", "inf"]),
     ("train-gamma-nan", ["train", "bp", "--gamma", "nan"]),
     ("train-gamma-negative", ["train", "bp", "--gamma", "-1"]),
     ("train-momentum-inf", ["train", "bp", "--momentum", "inf"]),
@@ -137,6 +139,7 @@ CLI = [
     # run: everything is refused before a process starts
     ("run-unknown-method", ["run", "nope"]),
     ("run-workers-0", ["run", "dgl", "--workers", "0"]),
+    ("run-lr-over-float32", ["run", "dgl", "--lr", "1e300"]),
     ("run-workers-blocks", ["run", "bp", "--workers", "3", "--blocks", "2"]),
     ("run-steps-0", ["run", "dgl", "--steps", "0"]),
     ("run-threads-0", ["run", "dgl", "--threads", "0"]),

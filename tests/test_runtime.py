@@ -485,3 +485,23 @@ def test_host_on_every_interface_warns(capsys):
     assert res.summary["ok"]
     err = capsys.readouterr().err
     assert "every interface" in err and "network" in err
+
+
+def test_a_non_finite_weight_stops_the_run_naming_the_block():
+    """The runtime's last check: weights spoiled by the last step, with no loss
+    left to show it, stop the run with the block's name (as a diverged loss does)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from bpsim.algorithms.base import DivergenceError
+    from bpsim.runtime.schedules import BlockCtx
+
+    layer = torch.nn.Linear(3, 2)
+    ctx = SimpleNamespace(module=layer, algo="dgl", block=2, trainer=SimpleNamespace(lrs=[0.1, 0.1]))
+    BlockCtx.check_weights(ctx, 9)                     # finite: nothing happens
+    with torch.no_grad():
+        layer.weight[0, 1] = float("inf")
+    with pytest.raises(DivergenceError, match=r"after step 10.*block 2") as e:
+        BlockCtx.check_weights(ctx, 9)
+    assert "\n" not in str(e.value)

@@ -57,6 +57,9 @@ def method_aux(name: str) -> str | None:
     return m.default("aux") if "aux" in m.options else None
 
 
+#: the largest float32: a step size above it cannot multiply a float32 tensor
+_FLOAT32_MAX = 3.4028234663852886e38
+
 class DivergenceError(ValueError):
     """Training produced NaN or inf; the message says where and what to try."""
 
@@ -237,12 +240,13 @@ class Trainer:
     ) -> None:
         n_opt = len(net) + (net.output is not None)
         self.lrs = _per_block(lr, n_opt, "lr")
-        if any(v <= 0 or not _finite(v) for v in self.lrs):
-            raise ValueError(f"learning rates must be > 0, got {self.lrs}")
+        if any(v <= 0 or not _finite(v) or v > _FLOAT32_MAX for v in self.lrs):
+            raise ValueError(f"learning rates must be finite numbers > 0 (at most "
+                             f"{_FLOAT32_MAX:.3g}, the largest float32), got {self.lrs}")
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if not (0 <= weight_decay <= _FLOAT32_MAX):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if task not in ("classification", "regression"):

@@ -168,3 +168,4 @@ def run_pipeline(algo: str, ctx: BlockCtx, stage_module: nn.Module, stage_index:
         ctx.update(t, grad_scale=1.0 / microbatches)
         if on_step_end is not None:
             on_step_end(t)
+    ctx.check_weights(steps - 1)

@@ -243,6 +243,16 @@ class BlockCtx:
                            f"lower the learning rate (lr={self.trainer.lrs})")
         self.losses.append(value)
 
+    def check_weights(self, step: int) -> None:
+        """Stop the run, naming this block, when one of its weights is no
+        longer finite (a last step can spoil the weights without a loss to
+        show it)."""
+        for p in self.module.parameters():
+            if not bool(torch.isfinite(p).all()):
+                raise diverged(self.algo, f"after step {step + 1}",
+                               f"a weight of block {self.block} is not finite",
+                               f"lower the learning rate (lr={self.trainer.lrs})")
+
     def waited(self, step: int, mb: int = 0, until: float | None = None) -> None:
         """Record the time from the end of the last span to ``until`` (default:
         now) as a ``wait`` span (the thread was blocked in a library call,

@@ -157,6 +157,7 @@ def drive_dist(ctx: BlockCtx, comm: DistComm, step_fn: Callable, steps: int,
             else:
                 raise TypeError(f"a schedule yielded {req!r}; expected Send, Recv or Take")
         on_step_end(t)
+    ctx.check_weights(steps - 1)
 
 
 def _starved(block: int, step: int) -> str:
@@ -219,6 +220,8 @@ def drive_local(ctxs: Sequence[BlockCtx], comm: LocalComm, step_fn: Callable, st
                 pending[i], vals[i], req = None, ans, None
                 progressed = True
         if done:
+            for c in ctxs:
+                c.check_weights(steps - 1)
             return
         if not progressed:
             raise RuntimeError("the blocks wait for each other (deadlock in the local executor); "
