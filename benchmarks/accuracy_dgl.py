@@ -1,4 +1,4 @@
-"""Accuracy of DGL, async DGL and BWBPF against backprop (issue 3).
+"""Accuracy of DGL, async DGL and BWBPF against backprop.
 
 DGL's VGG-like CNN (Sec. 4.1: six 3x3 conv+BN+ReLU layers, max-pooling
 after layers 1 and 3, width doubling at each pooling), at a reduced width,

@@ -1,4 +1,4 @@
-"""Throughput of the multi-process runtime (issue 4, item 7).
+"""Throughput of the multi-process runtime.
 
 Measures, on CPU with compute-heavy blocks (an MLP of width 1024, batch 128,
 two blocks of four layers each, DGL heads ``linear``):
@@ -6,7 +6,7 @@ two blocks of four layers each, DGL heads ``linear``):
 1. samples/s of every runtime algorithm at ``--workers 1`` (both blocks in
    one process) and ``--workers 2`` (one block per process), one torch
    thread per process, so both use one core per process;
-2. the ratios the issue asks for: dgl at 2 workers over dgl at 1 worker,
+2. the ratios that show update unlocking: dgl at 2 workers over dgl at 1 worker,
    and dgl over bp at 2 workers;
 3. ``dgl-async`` with one rank slowed down ``S = 2`` (real extra work): the
    *other* rank's updates/s against the run without slowdown;
