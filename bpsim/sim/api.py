@@ -30,6 +30,11 @@ MAX_SPANS = 20_000_000
 _TIMED = ("microbatches", "buffer", "max_reuse", "nh", "cache_every")
 
 
+#: the costs of the span estimate's probe: every op and message takes time,
+#: so every kind of span (waits and message spans included) is recorded
+_PROBE = Costs.parse("fwd=1,bwd=2,aux=0.5,update=0.5,hstep=1,comm=0.25")
+
+
 class SpanLimitError(ValueError):
     """A simulation would record more than :data:`MAX_SPANS` spans."""
 
@@ -50,7 +55,7 @@ def estimate_spans(algo: str, blocks: int, steps: int, **options: Any) -> int:
     probe = min(steps, 2)
     opts = {k: v for k, v in options.items() if k in _TIMED}
     rendezvous = method.protocol == "rendezvous"
-    eng = Engine(blocks, Costs().table(blocks, {}), parse_placement(None, blocks),
+    eng = Engine(blocks, _PROBE.table(blocks, {}), parse_placement(None, blocks),
                  rendezvous=rendezvous)
     methods.load(method.schedule)(eng, probe, steps_per_epoch=probe, **opts)
     eng.env.run()
