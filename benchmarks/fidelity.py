@@ -64,26 +64,11 @@ def cfg(algo: str, steps: int, workers: int = 2, blocks: int = 2, **kw: Any) -> 
     return RunConfig(algo, workers=workers, **base)
 
 
-def trim(t: Any, warmup: int) -> Any:
-    """``t`` without its first ``warmup`` steps; the meta's steps and buffer
-    reads follow the renumbering (reads of entries written in the warm-up
-    are dropped)."""
-    out = t.without_warmup(warmup)
-    out.meta["steps"] = t.meta["steps"] - warmup
-    reads = out.meta.get("buffer_reads")
-    if reads:
-        out.meta["buffer_reads"] = {k: [[s - warmup, p - warmup, n] for s, p, n in v
-                                        if s >= warmup and p >= warmup]
-                                    for k, v in reads.items()}
-    return out
-
-
 def measure(c: Any, warmup: int = 0) -> Any:
     """Run ``c`` (``warmup`` extra steps first) and return its trace without them."""
     from bpsim.runtime import run
 
-    t = run(replace(c, steps=c.steps + warmup)).trace
-    return trim(t, warmup) if warmup else t
+    return run(replace(c, steps=c.steps + warmup)).trace.without_warmup(warmup)
 
 
 # ------------------------------------------------------------------ replay
@@ -172,7 +157,7 @@ def predict_row(label: str, traces: list[Any], costs: Any, mb_costs: Any) -> dic
         # the buffers carry the producer's lead out of the warm-up: simulate
         # the warm-up too and read both runs' buffers over the same steps
         full = simulate(**{**like_kwargs(t), "steps": t.meta["steps"] + WARMUP}, costs=costs)
-        row["buffers"] = buffer_stats(trim(full.trace, WARMUP))
+        row["buffers"] = buffer_stats(full.trace.without_warmup(WARMUP))
         row["measured_buffers"] = buffer_stats(t)
     return row
 

@@ -232,6 +232,9 @@ class Trace:
         time): measure ``n + N`` steps, keep the last ``N``, and compare
         them with a simulation of ``N`` steps. Message ids whose send or
         recv fell in the warm-up are cleared, so every kept pair is whole.
+        The meta follows: its ``steps`` loses ``n``, and its replay-buffer
+        reads (``buffer_reads``) keep only reads of entries written after
+        the warm-up, renumbered like the spans.
         """
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"warm-up steps must be an integer >= 0, got {n!r}")
@@ -240,7 +243,13 @@ class Trace:
         recvs = {r[8] for r in kept if r[2] == "recv" and r[8] is not None}
         whole = sends & recvs
         rows = [r[:4] + (r[4] - n,) + r[5:8] + (r[8] if r[8] in whole else None,) for r in kept]
-        return Trace.from_rows(rows, dict(self.meta, warmup_steps_dropped=n))
+        meta = dict(self.meta, warmup_steps_dropped=n)
+        if isinstance(meta.get("steps"), int):
+            meta["steps"] = max(meta["steps"] - n, 0)
+        if meta.get("buffer_reads"):
+            meta["buffer_reads"] = {k: [[s - n, p - n, c] for s, p, c in v if s >= n and p >= n]
+                                    for k, v in meta["buffer_reads"].items()}
+        return Trace.from_rows(rows, meta)
 
     # -------------------------------------------------------------- checks
     def check(self, tol: float = 1e-9) -> "Trace":

@@ -192,3 +192,14 @@ def test_without_warmup_drops_first_steps_and_orphaned_messages():
     assert w.meta["warmup_steps_dropped"] == 1 and t.meta == {"algo": "dgl"}
     with pytest.raises(ValueError, match="warm-up"):
         t.without_warmup(-1)
+
+
+def test_without_warmup_renumbers_the_meta_steps_and_buffer_reads():
+    from bpsim import sim
+
+    t = sim.simulate("dgl-async", blocks=2, steps=12, costs="fwd=1,bwd=2,comm=0.1",
+                     slowdown={2: 2.0}).trace
+    w = t.without_warmup(3)
+    assert w.meta["steps"] == 9 and t.meta["steps"] == 12
+    reads = t.meta["buffer_reads"]["2"]
+    assert w.meta["buffer_reads"]["2"] == [[s - 3, p - 3, c] for s, p, c in reads if s >= 3 and p >= 3]
