@@ -31,9 +31,23 @@ def test_h_step_correct_close_and_not_attempted(net, batch):
     fb = checks.h_step(net, x, y, LAM, NH, LR, right)
     assert fb.status == "correct" and bool(fb)
     assert checks.h_step(net, x, y, LAM, NH, LR, [right]).status == "correct"  # a one-element list is accepted
-    assert checks.h_step(net, x, y, LAM, NH, LR, right * 1.01).status == "close"
+    start = blockprop.h_step(net, x, y, LAM, 0, LR)[0]                          # b_1(x)
+    near = right + 0.02 * (right - start)                 # off by 2 % of the distance h*_2 moves from b_1(x)
+    fb = checks.h_step(net, x, y, LAM, NH, LR, near)
+    assert fb.status == "close" and "distance h*_2 moves" in fb.message, fb
     assert checks.h_step(net, x, y, LAM, NH, LR, ...).status == "not attempted"
     assert checks.h_step(net, x, y, LAM, NH, LR, None).status == "not attempted"
+
+
+def test_h_step_close_is_judged_against_the_move_not_the_size_of_h(net, batch):
+    """An h that went only 70 % of the way from b_1(x) is within 5 % of |h*_2| but not close to the answer."""
+    x, y = batch
+    right = blockprop.h_step(net, x, y, LAM, NH, LR)[0]
+    start = blockprop.h_step(net, x, y, LAM, 0, LR)[0]
+    partway = start + 0.7 * (right - start)
+    assert float((partway - right).abs().max() / right.abs().max()) < 5e-2   # "close" by the size of h alone
+    fb = checks.h_step(net, x, y, LAM, NH, LR, partway)
+    assert fb.status == "incorrect" and abs(fb.details["off"] - 0.3) < 1e-3, fb
 
 
 def test_h_step_by_hand_matches(net, batch):

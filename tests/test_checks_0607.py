@@ -104,7 +104,13 @@ def test_replay_order_other_answers():
     assert checks.replay_order(...).status == "not attempted"
     other = checks.replay_order([2, 1, 3, 2, 3])
     assert other.status == "incorrect" and "read count" in other.message, other
-    assert checks.replay_order([2, 1]).status == "incorrect"           # wrong length
+    assert "items 4 and 5 of 5" in other.message and "relative error" not in other.message, other
+    assert other.details["wrong_gets"] == [4, 5]
+    one = checks.replay_order([2, 1, 3, 3, 1])
+    assert "item 5 of 5 differs" in one.message, one
+    short = checks.replay_order([2, 1])                                 # wrong length
+    assert short.status == "incorrect" and "your list has 2" in short.message, short
+    assert checks.replay_order("2, 1, 3, 3, 2").status == "incorrect"  # not a list of items
 
 
 # ------------------------------------------------------------- slowdown_pmf

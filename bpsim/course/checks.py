@@ -53,11 +53,15 @@ def compare(
     close_rtol: float = 5e-2,
     mistakes: Sequence[tuple[Any, str]] = (),
     hint: str = "",
+    close_scale: tuple[float, str] | None = None,
 ) -> Feedback:
     """Compare an answer (number, array, tensor or list of tensors) with the expected value.
 
     ``mistakes`` lists ``(wrong value, hint)`` pairs: an answer equal to a
-    known wrong value gets that hint. Within ``close_rtol`` it is "close".
+    known wrong value gets that hint. Within ``close_rtol`` it is "close":
+    relative to the largest ``|expected|``, or, with ``close_scale=(size, what)``,
+    relative to ``size`` (an answer that should differ from a starting point is
+    close only when it is off by a small part of the distance it should move).
     """
     if answer is None or answer is Ellipsis:
         return Feedback("not attempted", "replace the ... / None with your answer and run the cell again")
@@ -77,6 +81,11 @@ def compare(
         w = _as_array(wrong)
         if w.shape == a.shape and float(np.max(np.abs(a - w))) / scale <= rtol:
             return Feedback("incorrect", why, {"rel_error": err})
+    if close_scale is not None:
+        size, what = close_scale
+        off = float(np.max(np.abs(a - e))) / max(float(size), 1e-12)
+        msg = f"off by {off:.1e} of {what}. {hint}".strip()
+        return Feedback("close" if off <= close_rtol else "incorrect", msg, {"rel_error": err, "off": off})
     if err <= close_rtol:
         return Feedback("close", f"relative error {err:.1e}. {hint}".strip(), {"rel_error": err})
     return Feedback("incorrect", f"relative error {err:.1e}. {hint}".strip(), {"rel_error": err})
@@ -186,15 +195,35 @@ def replay_order(answer: Any) -> Feedback:
         put(3)
         return served + [get(), get(), get()]
 
-    return compare(answer, served_by("bpsim"), rtol=1e-9, close_rtol=0.0, mistakes=[
-        (served_by("lifo"), "always serving the newest entry ignores the reuse counts: an entry that has been "
-                          "read fewer times goes first"),
-        (served_by("fifo"), "among entries read equally often the buffer serves the *newest* (last in, first out), "
-                          "not the oldest"),
-        (served_by("no-eviction"), "the buffer holds only M = 3 entries: putting 3 overwrites the oldest entry, 0, "
-                                 "even though nobody has read it"),
-    ], hint="track each entry's read count; serve the smallest count, the newest among ties; "
-            "a full buffer drops its oldest entry")
+    hint = "track each entry's read count; serve the smallest count, the newest among ties; " \
+           "a full buffer drops its oldest entry"
+    if answer is None or answer is Ellipsis:
+        return compare(answer, 0.0)
+    expected = served_by("bpsim")
+    try:
+        got = [float(v) for v in answer]
+    except (TypeError, ValueError):
+        return Feedback("incorrect", f"expected the list of the {len(expected)} items served, in order, "
+                                     f"got {type(answer).__name__}")
+    if len(got) != len(expected):
+        return Feedback("incorrect", f"the {len(expected)} gets serve {len(expected)} items; your list has {len(got)}")
+    wrong = [i + 1 for i, (g, e) in enumerate(zip(got, expected)) if g != e]
+    if not wrong:
+        return Feedback("correct", f"the buffer serves {expected}", {"wrong_gets": []})
+    for rule, why in (
+        ("lifo", "always serving the newest entry ignores the reuse counts: an entry that has been "
+                 "read fewer times goes first"),
+        ("fifo", "among entries read equally often the buffer serves the *newest* (last in, first out), "
+                 "not the oldest"),
+        ("no-eviction", "the buffer holds only M = 3 entries: putting 3 overwrites the oldest entry, 0, "
+                        "even though nobody has read it"),
+    ):
+        if got == served_by(rule):
+            return Feedback("incorrect", why, {"wrong_gets": wrong})
+    which = ", ".join(map(str, wrong[:-1])) + (" and " if len(wrong) > 1 else "") + str(wrong[-1])
+    items = f"items {which} of {len(expected)} differ" if len(wrong) > 1 else f"item {which} of {len(expected)} differs"
+    return Feedback("incorrect", f"{items} from what the buffer serves. {hint[0].upper()}{hint[1:]}",
+                    {"wrong_gets": wrong})
 
 
 def slowdown_pmf(blocks: int, block: int, factor: float, answer: Any) -> Feedback:
@@ -227,7 +256,9 @@ def h_step(net: Any, x: Any, y: Any, lam: float, n_h: int, lr_h: float, answer: 
 
     The expected value is ``blockprop.h_step``; known mistakes are recomputed
     with ``blockprop.h_update`` (zero start, unscaled batch-mean step, a step
-    too few or too many, the spring left out).
+    too few or too many, the spring left out). "Close" means off by at most 5 %
+    of the distance ``h*_2`` moves from ``b_1(x)``, not 5 % of ``h*_2`` itself:
+    an h that stayed near its start is not close.
     """
     import torch
 
@@ -256,7 +287,9 @@ def h_step(net: Any, x: Any, y: Any, lam: float, n_h: int, lr_h: float, answer: 
                          f"one step short: take exactly n_h = {n_h} gradient steps"))
     mistakes.append((blockprop.h_update(top, a, y, lam, None, n_h + 1, lr_h),
                      f"one step too many: take exactly n_h = {n_h} gradient steps"))
+    moved = float((expected - a).abs().max())   # how far h*_2 moved from b_1(x): "close" is judged against it
     return compare(answer, expected, rtol=1e-4, close_rtol=5e-2, mistakes=mistakes,
+                   close_scale=(moved, "the distance h*_2 moves from b_1(x)"),
                    hint="start at b_1(x), then repeat n_h times: gradient of L_2 with respect to h, "
                         "h <- h - lr_h * B * grad (B = batch size)")
 
