@@ -11,7 +11,7 @@ STAMP := $(VENV)/.bpsim-installed
 TORCH_CPU ?= torch==2.13.0
 NBVAL_FLAGS := --nbval-lax --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg -p no:randomly
 
-.PHONY: setup lab lab-solutions students test test-unit test-notebooks test-browser notebooks check bench clean
+.PHONY: setup lab lab-solutions students test test-unit test-notebooks test-browser notebooks check bench results clean
 
 setup: $(STAMP)
 
@@ -94,6 +94,34 @@ notebooks: $(STAMP)
 
 bench: $(STAMP)
 	@for s in benchmarks/[!_]*.py; do echo "== $$s"; $(BIN)/python $$s --quick || exit 1; done
+
+# Every committed result in benchmarks/results/, regenerated from the current commit, each stamped with its
+# provenance and fingerprints (tests/test_results.py). Commit the code first: a result made with uncommitted
+# changes fails that test. About 4.5 hours on one quiet core (README, Benchmarks); `make results RESULTS=theory`
+# runs only the lines whose result name contains that word.
+RESULT_RUNS := \
+  theory:benchmarks/theory.py \
+  memory:benchmarks/memory.py \
+  simspeed:benchmarks/simspeed.py \
+  costmodel:benchmarks/costmodel.py \
+  throughput:benchmarks/throughput.py \
+  fidelity:benchmarks/fidelity.py \
+  accuracy_dgl_async_digits:benchmarks/accuracy_dgl.py@--data@digits@--only@async_slowdown@async_buffer@--seeds@0@1@2@3@4@--epochs@4@--name@accuracy_dgl_async_digits \
+  accuracy_dgl_greedy_digits_4ep:benchmarks/accuracy_dgl.py@--data@digits@--only@greedy@--seeds@0@1@2@3@4@--epochs@4@--name@accuracy_dgl_greedy_digits_4ep \
+  accuracy_dgl_greedy_digits:benchmarks/accuracy_dgl.py@--data@digits@--only@greedy@--seeds@0@1@2@3@4@--epochs@15@--name@accuracy_dgl_greedy_digits \
+  accuracy_blockprop:benchmarks/accuracy_blockprop.py@--epochs@10@--seeds@0@1@2 \
+  accuracy_dgl:benchmarks/accuracy_dgl.py@--seeds@0@1@2 \
+  accuracy_dgl_vs_bp:benchmarks/accuracy_dgl.py@--only@dgl_vs_bp@aux@--n-train@10000@--n-test@10000@--epochs@12@--weight-decay@5e-4@--seeds@0@1@2@--name@accuracy_dgl_vs_bp \
+  accuracy_dgl_vs_bp_20k:benchmarks/accuracy_dgl.py@--only@dgl_vs_bp@--n-train@20000@--n-test@10000@--epochs@12@--weight-decay@5e-4@--seeds@0@1@2@--name@accuracy_dgl_vs_bp_20k
+RESULTS ?=
+
+results: $(STAMP)
+	@git diff --quiet HEAD -- bpsim benchmarks/*.py || echo "warning: uncommitted changes in bpsim/ or benchmarks/: tests/test_results.py will refuse these results"
+	@total=$$SECONDS; for run in $(RESULT_RUNS); do name=$${run%%:*}; cmd=$${run#*:}; \
+	  case "$$name" in *"$(RESULTS)"*) ;; *) continue;; esac; \
+	  t=$$SECONDS; echo "== $$name: python $${cmd//@/ }"; \
+	  $(BIN)/python $${cmd//@/ } >/dev/null || exit 1; echo "== $$name: $$((SECONDS - t)) s"; done; \
+	  $(BIN)/python -m bpsim.course.claims; echo "== make results: $$((SECONDS - total)) s"
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .hypothesis $(STUDENT)

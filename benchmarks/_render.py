@@ -34,3 +34,16 @@ def gpu_suffix(o: dict[str, Any]) -> str:
     """`` (GPU name)`` for a saved run whose setup says it ran on CUDA, else nothing."""
     gpu = o["machine"].get("gpu")
     return f" ({gpu})" if gpu and o["setup"].get("device") == "cuda" else ""
+
+
+def provenance_line(saved: dict[str, Any]) -> str:
+    """One line saying what made a saved result (its ``provenance``), or that nothing recorded it."""
+    p = saved.get("provenance")
+    if not p:
+        return ("Provenance: not recorded. This result predates the recording of the commit that made it, so it "
+                "may not come from the current code (*stale*); `make results` regenerates it.")
+    commit = (p.get("commit") or "unknown")[:10] + (" with uncommitted changes" if p.get("dirty") else "")
+    fp = p.get("fingerprint") or {}
+    return (f"Provenance: commit {commit}, {p['mode']} mode, {p['date']}; torch {p['torch']}, Python {p['python']}, "
+            f"{p['processor']} ({p['cores']} cores). Command: `{p['command']}`. Fingerprints of {len(fp)} "
+            "configuration(s) recorded (`tests/test_results.py` recomputes them).")

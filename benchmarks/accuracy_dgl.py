@@ -44,6 +44,8 @@ from bpsim import data, nets  # noqa: E402
 from bpsim.algorithms import get_trainer  # noqa: E402
 from bpsim.algorithms.base import head_accuracies  # noqa: E402
 from bpsim.trace import atomic_write_text  # noqa: E402
+from _provenance import stamp, trainer_fp  # noqa: E402
+from _render import provenance_line  # noqa: E402
 
 SECTIONS = ("dgl_vs_bp", "aux", "async_slowdown", "async_buffer", "bwbpf", "greedy")
 SLOWED_BLOCK = 2  # 1-based block slowed down in the async sweeps
@@ -73,24 +75,45 @@ def key(cfg: dict) -> str:
     return ",".join(f"{k}={cfg[k]}" for k in sorted(cfg))
 
 
-def run(cfg: dict, train, test, args, seed: int) -> dict:
-    """Train one configuration from ``seed`` and return its record."""
+def make(cfg: dict, settings: dict, seed: int):
+    """The net and trainer of configuration ``cfg`` under the study's ``settings`` (data, width, epochs,
+    batch_size, lr, weight_decay: the saved ``info`` or the command line's), and its epochs to ``fit``."""
     cls = get_trainer(cfg["algo"])
-    desc = data.describe(args.data)
-    net = nets.build("cnn", desc.input_shape, desc.n_classes, cfg["blocks"], width=args.width,
+    desc = data.describe(settings["data"])
+    net = nets.build("cnn", desc.input_shape, desc.n_classes, cfg["blocks"], width=settings["width"],
                      aux=cfg.get("aux"), output_layer=cls.output_layer, seed=seed)
     kw = {}
     if cfg["algo"] == "dgl-async":
         kw = dict(buffer=cfg["buffer"], slowdown=(SLOWED_BLOCK, cfg["slowdown"]))
-    milestones = [max(1, (3 * args.epochs) // 4)] if args.epochs > 1 else []
-    epochs = args.epochs
-    if cfg.get("schedule") == "constant":
-        milestones = []
-    if cfg["algo"] == "greedy":
-        epochs = args.epochs * cfg["blocks"]    # every block trains for args.epochs epochs, one after the other
-    trainer = cls(net, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay,
-                  batch_size=args.batch_size, milestones=milestones, gamma=0.2, seed=seed,
+    e = settings["epochs"]
+    milestones = [max(1, (3 * e) // 4)] if e > 1 and cfg.get("schedule") != "constant" else []
+    epochs = e * cfg["blocks"] if cfg["algo"] == "greedy" else e   # greedy: every block e epochs in turn
+    trainer = cls(net, lr=settings["lr"], momentum=0.9, weight_decay=settings["weight_decay"],
+                  batch_size=settings["batch_size"], milestones=milestones, gamma=0.2, seed=seed,
                   progress=False, **kw)
+    return net, trainer, epochs
+
+
+def fingerprint(saved: dict) -> dict[str, str]:
+    """Per configuration of a saved study, the float64 fingerprint of its trainer's first steps
+    (two batches; greedy gets two per block)."""
+    info = saved["info"]
+    settings = dict(info, data=info.get("data", "fashion-mnist"))
+    shape = data.describe(settings["data"]).input_shape
+    cfgs = {cfg_key(r): {k: r[k] for k in r if k in CFG_KEYS} for rows in saved["results"].values() for r in rows}
+    out = {}
+    for k, cfg in sorted(cfgs.items()):
+        def build(cfg=cfg):
+            net, trainer, _ = make(cfg, settings, 0)
+            return net, trainer
+        out[k] = trainer_fp(build, shape, settings["batch_size"],
+                            epochs=cfg["blocks"] if cfg["algo"] == "greedy" else 1)
+    return out
+
+
+def run(cfg: dict, train, test, args, seed: int) -> dict:
+    """Train one configuration from ``seed`` and return its record."""
+    net, trainer, epochs = make(cfg, vars(args), seed)
     t0, c0 = time.perf_counter(), time.process_time()
     hist = trainer.fit(train, epochs)  # evaluated once, at the end (saves time)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -178,7 +201,17 @@ def merge(parts: list[dict]) -> dict:
     info.update(seeds=seeds, command=" ; ".join(p["info"]["command"] for p in parts),
                 total_wall_s=sum(p["info"]["total_wall_s"] for p in parts),
                 total_cpu_s=sum(p["info"].get("total_cpu_s") or 0 for p in parts))
-    return {"results": results, "info": info}
+    out = {"results": results, "info": info}
+    provs = [p.get("provenance") for p in parts]
+    if all(provs):   # parts of one study: one commit, one mode; fingerprints of every part's configurations
+        for k in ("commit", "dirty", "mode", "torch", "processor"):
+            if len({str(q[k]) for q in provs}) > 1:
+                raise ValueError(f"cannot merge results with different {k} in their provenance: "
+                                 + ", ".join(str(q[k]) for q in provs))
+        out["provenance"] = dict(provs[0], command=" ; ".join(q["command"] for q in provs),
+                                 date=max(q["date"] for q in provs),
+                                 fingerprint={k: v for q in provs for k, v in (q["fingerprint"] or {}).items()})
+    return out
 
 
 def _pct(v: float | None) -> str:
@@ -189,7 +222,7 @@ def _fmt_list(v) -> str:
     return "[" + ", ".join("n/a" if x is None else f"{x:.2f}" for x in v) + "]"
 
 
-def markdown(results: dict[str, list[dict]], info: dict) -> str:
+def markdown(results: dict[str, list[dict]], info: dict, provenance: dict | None = None) -> str:
     results = {sec: aggregate(rows) for sec, rows in results.items()}
     by = {cfg_key(r): r for rows in results.values() for r in rows}
     seeds = info.get("seeds", [info.get("seed", 0)])
@@ -296,7 +329,7 @@ def markdown(results: dict[str, list[dict]], info: dict) -> str:
     if info.get("load_avg_at_end") is not None:
         tail += (f"; load average {info['load_avg_at_end']:.1f} at the end (the machine is shared, "
                  "so wall times are only indicative)")
-    md += [tail + ".", ""]
+    md += [tail + ".", "", provenance_line({"provenance": provenance}), ""]
     return "\n".join(md)
 
 
@@ -327,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.render:
         saved = merge([json.load(open(f, encoding="utf-8")) for f in args.render])
-        md = markdown(saved["results"], saved["info"])
+        md = markdown(saved["results"], saved["info"], saved.get("provenance"))
         if len(args.render) > 1:
             atomic_write_text(args.render[0], json.dumps(saved, indent=2))
         atomic_write_text(os.path.splitext(args.render[0])[0] + ".md", md)
@@ -367,12 +400,12 @@ def main(argv: list[str] | None = None) -> int:
         "total_cpu_s": sum(r["cpu_s"] for r in done.values()),
         "load_avg_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
-    md = markdown(results, info)
+    saved = stamp({"results": results, "info": info}, "accuracy_dgl", argv, args.quick, fingerprint)
+    md = markdown(results, info, saved["provenance"])
     print(md)
     if out is not None:
         os.makedirs(out, exist_ok=True)
-        atomic_write_text(os.path.join(out, args.name + ".json"),
-                          json.dumps({"results": results, "info": info}, indent=2))
+        atomic_write_text(os.path.join(out, args.name + ".json"), json.dumps(saved, indent=2))
         atomic_write_text(os.path.join(out, args.name + ".md"), md)
     return 0
 

@@ -34,7 +34,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from _render import render  # noqa: E402
+from _provenance import digest, float64, params_summary, stamp  # noqa: E402
+from _render import provenance_line, render  # noqa: E402
 from bpsim import nets, theory  # noqa: E402
 from bpsim.algorithms.backprop import BackpropTrainer  # noqa: E402
 from bpsim.algorithms.blockprop import BlockPropTrainer  # noqa: E402
@@ -100,6 +101,29 @@ def measure(name: str, net: BlockNet, batch: int, steps: int, repeat: int,
     return rows
 
 
+def fingerprint(saved: dict) -> dict[str, str]:
+    """Per case and N_h, in float64 on 8 of the case's examples: the FLOP model's prediction and the losses
+    and weights after two ``train_step`` calls of backprop and of BlockProp (lam = 1, default h-step
+    size), the steps whose times are compared."""
+    nhs = sorted({r["n_h"] for r in saved["results"]})
+    out = {}
+    with float64():
+        for name, net, _ in cases():
+            g = torch.Generator().manual_seed(0)
+            x = torch.rand(8, *net.input_shape, generator=g, dtype=torch.float64)
+            y = torch.randint(0, 10, (8,), generator=g)
+            idx = torch.arange(8)
+            for key in ["bp", *nhs]:
+                n = copy.deepcopy(net).double()
+                t = (BackpropTrainer(n, lr=0.01, momentum=0.9) if key == "bp" else
+                     BlockPropTrainer(n, lam=1.0, nh=key, lr=0.01, momentum=0.9))
+                losses = [t.train_step(x, y, idx).loss for _ in range(2)]
+                model = None if key == "bp" else theory.cost_model(net, key)["ratio"]
+                out[f"{name}, {'backprop' if key == 'bp' else f'N_h={key}'}"] = digest(
+                    [model, losses, params_summary(n)])
+    return out
+
+
 def slopes(rows: list[dict]) -> dict[str, dict[str, float]]:
     """Per case, the least-squares slope of the predicted and measured ratios against N_h."""
     out = {}
@@ -143,7 +167,8 @@ def markdown(saved: dict) -> str:
            f"Command: `{info['command']}` (torch {info['torch']}, Python {info['python']}; "
            f"{info['cpus']} CPUs, 1-minute load average {load[0]:.1f} at the start and "
            f"{load[1]:.1f} at the end: other jobs shared the machine; CPU time keeps their "
-           "share of the core out of the ratios, not their use of the shared caches)", ""]
+           "share of the core out of the ratios, not their use of the shared caches)", "",
+           provenance_line(saved), ""]
     return "\n".join(md)
 
 
@@ -180,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(),
             "load_average_1min": [load0, os.getloadavg()[0] if hasattr(os, "getloadavg") else None]}
     info["slopes"] = slopes(rows)
-    saved = {"results": rows, "info": info}
+    saved = stamp({"results": rows, "info": info}, "costmodel", argv, args.quick, fingerprint)
     md = markdown(saved)
     print(md)
     out = args.out or (None if args.quick else RESULTS)

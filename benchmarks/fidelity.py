@@ -43,7 +43,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from _render import gpu_suffix, render  # noqa: E402
+from _provenance import runtime_fp, stamp  # noqa: E402
+from _render import gpu_suffix, provenance_line, render  # noqa: E402
 
 WIDTH, BATCH, N_TRAIN = 1024, 128, 1280
 WARMUP = 3          # untimed first steps of each predicted run
@@ -238,7 +239,7 @@ def markdown(o: dict[str, Any]) -> str:
                      f"{moved} | {_buf(r.get('buffers'))} | "
                      f"{_buf(r.get('measured_buffers'))} |")
     lines += ["", f"Mean signed error {p['mean_error']:+.2%}; {p['within']} of "
-                  f"{len(p['cases'])} cases within half their spread + 2 %.", ""]
+                  f"{len(p['cases'])} cases within half their spread + 2 %.", "", provenance_line(o), ""]
     return "\n".join(lines)
 
 
@@ -250,6 +251,13 @@ def machine() -> dict[str, Any]:
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "torch": torch.__version__, "python": platform.python_version(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def fingerprint(saved: dict[str, Any]) -> dict[str, str]:
+    """Per replayed method, its trainer's first steps on the measured net and the simulator's op order
+    (:func:`_provenance.runtime_fp`)."""
+    algos = list(dict.fromkeys(c["algo"] for c in saved["replay"]["cases"]))
+    return runtime_fp(algos, width=saved["setup"]["width"], depth=3)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,12 +294,13 @@ def main(argv: list[str] | None = None) -> int:
                      "replay_steps": steps, "steps": max(16, steps // 5), "repeats": repeats},
            "machine": machine(), "seconds": time.time() - t0,
            "replay": {"cases": rows}, "prediction": pred}
-    md = markdown(json_safe(out))
+    out = stamp(json_safe(out), "fidelity", argv, args.quick, fingerprint)
+    md = markdown(out)
     print(md)
     if not args.quick:
         folder = Path(args.out) if args.out else HERE / "results"
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(folder / "fidelity.json", json.dumps(json_safe(out), indent=1))
+        atomic_write_text(folder / "fidelity.json", json.dumps(out, indent=1))
         atomic_write_text(folder / "fidelity.md", md)
     return 0
 

@@ -37,7 +37,8 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from _render import render  # noqa: E402
+from _provenance import digest, stamp  # noqa: E402
+from _render import provenance_line, render  # noqa: E402
 
 from bpsim import nets  # noqa: E402
 from bpsim.algorithms import dgl  # noqa: E402
@@ -154,19 +155,36 @@ def measure(case: str, net_fn: Callable[[], nets.BlockNet], x: torch.Tensor, y: 
     return out
 
 
-def cases(quick: bool):
+def cases(quick: bool, small: bool = False):
+    """(name, net builder, inputs, labels) of every case; ``small``: the same nets and steps at a
+    fraction of the width and 4 examples (for the fingerprint)."""
     ks = (2, 4) if quick else (2, 4, 8)
     batch = 32 if quick else 128
+    cw, mw = (4, 32) if small else (16, 1024)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 1, 28, 28, generator=g)
     y = torch.randint(0, 10, (batch,), generator=g)
+    if small:
+        x, y = x[:4], y[:4]
     for k in ks:
         yield (f"VGG-like CNN, 8 conv layers, width 16, K = {k}",
-               lambda k=k: nets.vgg(k, width=16, layers=8, aux="mlp", seed=0), x, y)
+               lambda k=k: nets.vgg(k, width=cw, layers=8, aux="mlp", seed=0), x, y)
     xf = x.flatten(1)
     for k in ks:
         yield (f"MLP 784-1024x8-10, linear heads, K = {k}",
-               lambda k=k: nets.mlp(width=1024, depth=8, input_shape=(784,), blocks=k, aux="linear", seed=0), xf, y)
+               lambda k=k: nets.mlp(width=mw, depth=8, input_shape=(784,), blocks=k, aux="linear", seed=0), xf, y)
+
+
+def fingerprint(saved: dict) -> dict[str, str]:
+    """Per case, the exact saved-for-backward byte counts of one step of the case's nets and steps at a
+    fraction of the width, on 4 examples: what is saved, and when it is freed, is what the measurement
+    depends on; the counts scale with the width and the batch."""
+    quick = saved.get("provenance", {}).get("mode") == "quick"
+    out = {}
+    for name, fn, x, y in cases(quick, small=True):
+        r = measure(name, fn, x, y, "cpu")
+        out[name] = digest([r["bp_saved_peak"], r["dgl_saved_peak"], r["dgl_per_block"]])
+    return out
 
 
 def markdown(saved: dict) -> str:
@@ -191,7 +209,7 @@ def markdown(saved: dict) -> str:
     lines += ["", "DGL's peak is its largest block's graph plus that block's head; backprop's is the whole net's. The "
               "ratio falls as K grows, towards the largest block's share of the activations. The DGL paper (Sec. 4.2) reports "
               "that ResNet-152 with K = 2 fits 38 % more samples on one GPU than backprop, i.e. a ratio of about "
-              "1 / 1.38 = 0.72 if activations dominate.", ""]
+              "1 / 1.38 = 0.72 if activations dominate.", "", provenance_line(saved), ""]
     return "\n".join(lines)
 
 
@@ -211,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python benchmarks/memory.py"] + list(argv if argv is not None else sys.argv[1:]))
     saved = {"results": rows, "info": {"command": command, "torch": torch.__version__, "device": args.device,
                                        "python": platform.python_version()}}
+    stamp(saved, "memory", argv, args.quick, fingerprint)
     md = markdown(saved)
     print(md)
     out = args.out or (None if args.quick else RESULTS)

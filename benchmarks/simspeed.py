@@ -26,7 +26,8 @@ import simpy
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from _render import render  # noqa: E402
+from _provenance import digest, stamp  # noqa: E402
+from _render import provenance_line, render  # noqa: E402
 from bpsim.sim import simulate  # noqa: E402
 from bpsim.trace import atomic_write_text  # noqa: E402
 
@@ -65,6 +66,17 @@ def measure(algo: str, blocks: int, steps: int, repeat: int) -> dict:
             "meets_target": n / best >= 100_000 and best / best_bare <= 2.0}
 
 
+def fingerprint(saved: dict) -> dict[str, str]:
+    """Per algorithm, the simulator's spans over the first 200 steps of the measured configuration
+    (their number, the makespan, the order of the ops): the events whose handling was timed."""
+    out = {}
+    for r in saved["results"]:
+        res = simulate(r["algo"], blocks=r["blocks"], steps=200, costs=COST, buffer=50)
+        rows = sorted(res.trace.rows, key=lambda s: (s[6], s[0], s[2]))
+        out[r["algo"]] = digest([res.n_spans, res.makespan, [[s[0], s[2], s[3], s[4]] for s in rows[:400]]])
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=10_000)
@@ -90,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": platform.machine(), "processor": platform.processor(),
             "command": " ".join(["python benchmarks/simspeed.py"] + list(argv or sys.argv[1:])),
             "timing": "best of --repeat runs; ratio measured in the same run"}
-    saved = {"results": rows, "info": info}
+    saved = stamp({"results": rows, "info": info}, "simspeed", argv, args.quick, fingerprint)
     os.makedirs(args.out, exist_ok=True)
     atomic_write_text(os.path.join(args.out, "simspeed.json"), json.dumps(saved, indent=2))
     md = markdown(saved)
@@ -113,7 +125,8 @@ def markdown(saved: dict) -> str:
         md.append(f"| {r['algo']} | {r['spans']} | {r['seconds']:.3f} | {r['spans_per_s']:,.0f} "
                   f"| {r['bare_seconds']:.3f} | {r['ratio_to_bare']:.2f} | "
                   f"{'yes' if r['meets_target'] else 'no'} |")
-    md += ["", f"Command: `{info['command']}` (Python {info['python']}, SimPy {info['simpy']})", ""]
+    md += ["", f"Command: `{info['command']}` (Python {info['python']}, SimPy {info['simpy']})", "",
+           provenance_line(saved), ""]
     return "\n".join(md)
 
 

@@ -32,7 +32,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from _render import render  # noqa: E402
+from _provenance import digest, float64, stamp, trainer_fp  # noqa: E402
+from _render import provenance_line, render  # noqa: E402
 
 from bpsim import data, nets, theory  # noqa: E402
 from bpsim.algorithms import dgl  # noqa: E402
@@ -121,6 +122,32 @@ def corollary_31(epochs: int = 16, decay_at: int = 8, seed: int = 0) -> dict:
             "test_accuracy": hist.final_accuracy}
 
 
+def fingerprint(saved: dict) -> dict[str, str]:
+    """Float64 fingerprints of the three measurements' configurations: Lemma B.1's exact gradient (not the
+    finite-difference gaps, which are rounding noise), Theorem 5.1's errors against backprop, and the first
+    steps of Corollary 3.1's DGL trainer."""
+    r = saved["results"]
+    train, _ = data.load("digits")
+    out = {}
+    with float64():
+        for c in r["lemma_b1"]:
+            net = nets.mlp(c["sizes"], blocks=c["blocks"], seed=0)
+            net64, x64, y64 = theory.as_float64(net, train.tensors[0][:c["batch"]], train.tensors[1][:c["batch"]])
+            g = theory.reduced_gradient(net64, x64, y64, c["lam"])
+            out[f"lemma_b1 lam={c['lam']:g}"] = digest([g.norm(), g[:8]], digits=6)
+        t = r["theorem_51"]
+        net = nets.mlp(t["sizes"], blocks=t["blocks"], seed=0)
+        lim = theory.large_lambda_limit(net, train.tensors[0][:t["batch"]], train.tensors[1][:t["batch"]],
+                                        tuple(t["beta"]))
+        out["theorem_51"] = digest(lim["rel_error"], digits=6)
+    c = r["corollary_31"]
+    out["corollary_31"] = trainer_fp(
+        lambda: (lambda net: (net, dgl.DGLTrainer(net, lr=0.05, seed=0, milestones=[c["decay_at"]], gamma=0.1,
+                                                   progress=False)))(
+            nets.mlp(c["sizes"], blocks=c["blocks"], aux=c["aux"], seed=0)), (c["sizes"][0],), 64)
+    return out
+
+
 def markdown(saved: dict) -> str:
     r, info = saved["results"], saved["info"]
     lines = ["# The exact claims: Lemma B.1, Theorem 5.1, Corollary 3.1", "",
@@ -155,7 +182,7 @@ def markdown(saved: dict) -> str:
               f"{c['grad_sq_end_over_peak']:.3f} (at initialisation the gradient is small because the net's outputs "
               "are; the bound is on the infimum over t, so the informative part is the fall after the peak); drift proxy just "
               f"before the decay {c['drift_before_decay']:.3f}, one epoch before the end "
-              f"{c['drift_last_before_end']:.3f}.", ""]
+              f"{c['drift_last_before_end']:.3f}.", "", provenance_line(saved), ""]
     return "\n".join(lines)
 
 
@@ -179,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     saved = {"results": results,
              "info": {"command": command, "torch": torch.__version__, "python": platform.python_version(),
                       "threads": 1, "wall_s": time.perf_counter() - t0}}
+    stamp(saved, "theory", argv, args.quick, fingerprint)
     md = markdown(saved)
     print(md)
     out = args.out or (None if args.quick else RESULTS)

@@ -46,7 +46,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from _render import gpu_suffix, render  # noqa: E402
+from _provenance import runtime_fp, stamp  # noqa: E402
+from _render import gpu_suffix, provenance_line, render  # noqa: E402
 
 ALGOS = ("bp", "gpipe", "1f1b", "dgl", "dgl-async", "blockprop", "blockprop-cached")
 DEVICE = "cpu"
@@ -177,6 +178,13 @@ def _median(xs: list[float]) -> float:
     return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
 
 
+def fingerprint(saved: dict[str, Any]) -> dict[str, str]:
+    """Per measured method, its trainer's first steps on the measured net and the simulator's op order
+    (:func:`_provenance.runtime_fp`)."""
+    algos = list(dict.fromkeys(r["algo"] for r in saved["results"]))
+    return runtime_fp(algos, width=1024, depth=7)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="dgl and bp only, few steps (< 1 min)")
@@ -270,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                     "tracing < 3%": trace_cost["direct_overhead"] < 0.03},
         "seconds": time.time() - t_start,
     }
+    stamp(out, "throughput", argv, args.quick, fingerprint)
     out_dir = args.out or (None if args.quick else str(HERE / "results"))
     if out_dir is None:
         print(f"done in {out['seconds']:.0f} s (--quick writes no results; give --out to keep them)")
@@ -320,13 +329,14 @@ def markdown(o: dict[str, Any]) -> str:
                  f"spans/step/rank over {1e3 * tr['step_time_s']:.1f} ms) | "
                  f"{'yes' if t['tracing < 3%'] else 'no'} |")
     if not tr["ab_throughput_on"]:
-        return "\n".join(lines + [""])
+        return "\n".join(lines + ["", provenance_line(o), ""])
     on = ", ".join(f"{v:.0f}" for v in tr["ab_throughput_on"])
     off = ", ".join(f"{v:.0f}" for v in tr["ab_throughput_off"])
     lines += ["", f"A/B check of tracing (dgl, 2 workers, whole-run samples/s, runs alternated): "
                   f"with spans {on}; without {off}; medians differ by "
                   f"{100 * tr['ab_overhead']:+.1f}%. The direct estimate above is the precise "
-                  "one; run-to-run noise on this shared machine is larger than the effect.", ""]
+                  "one; run-to-run noise on this shared machine is larger than the effect.", "",
+              provenance_line(o), ""]
     return "\n".join(lines)
 
 
