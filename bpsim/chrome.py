@@ -23,11 +23,13 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
 from typing import Any
 
-from bpsim.files import atomic_write_text, jsonable
+from bpsim.files import MAX_INPUT_BYTES, open_output, read_json, write_text, jsonable
 
-__all__ = ["TraceError", "LANES", "tid", "to_chrome", "rows_from_chrome", "read", "write"]
+__all__ = ["TraceError", "LANES", "tid", "to_chrome", "rows_from_chrome", "read", "write",
+           "write_rows"]
 
 #: the two lanes of a rank, in thread-id order
 LANES = ("compute", "comm")
@@ -46,22 +48,18 @@ def tid(rank: int, lane: str) -> int:
     return 2 * int(rank) + _LANE_INDEX.get(lane, 1)
 
 
-def to_chrome(rows: list[tuple], meta: dict[str, Any], pid: int = 0,
-              name: str | None = None) -> dict[str, Any]:
-    """Chrome trace-event JSON of span rows (see the module docstring).
-
-    ``name`` labels the process (default: ``meta``'s ``name`` or ``algo``).
-    """
+def _events(rows: list[tuple], meta: dict[str, Any], pid: int,
+            name: str | None) -> Iterator[dict[str, Any]]:
+    """The trace events of span rows, one at a time (see :func:`to_chrome`)."""
     label = name or str(meta.get("name") or meta.get("algo") or "bpsim run")
-    events: list[dict[str, Any]] = [
-        {"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "args": {"name": label}}]
+    yield {"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "args": {"name": label}}
     for rank, lane in sorted({(r[0], r[1]) for r in rows},
                              key=lambda k: (k[0], _LANE_INDEX.get(k[1], 9))):
         t = tid(rank, lane)
-        events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": t,
-                       "args": {"name": f"rank {rank} {lane}"}})
-        events.append({"ph": "M", "name": "thread_sort_index", "pid": pid, "tid": t,
-                       "args": {"sort_index": t}})
+        yield {"ph": "M", "name": "thread_name", "pid": pid, "tid": t,
+               "args": {"name": f"rank {rank} {lane}"}}
+        yield {"ph": "M", "name": "thread_sort_index", "pid": pid, "tid": t,
+               "args": {"sort_index": t}}
     sends: dict[Any, tuple] = {}
     recvs: dict[Any, tuple] = {}
     for r in rows:
@@ -71,18 +69,55 @@ def to_chrome(rows: list[tuple], meta: dict[str, Any], pid: int = 0,
         if msg is not None:
             args["msg"] = msg
             (sends if op == "send" else recvs)[msg] = r
-        events.append({"ph": "X", "name": op, "cat": lane, "pid": pid, "tid": tid(rank, lane),
-                       "ts": t0 * _US, "dur": (t1 - t0) * _US, "args": args})
+        yield {"ph": "X", "name": op, "cat": lane, "pid": pid, "tid": tid(rank, lane),
+               "ts": t0 * _US, "dur": (t1 - t0) * _US, "args": args}
     for msg, s in sends.items():
         rv = recvs.get(msg)
         if rv is None:
             continue
-        events.append({"ph": "s", "name": "msg", "cat": "msg", "id": msg, "pid": pid,
-                       "tid": tid(s[0], s[1]), "ts": s[6] * _US})
-        events.append({"ph": "f", "bp": "e", "name": "msg", "cat": "msg", "id": msg,
-                       "pid": pid, "tid": tid(rv[0], rv[1]), "ts": rv[6] * _US})
-    return {"traceEvents": events, "displayTimeUnit": "ms",
-            "otherData": {"bpsim_meta": jsonable(meta), "bpsim_version": 1}}
+        yield {"ph": "s", "name": "msg", "cat": "msg", "id": msg, "pid": pid,
+               "tid": tid(s[0], s[1]), "ts": s[6] * _US}
+        yield {"ph": "f", "bp": "e", "name": "msg", "cat": "msg", "id": msg,
+               "pid": pid, "tid": tid(rv[0], rv[1]), "ts": rv[6] * _US}
+
+
+def _other(meta: dict[str, Any]) -> dict[str, Any]:
+    return {"bpsim_meta": jsonable(meta), "bpsim_version": 1}
+
+
+def to_chrome(rows: list[tuple], meta: dict[str, Any], pid: int = 0,
+              name: str | None = None) -> dict[str, Any]:
+    """Chrome trace-event JSON of span rows (see the module docstring).
+
+    ``name`` labels the process (default: ``meta``'s ``name`` or ``algo``).
+    """
+    return {"traceEvents": list(_events(rows, meta, pid, name)), "displayTimeUnit": "ms",
+            "otherData": _other(meta)}
+
+
+def write_rows(path: str | os.PathLike[str], rows: list[tuple], meta: dict[str, Any],
+               pid: int = 0, name: str | None = None) -> None:
+    """Write the Chrome trace of span rows to ``path``, one event at a time.
+
+    The same JSON as :func:`to_chrome` (so :func:`read` gives it back), but
+    never held in memory whole: a trace file grows to about 300 bytes a
+    span. Written through :func:`bpsim.files.open_output` (temporary file,
+    then rename; one-line ``ValueError`` on any write error).
+    """
+    with open_output(path, "trace file") as fh:
+        fh.write('{"traceEvents": [\n')
+        chunk: list[str] = []
+        first = True
+        for ev in _events(rows, meta, pid, name):
+            chunk.append(json.dumps(ev, allow_nan=False))
+            if len(chunk) >= 4096:
+                fh.write(("" if first else ",\n") + ",\n".join(chunk))
+                chunk, first = [], False
+        if chunk:
+            fh.write(("" if first else ",\n") + ",\n".join(chunk))
+        fh.write('\n], "displayTimeUnit": "ms", "otherData": ')
+        fh.write(json.dumps(_other(meta), allow_nan=False))
+        fh.write("}\n")
 
 
 def _number(x: Any, what: str) -> float:
@@ -127,9 +162,13 @@ def _row(i: int, ev: dict[str, Any]) -> tuple:
         t1 = _number(a["t1"], f"{where}: t1")
     else:
         t1 = t0 + _number(ev.get("dur", 0), f"{where}: dur") / _US
+    msg = a.get("msg")
+    if msg is not None and (isinstance(msg, bool) or not isinstance(msg, (int, str))):
+        raise TraceError(f"{where}: msg must be an integer or a string (the message id), got "
+                         f"{type(msg).__name__}")
     return (rank, lane, name, _int(a["block"], f"{where}: block"),
             _int(a["step"], f"{where}: step"),
-            _int(a.get("microbatch", 0), f"{where}: microbatch"), t0, t1, a.get("msg"))
+            _int(a.get("microbatch", 0), f"{where}: microbatch"), t0, t1, msg)
 
 
 def rows_from_chrome(obj: Any) -> tuple[list[tuple], dict[str, Any]]:
@@ -159,29 +198,21 @@ def rows_from_chrome(obj: Any) -> tuple[list[tuple], dict[str, Any]]:
     return rows, meta
 
 
-def read(path: str | os.PathLike[str]) -> Any:
-    """The JSON in trace file ``path``.
+def read(path: str | os.PathLike[str], limit: int = MAX_INPUT_BYTES) -> Any:
+    """The JSON in trace file ``path``, a regular file of at most ``limit`` bytes.
 
     ``FileNotFoundError`` when it does not exist; :class:`TraceError` when it
-    is a folder, binary data or not JSON.
+    is a folder, a FIFO, a device or a link loop, too large, binary data,
+    not JSON, or JSON nested too deeply (:func:`bpsim.files.read_json`).
     """
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"trace file {path!r} does not exist; {_HINT}")
-    if os.path.isdir(path):
-        raise TraceError(f"{path!r} is a folder, not a trace file; give the .json file inside it")
     try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except UnicodeDecodeError:
-        raise TraceError(f"{path!r} is not a text file (binary data?); expected Chrome trace "
-                         "JSON") from None
-    except json.JSONDecodeError as e:
-        raise TraceError(f"{path!r} is not JSON ({e}); expected a Chrome trace") from None
-    except OSError as e:
-        raise TraceError(f"cannot read trace file {path!r}: {e.strerror or e}") from None
+        return read_json(path, "trace file", limit=limit, hint=_HINT)
+    except FileNotFoundError:
+        raise
+    except ValueError as e:
+        raise TraceError(str(e)) from None
 
 
 def write(path: str | os.PathLike[str], obj: dict[str, Any]) -> None:
     """Write Chrome trace JSON atomically (temp file, then ``os.replace``)."""
-    atomic_write_text(path, json.dumps(obj, allow_nan=False))
+    write_text(path, json.dumps(obj, allow_nan=False), "trace file")

@@ -126,7 +126,12 @@ def search_dirs(name: str) -> list[Path]:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bpsim"
+    """``$XDG_CACHE_HOME/bpsim``, or ``~/.cache/bpsim`` when it is unset, empty or
+    relative (as the XDG base directory specification asks), so a download
+    never lands in the working directory."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
+    return base / "bpsim"
 
 
 def sha256(path: Path) -> str:
@@ -150,12 +155,13 @@ def _verified(path: Path, expected: str) -> Path:
 def _download(urls: list[str], dest: Path) -> None:
     from tqdm.auto import tqdm
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
     last: Exception | None = None
     for base in urls:
         url = base + dest.name
+        tmp = None
         try:
             with urllib.request.urlopen(url, timeout=20) as r:
+                dest.parent.mkdir(parents=True, exist_ok=True)   # only once a mirror answers
                 total = int(r.headers.get("Content-Length") or 0) or None
                 fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".part")
                 with os.fdopen(fd, "wb") as out, tqdm(
@@ -169,6 +175,8 @@ def _download(urls: list[str], dest: Path) -> None:
             return
         except (urllib.error.URLError, OSError, TimeoutError) as e:  # try the next mirror
             last = e
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
     raise OSError(f"could not download {dest.name}: {last}")
 
 

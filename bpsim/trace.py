@@ -32,7 +32,8 @@ from bpsim.chrome import LANES, TraceError
 # the file helpers moved to bpsim.files; kept importable from here for callers
 from bpsim.files import atomic_write_text, json_safe
 
-__all__ = ["OPS", "LANES", "Span", "Trace", "TraceError", "atomic_write_text", "json_safe"]
+__all__ = ["OPS", "LANES", "Span", "Trace", "TraceError", "check_meta", "atomic_write_text",
+           "json_safe"]
 
 OPS = ("fwd", "bwd", "aux", "update", "hstep", "send", "recv", "wait", "loss")
 
@@ -76,6 +77,54 @@ def _as_row(s: Any) -> Row:
             "a span row must be (rank, lane, op, block, step, microbatch, t0, t1[, msg]), "
             f"got {len(row)} fields: {row!r}")
     return row
+
+
+def _meta_int(meta: dict[str, Any], key: str, lo: int) -> None:
+    v = meta.get(key)
+    if v is None:
+        return
+    if isinstance(v, float) and v.is_integer():
+        v = meta[key] = int(v)
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise TraceError(f"meta field {key!r} must be an integer >= {lo}, got {v!r}")
+
+
+def check_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """Check the fields of a trace's meta that replay and re-simulation read.
+
+    ``algo`` is a string; ``blocks`` and ``workers`` integers >= 1;
+    ``steps`` an integer >= 0; ``steps_per_epoch`` an integer >= 1;
+    ``options`` and ``slowdown`` objects, the slowdown's keys block numbers
+    and its values finite numbers > 0; ``placement`` an integer, a string
+    or a list of integers. Absent or null fields pass; integral floats
+    (``1e3``) become integers. The meta is returned, checked.
+
+    Raises
+    ------
+    TraceError
+        Naming the first field of the wrong kind.
+    """
+    algo = meta.get("algo")
+    if algo is not None and not isinstance(algo, str):
+        raise TraceError(f"meta field 'algo' must be a method name, got {algo!r:.60}")
+    for key, lo in (("blocks", 1), ("workers", 1), ("steps", 0), ("steps_per_epoch", 1)):
+        _meta_int(meta, key, lo)
+    for key in ("options", "slowdown"):
+        v = meta.get(key)
+        if v is not None and not isinstance(v, dict):
+            raise TraceError(f"meta field {key!r} must be an object, got {type(v).__name__}")
+    for k, v in (meta.get("slowdown") or {}).items():
+        if not str(k).isdigit() or isinstance(v, bool) or not isinstance(v, (int, float)) \
+                or not math.isfinite(v) or v <= 0:
+            raise TraceError(f"meta field 'slowdown' must map block numbers to finite numbers "
+                             f"> 0, got {k!r}: {v!r:.40}")
+    place = meta.get("placement")
+    if place is not None and not isinstance(place, (int, str)) and not (
+            isinstance(place, list) and all(isinstance(d, int) and not isinstance(d, bool)
+                                            for d in place)):
+        raise TraceError(f"meta field 'placement' must be a device count, a string or a list "
+                         f"of device numbers, got {place!r:.60}")
+    return meta
 
 
 class Trace:
@@ -315,20 +364,28 @@ class Trace:
     def save(self, path: str | os.PathLike[str], pid: int = 0) -> None:
         """Write Chrome-trace JSON atomically (temp file, then ``os.replace``).
 
-        A path that cannot be written raises ``ValueError`` before anything
-        is written (:func:`bpsim.files.check_writable`).
+        The JSON is streamed, one event at a time, never held whole in
+        memory (:func:`bpsim.chrome.write_rows`). A path that cannot be
+        written raises ``ValueError`` before anything is written
+        (:func:`bpsim.files.check_writable`); a write that fails (a full
+        disk) raises a one-line ``ValueError`` and leaves the old file as it
+        was.
         """
-        chrome.write(path, self.to_chrome(pid=pid))
+        chrome.write_rows(path, self._rows, self.meta, pid=pid)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "Trace":
         """Read a trace written by :meth:`save` (or by the runtime) and :meth:`check` it.
 
         ``FileNotFoundError`` when ``path`` does not exist; :class:`TraceError`
-        naming the file when it is not a Chrome trace of valid spans.
+        naming the file when it is not a regular file of at most
+        :data:`bpsim.files.MAX_INPUT_BYTES`, not a Chrome trace of valid
+        spans, or its meta has a field of the wrong kind (:func:`check_meta`).
         """
         obj = chrome.read(path)
         try:
-            return cls.from_chrome(obj).check()
+            trace = cls.from_chrome(obj).check()
+            check_meta(trace.meta)
+            return trace
         except TraceError as e:
             raise TraceError(f"trace file {os.fspath(path)!r}: {e}") from None

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from bpsim.cli import types as T
-from bpsim.files import json_safe
+from bpsim.files import check_writable, json_safe
 
 __all__ = ["add_parser", "cmd"]
 
@@ -28,6 +28,8 @@ def cmd(args: argparse.Namespace) -> int:
     """Run ``bpsim compare`` on parsed arguments."""
     from bpsim.sim.compare import compare_files, format_report
 
+    if args.html:
+        check_writable(args.html, "--html", inputs=(args.measured, args.simulated))
     result = compare_files(args.measured, args.simulated, html=args.html)
     if args.json:
         print(json.dumps(json_safe(result), allow_nan=False))

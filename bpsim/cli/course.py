@@ -35,6 +35,10 @@ def cmd(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and args.action != "check":
         check_writable(out, "--out", folder=True)
+    if out is not None and args.action == "check" and not out.is_dir():
+        raise ValueError(f"--out {out} is not a folder; give the folder that holds the built "
+                         "notebooks (default notebooks/), or build them there first with "
+                         f"`bpsim course build --out {out}`")
     if args.action == "build":
         b.build(args.lessons or None, out_dir=out)
         return 0

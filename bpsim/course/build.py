@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import time
 from pathlib import Path
 
+from bpsim.files import open_output, read_text
+
 __all__ = ["lessons", "build", "check", "student", "student_source", "read_lesson"]
 
+#: the largest notebook ``check`` reads
+MAX_NOTEBOOK_BYTES = 256 << 20
 ROOT = Path(__file__).resolve().parent.parent.parent
 _LESSON = re.compile(r"^(\d\d)-[a-z0-9-]+\.py$")
 # A solution runs from "# BEGIN SOLUTION" to "# END SOLUTION"; the END line may give the student's stub after a
@@ -51,13 +54,28 @@ def read_lesson(path: Path):
 
 
 def _write_atomic(nb, path: Path) -> None:
+    """Write ``nb`` to ``path`` through a temporary file and a rename
+    (:func:`bpsim.files.open_output`: one-line ``ValueError`` on a failed write)."""
     import nbformat
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    with open_output(path, "notebook") as f:
         nbformat.write(nb, f)
-    os.replace(tmp, path)
+
+
+def _read_notebook(path: Path):
+    """The notebook at ``path`` (version 4), or a one-line ``ValueError`` when
+    it is not a regular file of at most :data:`MAX_NOTEBOOK_BYTES` holding a
+    notebook."""
+    import nbformat
+
+    text = read_text(path, "notebook", limit=MAX_NOTEBOOK_BYTES)
+    try:
+        nb = nbformat.reads(text, as_version=4)
+        nbformat.validate(nb)
+    except Exception as e:  # not JSON, JSON of another shape, an old or broken notebook
+        why = " ".join(str(e).split())[:160] or type(e).__name__
+        raise ValueError(f"{path.name} is not a valid notebook ({why})") from None
+    return nb
 
 
 def _strip_volatile(nb) -> None:
@@ -82,9 +100,12 @@ def build(only: list[str] | None = None, lessons_dir: Path | None = None, out_di
 
     out = Path(out_dir or ROOT / "notebooks")
     times: dict[str, float] = {}
+    todo = lessons(lessons_dir, only)
+    if todo:
+        out.mkdir(parents=True, exist_ok=True)   # the kernels run in it
     env_static = os.environ.setdefault("BPSIM_STATIC", "1")  # explorers render their static fallback
     try:
-        for src in lessons(lessons_dir, only):
+        for src in todo:
             nb = read_lesson(src)
             t0 = time.perf_counter()
             client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
@@ -103,10 +124,16 @@ def build(only: list[str] | None = None, lessons_dir: Path | None = None, out_di
 
 
 def check(lessons_dir: Path | None = None, out_dir: Path | None = None) -> list[str]:
-    """Problems found (empty when every notebook matches its lesson and ran in order)."""
-    import nbformat
+    """Problems found (empty when every notebook matches its lesson and ran in order).
 
+    A notebook that cannot be read (not a regular file, too large, not a
+    notebook) is a problem; ``ValueError`` when ``out_dir`` is not a folder.
+    """
     out = Path(out_dir or ROOT / "notebooks")
+    if out_dir is not None and not out.is_dir():
+        raise ValueError(f"{out} is not a folder; give the folder that holds the built notebooks "
+                         "(default notebooks/), or build them there first with `bpsim course "
+                         f"build --out {out}`")
     problems: list[str] = []
     srcs = lessons(lessons_dir)
     if not srcs:
@@ -119,7 +146,12 @@ def check(lessons_dir: Path | None = None, out_dir: Path | None = None) -> list[
         if not path.exists():
             problems.append(f"{path.name} is missing: run `bpsim course build {src.name[:2]}`")
             continue
-        nb = nbformat.read(path, as_version=4)
+        try:
+            nb = _read_notebook(path)
+        except ValueError as e:
+            problems.append(f"{' '.join(str(e).split())}: rebuild it with "
+                            f"`bpsim course build {src.name[:2]}`")
+            continue
         want = [(c.cell_type, c.source) for c in read_lesson(src).cells]
         got = [(c.cell_type, c.source) for c in nb.cells]
         if want != got:
