@@ -13,7 +13,7 @@ from typing import Any
 
 from bpsim.cli import types as T
 from bpsim.cli.args import add_algo, add_method_options, method_options
-from bpsim.files import json_safe
+from bpsim.files import check_writable, json_safe
 
 __all__ = ["add_parser", "cmd"]
 
@@ -65,6 +65,8 @@ def cmd(args: argparse.Namespace) -> int:
     from bpsim.sim import Costs, simulate
     from bpsim.trace import Trace
 
+    if args.trace:      # never one of the inputs, whatever the other options
+        check_writable(args.trace, "--trace", inputs=(args.calibrate, args.replay))
     if args.replay is not None:
         return _replay(args)
     if args.algo is None:
