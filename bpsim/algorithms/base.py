@@ -18,11 +18,13 @@ process or on the rank that holds the block. Subclasses implement only
 
 from __future__ import annotations
 
+import io
 import math
 import os
+import pickle
 import sys
-import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,12 +35,15 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from bpsim import methods
-from bpsim.files import check_writable
+from bpsim.files import check_writable, open_input, write_bytes
 from bpsim.nets import BlockNet
 
 __all__ = ["Trainer", "History", "EpochRecord", "StepResult", "DivergenceError", "diverged",
            "evaluate", "head_accuracies", "method_keywords", "method_aux"]
 
+
+#: the largest checkpoint file ``load_checkpoint`` reads
+MAX_CHECKPOINT_BYTES = 16 << 30
 
 #: registry options that shape the net (``aux``) or the pipeline (``microbatches``)
 #: rather than a trainer's constructor
@@ -342,6 +347,7 @@ class Trainer:
             if (self.checkpoint_dir / "last.pt").is_dir():
                 raise ValueError(f"{self.checkpoint_dir / 'last.pt'} is a folder, where the "
                                  "checkpoint goes; remove it or choose another --checkpoint-dir")
+            check_writable(self.checkpoint_dir / "last.pt", "checkpoint", parents=True)
         if resume:
             if self.checkpoint_dir is None:
                 raise ValueError("resume=True needs checkpoint_dir")
@@ -452,17 +458,15 @@ class Trainer:
         self.load_extra_state(state["extra"])
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
-        """Write a checkpoint atomically (temp file in the same folder, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(self.state_dict(), tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Write a checkpoint atomically (temp file in the same folder, then rename).
+
+        A failed write (a full disk) raises a one-line ``ValueError`` naming
+        ``path``; the previous checkpoint stays as it was and no temporary
+        file is left (:func:`bpsim.files.write_bytes`).
+        """
+        buf = io.BytesIO()
+        torch.save(self.state_dict(), buf)
+        write_bytes(path, buf.getbuffer(), "checkpoint")
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Restore a checkpoint written by ``save_checkpoint`` (``weights_only=True``)."""
@@ -470,15 +474,30 @@ class Trainer:
         if path.is_dir():
             raise ValueError(f"checkpoint {path} is a folder; remove it or choose another "
                              "--checkpoint-dir")
-        if path.stat().st_size == 0:
-            raise ValueError(f"checkpoint {path} is empty (was its run killed while writing?); "
-                             "delete it to start afresh")
+        fh = open_input(path, "checkpoint", limit=MAX_CHECKPOINT_BYTES)
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            if os.fstat(fh.fileno()).st_size == 0:
+                raise ValueError(f"checkpoint {path} is empty (was its run killed while "
+                                 "writing?); delete it to start afresh")
+            with warnings.catch_warnings():   # a refused file is one line, not torch's warning
+                warnings.simplefilter("ignore")
+                state = torch.load(fh, map_location="cpu", weights_only=True)
+        except ValueError:
+            raise
+        except pickle.UnpicklingError as e:
+            if "weights only" not in str(e).lower():
+                raise ValueError(f"cannot read checkpoint {path} (damaged: "
+                                 f"{' '.join(str(e).split())[:120]}); delete it to start "
+                                 "afresh") from None
+            raise ValueError(f"checkpoint {path} holds objects other than tensors and plain "
+                             "values; it was refused unread, since loading it could run code; "
+                             "delete it to start afresh") from None
         except Exception as e:  # a truncated or foreign file
             why = " ".join(str(e).split())[:200] or type(e).__name__
             raise ValueError(f"cannot read checkpoint {path} ({why}); it is damaged or not a "
                              "bpsim checkpoint; delete it to start afresh") from None
+        finally:
+            fh.close()
         if not isinstance(state, dict) or "net" not in state:
             raise ValueError(f"{path} is not a bpsim checkpoint; delete it to start afresh")
         try:
