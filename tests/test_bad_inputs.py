@@ -166,6 +166,8 @@ CLI = [
     ("run-trace-is-folder", ["run", "dgl", "--trace", "@/folder"], "--trace"),
     ("run-trace-under-file", ["run", "dgl", "--trace", "@/file.txt/t.json"], "--trace"),
     ("run-trace-read-only", ["run", "dgl", "--trace", "{ro}/t.json"], "--trace"),
+    ("run-trace-missing-folder", ["run", "dgl", "--trace", "@/no/such/t.json"], "does not exist"),
+    ("run-trace-long-name", ["run", "dgl", "--trace", "@/" + "x" * 300], "shorter"),
     ("run-diverges", ["run", "dgl", "--lr", "1e6", "--steps", "50", "--no-eval",
                       "--timeout", "30"], "block"),
     # simulate
@@ -196,6 +198,11 @@ CLI = [
     ("simulate-calibrate-no-args", ["simulate", "dgl", "--calibrate", "@/noargs.json"], "args"),
     ("simulate-trace-is-folder", ["simulate", "dgl", "--trace", "@/folder"], "--trace"),
     ("simulate-trace-read-only", ["simulate", "dgl", "--trace", "{ro}/s.json"], "--trace"),
+    ("simulate-trace-long-name", ["simulate", "dgl", "--trace", "@/" + "x" * 300], "shorter"),
+    ("simulate-trace-is-replay", ["simulate", "--replay", "@/dgl2.json", "--trace", "@/dgl2.json"],
+     "input"),
+    ("simulate-trace-is-calibrate", ["simulate", "dgl", "--calibrate", "@/dgl2.json", "--trace",
+                                     "@/dgl2.json"], "input"),
     # compare
     ("compare-missing", ["compare", "@/missing.json", "@/dgl2.json"]),
     ("compare-list", ["compare", "@/list.json", "@/dgl2.json"], "list.json"),
@@ -216,6 +223,10 @@ CLI = [
                                  "@/file.txt/r.html"], "--html"),
     ("compare-html-read-only", ["compare", "@/dgl2.json", "@/dgl2.json", "--html", "{ro}/r.html"],
      "--html"),
+    ("compare-html-is-measured", ["compare", "@/dgl2.json", "@/dgl3.json", "--html", "@/dgl2.json"],
+     "input"),
+    ("compare-html-long-name", ["compare", "@/dgl2.json", "@/dgl2.json", "--html",
+                                "@/" + "x" * 300], "shorter"),
     # course
     ("course-unknown-action", ["course", "nope"]),
     ("course-check-unknown-lesson", ["course", "check", "99"], "99"),
@@ -224,6 +235,7 @@ CLI = [
     ("course-student-out-is-file", ["course", "student", "--out", "@/file.txt"], "--out"),
     ("course-student-out-under-file", ["course", "student", "--out", "@/file.txt/s"], "--out"),
     ("course-student-out-read-only", ["course", "student", "--out", "{ro}/s"], "--out"),
+    ("course-check-out-is-file", ["course", "check", "--out", "@/file.txt"], "folder"),
     # the top level
     ("no-command", []),
     ("unknown-command", ["fly"]),
