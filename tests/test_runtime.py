@@ -387,6 +387,77 @@ def test_local_comm_blocks_until_the_message_is_there():
     assert Send(2, torch.ones(1), 0).dst == 2 and Recv(1, 0).src == 1
 
 
+def _blocks_in_one_process(algo: str, blocks: int, steps: int, n_train: int, batch: int):
+    """Contexts of every block of a small run (digits, four layers of width 8)."""
+    from bpsim.runtime import RunConfig
+    from bpsim.runtime.schedules import BatchPlan, BlockCtx
+    from bpsim.runtime.worker import build
+
+    cfg = RunConfig(algo, workers=1, blocks=blocks, depth=4, width=8, batch_size=batch,
+                    n_train=n_train, steps=steps).resolved()
+    desc = data.describe("digits")
+    train, _ = data.load("digits", n_train=n_train, seed=0)
+    net, tr = build(cfg, desc.input_shape, desc.n_classes, desc.task)
+    plan = BatchPlan(tr, *train.tensors, steps, torch.device("cpu"))
+    ctxs = [BlockCtx(b, blocks, 0, net, tr, plan, time.perf_counter, None, torch.device("cpu"),
+                     algo=algo) for b in range(1, blocks + 1)]
+    return ctxs, plan, tr
+
+
+def _local_step(step_fn, ctx, comm: LocalComm, t: int) -> None:
+    """Run step ``t`` of one block to its end (every message must be there)."""
+    from bpsim.runtime.comm import Take
+
+    gen, val = step_fn(ctx, t), None
+    while True:
+        try:
+            req = gen.send(val)
+        except StopIteration:
+            return
+        if isinstance(req, Send):
+            comm.send(ctx.block, req.dst, req.tensor, req.step, req.mb, req.origin)
+            val = None
+        elif isinstance(req, Take):
+            val = comm.take(req.src, ctx.block, t)
+        else:
+            val = comm.recv(req.src, ctx.block, req.step, req.mb)
+        assert val is not BLOCKED
+
+
+def test_dgl_async_middle_block_passes_on_the_batch_its_input_came_from():
+    """Block 1 runs a whole epoch ahead (4 batches, the last one short); block 2
+    reads the newest entry (batch 3) at its step 0, and block 3, reading block
+    2's step-0 output, trains on batch 3's labels, not batch 0's."""
+    from bpsim.runtime.schedules import dgl_async_step
+
+    ctxs, plan, _ = _blocks_in_one_process("dgl-async", 3, 4, n_train=120, batch=32)
+    comm = LocalComm(buffered=[1, 2], buffer=4)
+    for t in range(4):
+        _local_step(dgl_async_step, ctxs[0], comm, t)
+    _local_step(dgl_async_step, ctxs[1], comm, 0)
+    _local_step(dgl_async_step, ctxs[2], comm, 0)
+    assert plan.size(3) == 24 != plan.size(0)
+    assert [c.label_batches for c in ctxs] == [[0, 1, 2, 3], [3], [3]]
+    assert comm.reads == {2: [[0, 3, 1]], 3: [[0, 0, 1]]}   # consumer step, producer step, reuse
+    with pytest.raises(ValueError, match="origin"):
+        comm.send(1, 2, torch.ones(2), step=4)
+
+
+def test_a_greedy_block_waits_through_the_stages_before_its_own():
+    """Block j's first message comes after the (j - 1) stages before its own:
+    its wait may span that many steps of --timeout each, later ones one."""
+    from bpsim.runtime.schedules import greedy_step, inbound_links
+
+    blocks, per_stage = 3, 2
+    _, plan, tr = _blocks_in_one_process("greedy", blocks, blocks * per_stage, 64, 32)
+    for block in (2, 3):
+        (link,) = inbound_links(greedy_step, block, blocks, plan, (8,), (8,), tr)
+        first = (block - 1) * per_stage
+        assert [s for s, _, _ in link.items] == list(range(first, blocks * per_stage))
+        assert [link.patience(i) for i in range(len(link.items))] == \
+            [first + 1] + [1] * (len(link.items) - 1)
+
+
 # ------------------------------------------------------- stops from outside
 def _start_run(tmp_path, token: str, out: Path) -> subprocess.Popen:
     p = subprocess.Popen([str(BIN / "bpsim"), "run", "dgl", "--workers", "2", "--steps",

@@ -5,7 +5,7 @@ yields requests and gets answers back::
 
     h = yield Recv(src=1, step=t)          # block 1's output of step t
     yield Send(dst=3, tensor=out, step=t)  # hand my output to block 3
-    s, h = yield Take(src=1)               # dgl-async: read the replay buffer
+    s, b, h = yield Take(src=1)            # dgl-async: read the replay buffer
 
 Addresses are **block numbers** (1-based). Two transports answer them:
 
@@ -27,6 +27,15 @@ forward; gradients or BlockProp targets backward) in a fixed order that
 both ends know in advance (the batch plan), so the receiver allocates each
 buffer with the right shape and both ends agree on the message id
 (:func:`msg_id`) that ties a ``send`` span to its ``recv`` span.
+
+A link that feeds a replay buffer (``dgl-async``) is the exception: a
+middle block sends outputs computed from whichever entry it read, so the
+mini-batch behind a message (its *origin*) and hence its number of rows
+are known only to the sender. Such a message carries its origin: a
+two-integer header ``(origin, rows)`` travels ahead of the tensor, the
+receiver allocates the tensor from it, and the buffer entry keeps the
+origin, so the consumer trains on the labels of the batch its input came
+from (as the in-process trainer, whose entries hold ``(h, y)``).
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections import deque
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -41,17 +51,23 @@ import torch
 
 from bpsim.replay import ReplayBuffer
 
-__all__ = ["Send", "Recv", "Take", "BLOCKED", "PeerError", "msg_id", "Inbound", "Cursor",
-           "DistComm", "LocalComm"]
+__all__ = ["Send", "Recv", "Take", "BLOCKED", "PeerError", "msg_id", "Inbound", "HEADER",
+           "Cursor", "DistComm", "LocalComm"]
 
 
 class Send(NamedTuple):
-    """Send ``tensor`` (step ``step``, micro-batch ``mb``) to block ``dst``."""
+    """Send ``tensor`` (step ``step``, micro-batch ``mb``) to block ``dst``.
+
+    ``origin`` (links into a replay buffer only) is the index of the
+    mini-batch of the run that the tensor was computed from; it travels
+    with the tensor.
+    """
 
     dst: int
     tensor: torch.Tensor
     step: int
     mb: int = 0
+    origin: int | None = None
 
 
 class Recv(NamedTuple):
@@ -63,8 +79,9 @@ class Recv(NamedTuple):
 
 
 class Take(NamedTuple):
-    """Read the least-reused entry ``(producer step, tensor)`` of the replay
-    buffer that block ``src`` fills (``dgl-async``)."""
+    """Read the least-reused entry ``(producer step, origin, tensor)`` of the
+    replay buffer that block ``src`` fills (``dgl-async``); ``origin`` is the
+    mini-batch the tensor was computed from."""
 
     src: int
 
@@ -93,11 +110,24 @@ def msg_id(src: int, dst: int, seq: int, blocks: int) -> int:
 class Inbound:
     """The messages a block expects on one incoming link, in order:
     ``(step, microbatch, shape)`` per message. ``buffered`` links feed a
-    replay buffer (``dgl-async``) instead of a queue."""
+    replay buffer (``dgl-async``) instead of a queue; their messages carry
+    their origin and row count in a header, so only ``shape[1:]`` is used."""
 
     src: int
     items: Sequence[tuple[int, int, tuple[int, ...]]]
     buffered: bool = False
+
+    def patience(self, seq: int) -> int:
+        """How many of the sender's steps the wait for message ``seq`` may
+        span: the steps since the link's previous message (one for a
+        message every step; more where the plan leaves steps out, e.g. a
+        ``greedy`` block idle until its stage)."""
+        prev = self.items[seq - 1][0] if seq > 0 else -1
+        return max(1, self.items[seq][0] - prev)
+
+
+HEADER = 2
+"""Integers in the header of a message into a replay buffer: ``(origin, rows)``."""
 
 
 Row = tuple
@@ -150,8 +180,12 @@ class DistComm:
         Where tensors travel: the compute device for NCCL, CPU for gloo.
     timeout : float
         Seconds the compute thread waits for a message (or for room in a
-        send queue) before raising :class:`PeerError`; the process group's
-        own timeout bounds the link threads.
+        send queue) before raising :class:`PeerError`, per step of the
+        sender that the wait spans (:meth:`Inbound.patience`): a block idle
+        until its turn (``greedy``) waits through the earlier stages, one
+        ``timeout`` per step. The link groups' own timeout must cover the
+        longest such wait (:func:`bpsim.runtime.worker.run_rank` gives them
+        ``timeout`` per step of the run).
     buffer, max_reuse : int, int or None
         Replay buffer size and reuse cap of buffered links.
     max_pending : int
@@ -186,6 +220,8 @@ class DistComm:
         self._threads: list[threading.Thread] = []
         self._senders: dict[int, tuple[queue.Queue, threading.Thread]] = {}
         self._last_arrival = now()
+        self._inbound = {ib.src: ib for ib in inbound}
+        self._asked: dict[int, int] = {ib.src: 0 for ib in inbound}   # receives asked per link
         #: each buffer read: consumer block -> [consumer step, producer step, reuse]
         self.reads: dict[int, list[list[int]]] = {}
         #: reads that found nothing readable and waited, per consumer block
@@ -220,30 +256,37 @@ class DistComm:
 
     # ---------------------------------------------------------- receiving
     def _receiver(self, ib: Inbound) -> None:
-        """Receive every message of one link in order, stamping arrivals."""
+        """Receive every message of one link in order, stamping arrivals
+        (on CUDA the link's own stream is synchronised, so the stamp is the
+        moment the data is there, and no other stream waits for it)."""
         dist, now, rows = self._dist, self.now, self.rows
         group = self.groups[(ib.src, self.block)]
         src_rank = ib.src - 1
         stream = torch.cuda.Stream(device=self.wire) if self.wire.type == "cuda" else None
+
+        def receive(buf: torch.Tensor) -> None:
+            dist.irecv(buf, src=src_rank, group=group).wait()
+            if stream is not None:
+                stream.synchronize()
+
         try:
             for seq, (step, mb, shape) in enumerate(ib.items):
-                if stream is not None:
-                    with torch.cuda.stream(stream):
-                        buf = torch.empty(shape, device=self.wire)
-                        t0 = now()
-                        dist.irecv(buf, src=src_rank, group=group).wait()
-                        stream.synchronize()
-                else:
-                    buf = torch.empty(shape, device=self.wire)
+                with torch.cuda.stream(stream) if stream is not None else nullcontext():
                     t0 = now()
-                    dist.irecv(buf, src=src_rank, group=group).wait()
+                    if ib.buffered:
+                        head = torch.empty(HEADER, dtype=torch.int64, device=self.wire)
+                        receive(head)
+                        origin, n = (int(v) for v in head.tolist())
+                        shape = (n, *shape[1:])
+                    buf = torch.empty(shape, device=self.wire)
+                    receive(buf)
                 t1 = now()
                 self._last_arrival = t1
                 if rows is not None:
                     rows.append((self.rank, "comm", "recv", self.block, step, mb, t0, t1,
                                  msg_id(ib.src, self.block, seq, self.K)))
                 if ib.buffered:
-                    self.buffers[ib.src].put((step, buf, [0]), step=step)
+                    self.buffers[ib.src].put((step, origin, buf, [0]), step=step)
                     with self._buf_cv:
                         self._buf_cv.notify_all()
                 else:
@@ -268,17 +311,24 @@ class DistComm:
         self.cursor.wait(self.rows, self.rank, self.block, step, mb, self.now(), t_ask)
 
     def recv(self, src: int, step: int, mb: int = 0) -> torch.Tensor:
-        """The next message from block ``src``; it must be the one of (step, mb)."""
+        """The next message from block ``src``; it must be the one of (step, mb).
+
+        Waits at most ``timeout`` seconds per step of the sender the wait
+        spans (:meth:`Inbound.patience`)."""
         q = self._queues.get(src)
         if q is None:
             raise RuntimeError(f"block {self.block} has no incoming link from block {src}")
+        seq = self._asked[src]
+        self._asked[src] = seq + 1
+        ib = self._inbound[src]
+        limit = self.timeout * (ib.patience(seq) if seq < len(ib.items) else 1)
         t0 = self.now()
         waited = q.empty()
         try:
-            item = q.get(timeout=self.timeout)
+            item = q.get(timeout=limit)
         except queue.Empty:
             raise PeerError(f"no message from rank {src - 1} (block {src}) for step {step} within "
-                            f"{self.timeout:g} s; that rank is stuck or gone (raise --timeout if "
+                            f"{limit:g} s; that rank is stuck or gone (raise --timeout if "
                             "its steps are really that slow)") from None
         if isinstance(item, BaseException):
             raise item
@@ -291,8 +341,9 @@ class DistComm:
             self._wait_span(t0, step, mb)
         return self._arrived(buf)
 
-    def take(self, src: int, step: int) -> tuple[int, torch.Tensor] | None:
-        """The least-reused buffer entry from block ``src`` (``dgl-async``).
+    def take(self, src: int, step: int) -> tuple[int, int, torch.Tensor] | None:
+        """The least-reused buffer entry ``(producer step, origin, tensor)``
+        from block ``src`` (``dgl-async``).
 
         Waits only while no entry is eligible; returns None when the link is
         finished and nothing eligible is left (the block is starved).
@@ -324,11 +375,12 @@ class DistComm:
         self._wait_span(t0, step, 0)
         return self._read(step, got)
 
-    def _read(self, step: int, got: tuple[int, torch.Tensor, list[int]]
-              ) -> tuple[int, torch.Tensor]:
-        got[2][0] += 1
-        self.reads.setdefault(self.block, []).append([step, got[0], got[2][0]])
-        return got[0], self._arrived(got[1])
+    def _read(self, step: int, got: tuple[int, int, torch.Tensor, list[int]]
+              ) -> tuple[int, int, torch.Tensor]:
+        produced, origin, tensor, reuse = got
+        reuse[0] += 1
+        self.reads.setdefault(self.block, []).append([step, produced, reuse[0]])
+        return produced, origin, self._arrived(tensor)
 
     # ------------------------------------------------------------ sending
     def _sender(self, dst: int, q: queue.Queue) -> None:
@@ -341,16 +393,19 @@ class DistComm:
             item = q.get()
             if item is None:
                 return
-            data, step, mb, t0, ready = item
+            data, head, step, mb, t0, ready = item
             try:
-                if stream is not None:
-                    with torch.cuda.stream(stream):
+                with torch.cuda.stream(stream) if stream is not None else nullcontext():
+                    if stream is not None:
                         stream.wait_event(ready)
-                        data.record_stream(stream)
-                        dist.isend(data, dst=dst - 1, group=group).wait()
-                        stream.synchronize()
-                else:
+                        for tensor in (data, head):
+                            if tensor is not None:
+                                tensor.record_stream(stream)
+                    if head is not None:
+                        dist.isend(head, dst=dst - 1, group=group).wait()
                     dist.isend(data, dst=dst - 1, group=group).wait()
+                    if stream is not None:
+                        stream.synchronize()
             except BaseException as e:  # noqa: BLE001 - handed to the compute thread
                 self._fail(f"sending to rank {dst - 1} (block {dst}) failed", e)
                 return
@@ -359,9 +414,12 @@ class DistComm:
                              msg_id(self.block, dst, seq, self.K)))
             seq += 1
 
-    def send(self, dst: int, tensor: torch.Tensor, step: int, mb: int = 0) -> None:
+    def send(self, dst: int, tensor: torch.Tensor, step: int, mb: int = 0,
+             origin: int | None = None) -> None:
         """Queue ``tensor`` for block ``dst`` and return at once (unless the
-        link already has ``max_pending`` messages queued)."""
+        link already has ``max_pending`` messages queued). With ``origin``
+        (a link into a replay buffer) the header ``(origin, rows)`` goes
+        ahead of the tensor."""
         if self._errors:
             raise self._errors[0]
         link = self._senders.get(dst)
@@ -373,13 +431,16 @@ class DistComm:
         if data.device != self.wire:
             data = data.to(self.wire)
         data = data.contiguous()
+        head = None
+        if origin is not None:
+            head = torch.tensor([origin, len(data)], dtype=torch.int64).to(self.wire)
         ready = None
         if data.device.type == "cuda":
             ready = torch.cuda.Event()
             ready.record()
         full = q.full()
         try:
-            q.put((data, step, mb, t0, ready), timeout=self.timeout)
+            q.put((data, head, step, mb, t0, ready), timeout=self.timeout)
         except queue.Full:
             raise PeerError(f"rank {dst - 1} (block {dst}) took no message for {self.timeout:g} s; "
                             "it is stuck or gone") from None
@@ -428,10 +489,16 @@ class LocalComm:
         self.misses: dict[int, int] = {}
         self._waiting: set[int] = set()
 
-    def send(self, src: int, dst: int, tensor: torch.Tensor, step: int, mb: int = 0) -> None:
+    def send(self, src: int, dst: int, tensor: torch.Tensor, step: int, mb: int = 0,
+             origin: int | None = None) -> None:
+        """Post ``tensor`` from block ``src`` to block ``dst``; into ``src``'s
+        replay buffer (with its ``origin``) when it has one."""
         data = tensor.detach()
         if src in self.buffers and dst == src + 1:
-            self.buffers[src].put((step, data, [0]), step=step)
+            if origin is None:
+                raise ValueError(f"a message into the replay buffer of block {src} needs the "
+                                 "mini-batch it came from (origin)")
+            self.buffers[src].put((step, origin, data, [0]), step=step)
         else:
             self._boxes.setdefault((src, dst), deque()).append((step, mb, data))
 
@@ -446,7 +513,9 @@ class LocalComm:
         return data
 
     def take(self, src: int, block: int, step: int) -> Any:
-        """Block ``block``'s read at its step ``step`` of the buffer ``src`` fills."""
+        """Block ``block``'s read at its step ``step`` of the buffer ``src``
+        fills: ``(producer step, origin, tensor)``, :data:`BLOCKED`, or None
+        (``src`` has finished and nothing readable is left)."""
         got = self.buffers[src].get()
         if got is None:
             if block not in self._waiting:     # one miss per read, however often retried
@@ -454,9 +523,10 @@ class LocalComm:
                 self.misses[block] = self.misses.get(block, 0) + 1
             return None if src in self.done else BLOCKED
         self._waiting.discard(block)
-        got[2][0] += 1
-        self.reads.setdefault(block, []).append([step, got[0], got[2][0]])
-        return got[0], got[1]
+        produced, origin, data, reuse = got
+        reuse[0] += 1
+        self.reads.setdefault(block, []).append([step, produced, reuse[0]])
+        return produced, origin, data
 
     def buffer_stats(self) -> dict[int, dict[str, Any]]:
         return {src: b.stats() for src, b in self.buffers.items()}

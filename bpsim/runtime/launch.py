@@ -637,6 +637,9 @@ def _meta(cfg: RunConfig, results: dict[int, dict[str, Any]]) -> dict[str, Any]:
             misses.update(r.get("buffer_misses", {}))
         meta["buffer_reads"] = {str(b): reads.get(str(b), []) for b in range(2, cfg.blocks + 1)}
         meta["buffer_misses"] = {str(b): misses.get(str(b), 0) for b in range(2, cfg.blocks + 1)}
+        # the batch whose labels each update of each block trained on
+        meta["label_batches"] = {b: v for r in results.values()
+                                 for b, v in r.get("label_batches", {}).items()}
     return json_safe(meta)
 
 

@@ -16,7 +16,11 @@ the compute that needed it (on the compute lane that time is a ``wait``;
 without a receive the op starts where the last span ended, so the schedule's
 own bookkeeping between chunks counts towards the next op, as elsewhere in
 the runtime), and a ``send`` span marks when an output was
-handed to the schedule (``get_*_send_ops``). Messages keep per-link
+handed to the schedule (``get_*_send_ops``). On CUDA the schedule's
+``work.wait()`` returns at once (NCCL only makes the compute stream wait for
+the transfer), so before a compute op that needed a receive the stream is
+synchronised on the host: the op starts when the data is there, and the
+time until then stays a ``wait``. Messages keep per-link
 sequence numbers, so every send is paired with its receive. At the end of a
 step the schedule waits until the last backward sends are taken by the
 previous stage: that time is a ``wait`` span, not part of the ``update``
@@ -109,6 +113,7 @@ def _traced_stage_class() -> type:
             c = self.ctx
             if self._recv is None:
                 return c.begin()
+            c.settle()       # CUDA: the receive completes on the stream, not at work.wait()
             t0 = c.now()
             self._close_recv(t0)
             c.waited(self.step_no, mb, until=t0)
@@ -161,6 +166,7 @@ def run_pipeline(algo: str, ctx: BlockCtx, stage_module: nn.Module, stage_index:
             schedule.step(target=ctx.plan.y(t), losses=losses)
         else:
             schedule.step()
+        ctx.settle()      # CUDA: the last sends complete on the stream, not at work.wait()
         ctx.waited(t)     # the schedule's wait for its last sends to be taken
         if losses:
             ctx.record_loss(float(torch.stack([v.detach() for v in losses]).mean()), t, "loss",

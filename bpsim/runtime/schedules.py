@@ -25,10 +25,16 @@ by span (K = 3, one step; F fwd, B bwd, A aux, U update, H h-step)::
 
 ``dgl-async`` is ``dgl`` with block j > 1 reading its input from a replay
 buffer instead of waiting for block j - 1 (:class:`bpsim.replay.ReplayBuffer`,
-least-reused entry first). ``gpipe`` and ``1f1b`` use
+least-reused entry first). An entry keeps the mini-batch its tensor came
+from (its *origin*); the block trains on that batch's labels and passes the
+origin on with its output, as the in-process trainer's entries hold
+``(h, y)``. ``gpipe`` and ``1f1b`` use
 ``torch.distributed.pipelining`` instead (:mod:`bpsim.runtime.pipeline`).
 
-Spans: every compute op is timed by :meth:`BlockCtx.op`. A span starts
+Spans: every compute op is timed by :meth:`BlockCtx.op` (on CUDA it ends
+when the compute stream has finished the op's kernels; only that stream is
+synchronised, never the streams where the link threads' receives are
+posted, so waiting for a message never counts as compute). A span starts
 where the thread's previous span (or wait) ended, so the bookkeeping
 between two ops -- indexing the next batch, queueing a message -- counts
 towards the next op: a busy rank's compute lane has no holes, and the
@@ -173,6 +179,12 @@ class BlockCtx:
     cursor : Cursor
         The timeline position of the thread that runs this block (shared by
         the blocks of one process and by its wait spans).
+
+    Attributes
+    ----------
+    label_batches : list of int
+        For each local update of the block (``dgl-async``), the mini-batch
+        of the run whose labels it trained on: the batch its input came from.
     """
 
     def __init__(self, block: int, blocks: int, rank: int, net: Any, trainer: Any,
@@ -190,6 +202,7 @@ class BlockCtx:
         self.slow = float(slow)
         self.sync = device.type == "cuda"
         self.updates = 0
+        self.label_batches: list[int] = []
         self.losses: list[float] = []
         self.state: dict[str, Any] = {}
         self._burn_work = torch.full((64, 64), 1.0 / 64) if self.slow != 1.0 else None
@@ -200,10 +213,16 @@ class BlockCtx:
         t = self.cursor.t
         return self.now() if t is None else t
 
+    def settle(self) -> None:
+        """On CUDA, wait until the compute stream has done the work queued on
+        it (the device's other streams, where receives wait for their
+        senders, are left alone); nothing on CPU."""
+        if self.sync:
+            torch.cuda.current_stream(self.device).synchronize()
+
     def _finish(self, name: str, t0: float, step: int, mb: int = 0) -> float:
         """Close a compute span opened at ``t0``: sync, slowdown work, record."""
-        if self.sync:
-            torch.cuda.synchronize(self.device)
+        self.settle()
         if self.slow != 1.0:
             burn((self.slow - 1.0) * (self.now() - t0), self.now, self._burn_work)
         t1 = self.now()
@@ -365,16 +384,20 @@ def greedy_step(c: BlockCtx, t: int) -> Step:
 def dgl_async_step(c: BlockCtx, t: int) -> Step:
     """Asynchronous DGL (DGL Alg. 2/4): block j > 1 reads the least-reused
     entry of its replay buffer and waits only while the buffer is empty
-    (``bpsim.sim.schedules.dgl_async``). Every block makes ``steps`` updates."""
+    (``bpsim.sim.schedules.dgl_async``). Every block makes ``steps`` updates.
+
+    Block 1 trains on batch ``t``; block j > 1 on the labels of the batch
+    its entry came from (``origin``), which travels on with its output."""
     if c.first:
-        h, y = c.plan.x(t), c.plan.y(t)
+        origin, h = t, c.plan.x(t)
     else:
-        s, h = yield Take(c.block - 1)
-        y = c.plan.y(s)
+        _, origin, h = yield Take(c.block - 1)
+    y = c.plan.y(origin)
     with c.op("fwd", t):
         out = block_forward(c.module, h)
     if not c.last:
-        yield Send(c.block + 1, out.detach(), t)
+        yield Send(c.block + 1, out.detach(), t, origin=origin)
+    c.label_batches.append(origin)
     _local_update(c, out, y, t)
 
 

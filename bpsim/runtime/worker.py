@@ -148,7 +148,7 @@ def drive_dist(ctx: BlockCtx, comm: DistComm, step_fn: Callable, steps: int,
             if kind is Recv:
                 val = comm.recv(req.src, req.step, req.mb)
             elif kind is Send:
-                comm.send(req.dst, req.tensor, req.step, req.mb)
+                comm.send(req.dst, req.tensor, req.step, req.mb, req.origin)
                 val = None
             elif kind is Take:
                 val = comm.take(req.src, t)
@@ -204,7 +204,7 @@ def drive_local(ctxs: Sequence[BlockCtx], comm: LocalComm, step_fn: Callable, st
                     vals[i] = None
                 kind = type(req)
                 if kind is Send:
-                    comm.send(c.block, req.dst, req.tensor, req.step, req.mb)
+                    comm.send(c.block, req.dst, req.tensor, req.step, req.mb, req.origin)
                     ans = None
                 elif kind is Recv:
                     ans = comm.recv(req.src, c.block, req.step, req.mb)
@@ -287,9 +287,14 @@ def run_rank(rank: int, cfg: Any, data: tuple[torch.Tensor, torch.Tensor] | None
     ctrl = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
     groups: dict[tuple[int, int], Any] = {}
     if world > 1 and not pipelined:
+        # A link thread always has the next receive posted, also while its
+        # block is idle by plan (greedy: until its stage), so the links get
+        # --timeout per step of the run; the compute thread's own waits
+        # (DistComm) detect a stuck peer within --timeout per step waited.
+        link_timeout = timedelta(seconds=cfg.timeout * (total + 1))
         for b in range(1, K):   # collective: every rank creates every group, in order
-            groups[(b, b + 1)] = dist.new_group([b - 1, b], timeout=timeout)
-            groups[(b + 1, b)] = dist.new_group([b - 1, b], timeout=timeout)
+            groups[(b, b + 1)] = dist.new_group([b - 1, b], timeout=link_timeout)
+            groups[(b + 1, b)] = dist.new_group([b - 1, b], timeout=link_timeout)
     status["phase"] = "setup"
     desc = datasets.describe(cfg.data)
     net, trainer = build(cfg, desc.input_shape, desc.n_classes, desc.task)
@@ -382,6 +387,7 @@ def run_rank(rank: int, cfg: Any, data: tuple[torch.Tensor, torch.Tensor] | None
         "losses": {str(c.block): c.losses for c in ctxs},
         "buffers": {str(src + 1): s for src, s in comm_stats.items()},
         "buffer_reads": {str(b): r for b, r in reads.items()},
+        "label_batches": {str(c.block): c.label_batches for c in ctxs if c.label_batches},
         "buffer_misses": {str(b): n for b, n in misses.items()},
         "steps_per_epoch": plan.steps_per_epoch,
     }
