@@ -110,7 +110,7 @@ RESULT_RUNS := \
   accuracy_dgl_greedy_digits_4ep:benchmarks/accuracy_dgl.py@--data@digits@--only@greedy@--seeds@0@1@2@3@4@--epochs@4@--name@accuracy_dgl_greedy_digits_4ep \
   accuracy_dgl_greedy_digits:benchmarks/accuracy_dgl.py@--data@digits@--only@greedy@--seeds@0@1@2@3@4@--epochs@15@--name@accuracy_dgl_greedy_digits \
   accuracy_blockprop:benchmarks/accuracy_blockprop.py@--epochs@10@--seeds@0@1@2 \
-  accuracy_dgl:benchmarks/accuracy_dgl.py@--seeds@0@1@2 \
+  accuracy_dgl:benchmarks/accuracy_dgl.py@--only@bwbpf@--seeds@0@1@2 \
   accuracy_dgl_vs_bp:benchmarks/accuracy_dgl.py@--only@dgl_vs_bp@aux@--n-train@10000@--n-test@10000@--epochs@12@--weight-decay@5e-4@--seeds@0@1@2@--name@accuracy_dgl_vs_bp \
   accuracy_dgl_vs_bp_20k:benchmarks/accuracy_dgl.py@--only@dgl_vs_bp@--n-train@20000@--n-test@10000@--epochs@12@--weight-decay@5e-4@--seeds@0@1@2@--name@accuracy_dgl_vs_bp_20k
 RESULTS ?=
