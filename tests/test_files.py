@@ -440,7 +440,8 @@ def test_a_checkpoint_holding_code_is_refused_in_one_line_without_warnings(tmp_p
         with pytest.raises(ValueError) as e:
             trainer.fit(data, 1, resume=True)
     _one_line(e, "could run code")
-    assert "pwned" not in capfd.readouterr().out
+    out, err = capfd.readouterr()
+    assert "pwned" not in out and "Warning" not in err
 
 
 @pytest.mark.parametrize("kind", ["fifo", "link-loop", "device"])
@@ -498,3 +499,16 @@ def test_an_empty_xdg_cache_home_is_not_the_working_directory(tmp_path, monkeypa
         assert data._cache_dir().is_absolute()
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "c"))
     assert data._cache_dir() == tmp_path / "c" / "bpsim"
+
+
+def test_course_build_into_a_new_folder_runs_there(tmp_path):
+    """The kernels start in ``--out``, so the folder is made before they do."""
+    from bpsim.course import build
+
+    (tmp_path / "lessons").mkdir()
+    (tmp_path / "lessons" / "00-tiny.py").write_text("# %%\nimport os\nprint(os.getcwd())\n")
+    out = tmp_path / "new" / "notebooks"
+    build.build(lessons_dir=tmp_path / "lessons", out_dir=out, timeout=120, log=lambda s: None)
+    nb = json.loads((out / "00-tiny.ipynb").read_text())
+    assert os.path.samefile("".join(nb["cells"][0]["outputs"][0]["text"]).strip(), out)
+    assert os.listdir(out) == ["00-tiny.ipynb"]
