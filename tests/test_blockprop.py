@@ -10,7 +10,8 @@ from bpsim import data, nets, objectives, theory
 from bpsim.algorithms import get_trainer
 from bpsim.algorithms.base import DivergenceError
 from bpsim.algorithms.blockprop import (
-    BlockPropTrainer, CachedBlockPropTrainer, default_lr_h, h_step, h_update, w_grads, w_loss,
+    BlockPropTrainer, CachedBlockPropTrainer, curvature_step, fixed_lr_h, gradient_cosines, h_step, h_update,
+    outer_curvature, w_grads, w_loss,
 )
 from bpsim.cli import main
 
@@ -62,12 +63,13 @@ def test_h_step_converges_to_the_inner_argmin():
     assert (few[0] - exact[0]).abs().max() > 1e-3  # two steps are not there yet
 
 
-def test_h_step_is_per_example():
+@pytest.mark.parametrize("lr_h", [[0.2, 0.1], None])
+def test_h_step_is_per_example(lr_h):
     """A mini-batch's h-step equals the h-steps of its examples run one at a time."""
     net, x, y = _toy(K=3, n=5)
-    batch = h_step(net, x, y, [0.5, 2.0], n_h=3, lr_h=[0.2, 0.1])
+    batch = h_step(net, x, y, [0.5, 2.0], n_h=3, lr_h=lr_h)
     for i in range(5):
-        one = h_step(net, x[i : i + 1], y[i : i + 1], [0.5, 2.0], n_h=3, lr_h=[0.2, 0.1])
+        one = h_step(net, x[i : i + 1], y[i : i + 1], [0.5, 2.0], n_h=3, lr_h=lr_h)
         for hb, h1 in zip(batch, one):
             assert torch.allclose(hb[i : i + 1], h1, atol=1e-12)
 
@@ -88,9 +90,169 @@ def test_h_step_lowers_every_block_lagrangian():
             assert not torch.equal(hs[k - 2], init[k - 2])
 
 
-def test_default_lr_h_uses_the_largest_penalty_on_each_h():
-    assert default_lr_h([1.0, 4.0, 0.5], 4) == [1 / 16, 1 / 16, 1 / 2]
-    assert default_lr_h(2.0, 2) == [1 / 8]
+def test_fixed_lr_h_uses_the_largest_penalty_on_each_h():
+    assert fixed_lr_h([1.0, 4.0, 0.5], 4) == [1 / 16, 1 / 16, 1 / 2]
+    assert fixed_lr_h(2.0, 2) == [1 / 8]
+
+
+# ------------------------------------------- the default step: curvature
+def _sharp(K, seed=0, scale=3.0):
+    """A toy net whose middle blocks have large Jacobians (sigma^2 >> 1), as trained ones do."""
+    net, x, y = _toy(K=K, n=6, seed=seed)
+    with torch.no_grad():
+        for b in list(net.blocks)[1:-1]:
+            for p in b.parameters():
+                p.mul_(scale)
+    return net, x, y
+
+
+def _gauss_newton_top(block, h, lam_out, y=None):
+    """Exact per-example top eigenvalue of J^T H J from the full Jacobian (one example at a time)."""
+    out = []
+    for i in range(len(h)):
+        J = torch.autograd.functional.jacobian(block, h[i : i + 1]).reshape(-1, h.shape[1])
+        if lam_out is not None:
+            H = 2 * lam_out * torch.eye(J.shape[0], dtype=J.dtype)
+        else:                                     # cross-entropy: softmax Hessian diag(p) - p p^T
+            p = torch.softmax(block(h[i : i + 1]), -1)[0]
+            H = torch.diag(p) - torch.outer(p, p)
+        out.append(float(torch.linalg.eigvalsh(J.T @ H.detach() @ J).max()))
+    return torch.tensor(out, dtype=h.dtype)
+
+
+@pytest.mark.parametrize("last", [False, True])
+def test_outer_curvature_is_the_top_gauss_newton_eigenvalue(last):
+    """Power iteration reaches the exact top eigenvalue of J^T H J per example, from below."""
+    net, x, y = _sharp(K=3)
+    h = net.blocks[0](x).detach()
+    block, lam_out, target = net.blocks[1], 2.0, torch.randn(6, 8, dtype=torch.float64)
+    if last:
+        h = net.blocks[1](h).detach()
+        block, lam_out, target = net.blocks[2], None, y
+    exact = _gauss_newton_top(block, h, lam_out)
+    assert torch.allclose(outer_curvature(block, h, target, lam_out, iters=200), exact, rtol=1e-6)
+    # a few steps (the default): Rayleigh quotients of a PSD matrix, rising towards the top
+    est = [outer_curvature(block, h, target, lam_out, iters=n) for n in (1, 2, 3)]
+    for lo, hi in zip(est, est[1:] + [exact]):
+        assert (lo <= hi * (1 + 1e-9)).all()
+    if not last:                                                 # spring: 2 lam sigma_max(J)^2
+        sig = [torch.linalg.matrix_norm(torch.autograd.functional.jacobian(block, h[i : i + 1])
+                                        .reshape(8, 8), ord=2) for i in range(6)]
+        assert torch.allclose(exact, 2 * lam_out * torch.stack(sig) ** 2)
+
+
+def test_curvature_step_is_inside_the_stability_limit_by_construction():
+    """step * (2 lam_in + mu) = 1 < 2: stable for any mu >= 0, even when mu is off by up to 2x."""
+    mu = torch.tensor([0.0, 0.5, 3.0, 1e4], dtype=torch.float64)
+    for lam_in in (0.01, 1.0, 100.0):
+        step = curvature_step(lam_in, mu)
+        assert torch.allclose(step * (2 * lam_in + mu), torch.ones_like(mu))
+        assert (step * (2 * lam_in + 2 * mu) < 2).all()
+    assert float(curvature_step(1.0, torch.tensor(0.0))) == 0.5     # penalty alone: one step to its minimum
+
+
+def _per_example_L(block, h, a, target, lam_in, lam_out):
+    out = block(h)
+    outer = (lam_out * ((target - out) ** 2).sum(1) if lam_out is not None
+             else torch.nn.functional.cross_entropy(out, target, reduction="none"))
+    return lam_in * ((h - a) ** 2).sum(1) + outer
+
+
+def _rises(block, a, target, lam_in, lam_out, lr_h, steps):
+    """How many (example, step) pairs raise the example's L_k, over ``steps`` single h-steps."""
+    prev, h, n = _per_example_L(block, a, a, target, lam_in, lam_out), a, 0
+    for _ in range(steps):
+        h = h_update(block, a, target, lam_in, lam_out, 1, lr_h, h0=h)
+        now = _per_example_L(block, h, a, target, lam_in, lam_out)
+        n += int((now > prev + 1e-12).sum())
+        prev = now
+    return n
+
+
+@pytest.mark.parametrize("lam_out", [1.0, 10.0])
+def test_default_step_lowers_every_examples_lagrangian_on_a_linear_block(lam_out):
+    """A linear block makes L_k quadratic with curvature 2 lam_in + 2 lam_out sigma^2 (sigma^2 >> 1
+    here): the fixed step overshoots and raises L_k; the curvature step lowers it for every
+    example at every step. The first step provably: power iteration starts at the gradient, so
+    mu bounds the curvature along it."""
+    g = torch.Generator().manual_seed(3)
+    block = torch.nn.Linear(8, 8).double()
+    with torch.no_grad():
+        block.weight.copy_(3 * torch.randn(8, 8, generator=g, dtype=torch.float64) / 8 ** 0.5)
+    a = torch.randn(6, 8, generator=g, dtype=torch.float64)
+    target = block(a).detach() + 0.3 * torch.randn(6, 8, generator=g, dtype=torch.float64)
+    sig2 = float(torch.linalg.matrix_norm(block.weight.detach(), ord=2)) ** 2
+    fixed = fixed_lr_h([1.0, lam_out], 3)[0]
+    assert fixed * (2 + 2 * lam_out * sig2) > 2                  # past the stable limit
+    assert _rises(block, a, target, 1.0, lam_out, fixed, 8) > 0
+    assert _rises(block, a, target, 1.0, lam_out, None, 8) == 0
+
+
+@pytest.mark.parametrize("K", [3, 4])
+def test_default_h_step_rarely_raises_an_examples_lagrangian_in_a_relu_net(K):
+    """Through ReLU blocks L_k is only piecewise quadratic (a step that crosses a kink may rise a
+    little), yet the curvature step lowers most examples's L_k at every step of every
+    middle h_k, where the fixed step raises most of them once the Jacobians are large."""
+    net, x, y = _sharp(K)
+    lams = [1.0] * (K - 1)
+    with torch.no_grad():
+        a = net.activations(x)[:-1]
+    rise = {"default": 0, "fixed": 0}
+    total = 0
+    for k in range(2, K):                               # the middle gluing variables
+        # the target: where the h-step above moved h_{k+1}, near the forward activation
+        block, target = net.blocks[k - 1], a[k - 1] + 0.3 * torch.randn_like(a[k - 1])
+        mu = outer_curvature(block, a[k - 2], target, lams[k - 1], iters=200)
+        assert (mu > 6 * lams[k - 2]).all()            # beyond what the fixed step allows
+        rise["default"] += _rises(block, a[k - 2], target, lams[k - 2], lams[k - 1], None, 6)
+        rise["fixed"] += _rises(block, a[k - 2], target, lams[k - 2], lams[k - 1], fixed_lr_h(lams, K)[k - 2], 6)
+        total += 6 * len(x)
+    assert rise["default"] <= 0.2 * total and rise["fixed"] >= 0.5 * total, (rise, total)
+
+
+def test_default_step_on_the_last_block_lowers_the_loss_term_too():
+    net, x, y = _sharp(K=2, scale=1.0)
+    a = net.blocks[0](x).detach()
+    prev, h = _per_example_L(net.blocks[1], a, a, y, 1.0, None), a
+    for _ in range(5):
+        h = h_update(net.blocks[1], a, y, 1.0, None, 1, None, h0=h)
+        now = _per_example_L(net.blocks[1], h, a, y, 1.0, None)
+        assert (now <= prev + 1e-12).all()
+        prev = now
+
+
+# ---------------------------------------------- gradient cosine statistic
+def test_gradient_cosines_at_the_forward_pass_and_at_the_exact_h_star():
+    """At h = the forward pass only the last block has a W-step gradient, and it is backprop's
+    (cosine 1; the others are 0 by convention). At the exact joint h* with a large lam the
+    W-step is grad J (Lemma B.1), which tends to backprop's gradient: cosines near 1."""
+    net, x, y = _toy(K=4)
+    with torch.no_grad():
+        fwd = net.activations(x)[:-1]
+    cos = gradient_cosines(net, x, y, fwd, 1.0)
+    assert cos[:-1] == [0.0, 0.0, 0.0] and cos[-1] == pytest.approx(1.0, abs=1e-12)
+    lam = 1e3
+    exact = theory.inner_solve(net, x, y, lam)
+    assert min(gradient_cosines(net, x, y, exact, lam)) > 0.999
+    before = [p.detach().clone() for p in net.parameters()]
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), before))
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_trainer_records_cosines_and_curvature_without_changing_training(digits):
+    train, test = digits
+    small = TensorDataset(*(t[:256] for t in train.tensors))
+    runs = []
+    for probe in (64, 0):
+        t = BlockPropTrainer(nets.mlp([64, 32, 32, 10], blocks=3, seed=0), seed=0)
+        t.probe_size = probe
+        runs.append((t, t.fit(small, 2)))
+    (t1, h1), (t0, h0) = runs
+    ex = h1.records[-1].extra
+    assert len(ex["grad_cosine"]) == 3 and len(ex["outer_curvature"]) == 2
+    assert all(-1 <= c <= 1 for c in ex["grad_cosine"]) and all(m >= 0 for m in ex["outer_curvature"])
+    assert h0.records[-1].extra == {} and h0.train_loss == h1.train_loss
+    assert all(torch.equal(p, q) for p, q in zip(t1.net.parameters(), t0.net.parameters()))
 
 
 # ------------------------------------------------------------------ W-step

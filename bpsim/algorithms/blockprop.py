@@ -30,11 +30,31 @@ Step size of the h-step
     example alone. The objectives are batch means, so the per-example
     gradient is the batch gradient times the batch size.
 
-    When ``lr_h`` is not given, ``h_k`` uses ``1 / (4 lam)`` with ``lam`` the
-    largest penalty weight acting on ``h_k`` (``lambda_{k-1}``, and
-    ``lambda_k`` when ``k < K``). The penalty alone has curvature ``2 lam``,
-    so this step halves the distance to the penalty's minimum at each step
-    and stays stable while the rest of ``L_k`` curves less than ``6 lam``.
+    The paper fixes one step ``gamma_h`` (Alg. 1 line 12). But ``L_k``
+    (eq. 5) curves by ``2 lambda_{k-1}`` through its incoming spring *plus*
+    the curvature of its outgoing term: ``2 lambda_k sigma^2`` for a middle
+    ``h_k``, with ``sigma`` the largest singular value of block ``k``'s
+    Jacobian at that example, and the loss's curvature through block ``K``
+    for ``h_K``. ``sigma`` grows as the weights train, and once
+    ``gamma_h (2 lambda_{k-1} + 2 lambda_k sigma^2) > 2`` gradient descent
+    on ``h_k`` overshoots and *raises* ``L_k``: ``h*_k`` then moves against
+    the error signal, and every block below, whose W-step target it is,
+    gets a gradient pointing away from backprop's. With ``K = 2`` only
+    ``h_K`` exists and the loss curves little, so a fixed step is safe; with
+    more blocks the middle ``h_k`` are the ones that break.
+
+    So when ``lr_h`` is not given, every example and every boundary gets
+    its own step ``1 / (2 lambda_{k-1} + mu)`` (:func:`curvature_step`),
+    with ``mu`` the largest curvature of the outgoing term estimated by a
+    few steps of power iteration at the start point
+    (:func:`outer_curvature`). It is the step that is stable by
+    construction: below ``2 / curvature`` with a factor 2 to spare. The
+    same rule holds for ``h_K`` (then ``mu`` is the loss's curvature), so
+    ``K = 2`` uses it too, which keeps one rule for every boundary; there
+    it changes little, as the loss's curvature is small. It costs about as
+    much as the ``N_h = 4`` gradient steps themselves. :func:`fixed_lr_h`
+    gives the former fixed step ``1 / (4 max(lambda_{k-1}, lambda_k))``
+    for comparison.
 
 Batch normalisation
     The h-step evaluates block ``k`` in the *same mode* as the W-step (train
@@ -65,7 +85,8 @@ from bpsim.nets import BlockNet
 from bpsim.objectives import Lams, as_lams, block_map, penalty, per_gap, task_loss
 
 __all__ = [
-    "h_update", "w_loss", "h_step", "w_grads", "block_params", "default_lr_h", "frozen_running_stats",
+    "h_update", "w_loss", "h_step", "w_grads", "block_params", "fixed_lr_h", "outer_curvature",
+    "curvature_step", "gradient_cosines", "frozen_running_stats",
     "forward_init", "start_point", "cache_rule",
     "BlockPropTrainer", "CachedBlockPropTrainer",
 ]
@@ -102,11 +123,15 @@ def _check_nh(n_h: Any) -> int:
     return int(n_h)
 
 
-def default_lr_h(lams: Lams, K: int) -> list[float]:
-    """The default per-example h-step size for ``h_2..h_K`` (see the module docstring).
+def fixed_lr_h(lams: Lams, K: int) -> list[float]:
+    """A fixed per-example h-step size for ``h_2..h_K`` from the penalties alone.
 
     ``h_k`` gets ``1 / (4 max(lambda_{k-1}, lambda_k))`` (only
-    ``lambda_{K-1}`` for ``h_K``).
+    ``lambda_{K-1}`` for ``h_K``): a step that ignores the blocks'
+    Jacobians, stable only while the outgoing term of ``L_k`` curves less
+    than about ``6 lambda`` (see the module docstring). It was the default
+    before :func:`curvature_step` and is kept for comparison; pass it as
+    ``lr_h`` to use it.
     """
     lam = as_lams(lams, K)
     out = []
@@ -116,14 +141,95 @@ def default_lr_h(lams: Lams, K: int) -> list[float]:
     return out
 
 
-def _lr_h_list(lr_h: float | Sequence[float] | None, lam: list[float], K: int) -> list[float]:
+def _lr_h_list(lr_h: float | Sequence[float] | None, lam: list[float], K: int) -> list[float | None]:
+    """``K - 1`` step sizes; ``None`` entries mean the curvature step (:func:`curvature_step`)."""
     if lr_h is None:
-        return default_lr_h(lam, K)
+        return [None] * (K - 1)
     vals = per_gap(lr_h, K, "lr_h")
     for k, v in enumerate(vals, start=2):
         if not (v >= 0 and math.isfinite(v)):
             raise ValueError(f"lr_h must be >= 0, got {v} for h_{k}; pass a small positive step such as 0.1")
     return vals
+
+
+#: power-iteration steps behind each curvature estimate of :func:`outer_curvature`
+POWER_ITERS = 3
+
+
+def _per_example(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A per-example quantity ``v`` (shape ``(B,)``) shaped to broadcast against ``x``."""
+    return v.view(-1, *([1] * (x.dim() - 1)))
+
+
+def outer_curvature(block: nn.Module, h: torch.Tensor, target: torch.Tensor, lam_out: float | None,
+                    loss_fn: LossFn | None = None, iters: int = POWER_ITERS) -> torch.Tensor:
+    """Per-example curvature of the outgoing term of ``L_k`` at ``h`` (shape ``(B,)``).
+
+    The outgoing term is ``lam_out ||target - b_k(h)||^2`` (``k < K``) or
+    the task loss ``ell(y, b_K(h))``. Its Gauss-Newton matrix for one
+    example is ``G = J^T H J``, with ``J`` block ``k``'s Jacobian at that
+    example and ``H`` the Hessian of the term in the block's output:
+    ``2 lam_out I`` for the spring, so ``G``'s largest eigenvalue is
+    ``2 lam_out sigma_max(J)^2``; the softmax Hessian (eigenvalues below 1/2)
+    for cross-entropy. Returned is that largest eigenvalue, estimated by
+    ``iters`` steps of power iteration on ``G`` per example, started at the
+    example's own gradient of the term (deterministic: every process that
+    holds the block gets the same number). Each step is one
+    Jacobian-vector product (by differentiating the vector-Jacobian product
+    with respect to its vector: plain reverse mode, so it works for any
+    block autograd handles, BatchNorm included), one Hessian-vector product
+    in the small output space and one vector-Jacobian product.
+
+    Power iteration approaches the top eigenvalue from below (its Rayleigh
+    quotients rise towards it and never exceed it); :func:`curvature_step`
+    leaves a factor 2 for that and for the Jacobian changing along the
+    ``N_h`` steps. The
+    objectives are batch means, so ``H`` is scaled by the batch size to
+    give each example's own curvature. ``.grad`` and BatchNorm statistics
+    are untouched.
+    """
+    fn = loss_fn if loss_fn is not None else task_loss
+    B = h.shape[0]
+    mu = torch.zeros(B, dtype=h.dtype, device=h.device)
+
+    def unit(v: torch.Tensor) -> torch.Tensor:
+        return v / _per_example(v.flatten(1).norm(dim=1).clamp_min(torch.finfo(v.dtype).tiny), v)
+
+    with torch.enable_grad(), frozen_running_stats(block):
+        hh = h.detach().requires_grad_(True)
+        out = block(hh)
+        t = target.detach()
+        outer = fn(out, t) if lam_out is None else penalty(t, out, lam_out)
+        (g_out,) = torch.autograd.grad(outer, out, create_graph=True)
+        if not g_out.requires_grad:         # a term linear in the output has no curvature
+            return mu
+        u = torch.zeros_like(out, requires_grad=True)
+        (jt_u,) = torch.autograd.grad(out, hh, u, create_graph=True)      # J^T u, linear in u
+        (v,) = torch.autograd.grad(out, hh, g_out.detach(), retain_graph=True)
+        v = unit(v.detach()) + 1e-3 / math.sqrt(v[0].numel())   # the gradient; never exactly 0
+        for _ in range(iters):
+            v = unit(v)
+            (jv,) = torch.autograd.grad(jt_u, u, v, retain_graph=True)
+            (hjv,) = torch.autograd.grad(g_out, out, jv, retain_graph=True)
+            (w,) = torch.autograd.grad(out, hh, hjv, retain_graph=True)
+            w = w.detach() * B
+            mu = (v * w).flatten(1).sum(1)          # Rayleigh quotient of the unit v
+            v = w
+    return mu.detach().clamp_min(0.0)
+
+
+def curvature_step(lam_in: float, mu: torch.Tensor) -> torch.Tensor:
+    """The default per-example h-step size ``1 / (2 lam_in + mu)``.
+
+    ``2 lam_in + mu`` bounds the curvature of ``L_k`` (eq. 5) along the
+    step: ``2 lam_in`` from the incoming spring, ``mu`` from the outgoing
+    term (:func:`outer_curvature`). Gradient descent on a quadratic with
+    largest curvature ``c`` lowers it at every step for any step below
+    ``2 / c`` and reaches the minimum along the top direction in one step
+    at ``1 / c``; this is that step, so an underestimate of ``mu`` by up to
+    a factor of 2 still leaves the step stable.
+    """
+    return 1.0 / (2.0 * lam_in + mu)
 
 
 # ------------------------------------------------------ one block's work
@@ -134,7 +240,7 @@ def h_update(
     lam_in: float,
     lam_out: float | None,
     n_h: int,
-    lr_h: float,
+    lr_h: float | None,
     loss_fn: LossFn | None = None,
     h0: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -155,7 +261,9 @@ def h_update(
     n_h : number of gradient steps ``N_h`` (0 returns the start point).
     lr_h : per-example step size: each example's ``h`` moves as in the
         online algorithm, i.e. the step uses the batch-mean gradient times
-        the batch size.
+        the batch size. ``None`` (the default of the trainers) sizes it per
+        example to the curvature of ``L_k`` at the start point,
+        :func:`curvature_step` of :func:`outer_curvature`.
     loss_fn : the task loss for the last block (default: cross-entropy for
         integer labels, MSE otherwise).
     h0 : start point (default ``a``, the forward activation; the cached
@@ -172,7 +280,7 @@ def h_update(
     DivergenceError : when ``h`` or ``L_k`` stops being finite.
     """
     n_h = _check_nh(n_h)
-    if not (lr_h >= 0 and math.isfinite(lr_h)):
+    if lr_h is not None and not (lr_h >= 0 and math.isfinite(lr_h)):
         raise ValueError(f"lr_h must be >= 0, got {lr_h}; pass a small positive step such as 0.1")
     fn = loss_fn if loss_fn is not None else task_loss
     a = a.detach()
@@ -180,7 +288,11 @@ def h_update(
     h = (a if h0 is None else h0.detach()).clone()
     if h.shape != a.shape:
         raise ValueError(f"h0 has shape {tuple(h.shape)} but a = b_(k-1)(h_(k-1)) has shape {tuple(a.shape)}")
-    step = lr_h * h.shape[0]  # per-example step = batch-mean gradient x batch size
+    if lr_h is None and n_h:
+        lr = _per_example(curvature_step(lam_in, outer_curvature(block, h, target, lam_out, fn)), h)
+    else:
+        lr = lr_h or 0.0
+    step = lr * h.shape[0]  # per-example step = batch-mean gradient x batch size
     with torch.enable_grad(), frozen_running_stats(block):
         for _ in range(n_h):
             h.requires_grad_(True)
@@ -194,7 +306,8 @@ def h_update(
     if n_h and not (torch.isfinite(L) and torch.isfinite(h).all()):
         what = f"L_k = {L.item()}" if not torch.isfinite(L) else "h is no longer finite"
         raise DivergenceError(
-            f"h diverged in {n_h} h-steps ({what}; lr_h={lr_h}, lam_in={lam_in}, lam_out={lam_out}); "
+            f"h diverged in {n_h} h-steps ({what}; lr_h={'curvature step' if lr_h is None else lr_h}, "
+            f"lam_in={lam_in}, lam_out={lam_out}); "
             f"use a smaller lr_h (the penalty alone is stable for lr_h < {1 / lam_in:.3g}) or a different lam"
         )
     return h
@@ -323,7 +436,8 @@ def h_step(
     lams : one penalty weight or ``K - 1`` of them, all > 0.
     n_h : h-steps per gluing variable, ``N_h >= 0``.
     lr_h : per-example step size, one for all or ``K - 1`` values
-        (``lr_h[k-2]`` for ``h_k``); ``None`` for :func:`default_lr_h`.
+        (``lr_h[k-2]`` for ``h_k``); ``None`` for the curvature step
+        (:func:`curvature_step`, per example and boundary).
     h0 : optional start points (Alg. 2's cache); default the forward pass.
     loss_fn : task loss of the last block (default by the dtype of ``y``).
 
@@ -393,6 +507,39 @@ def w_grads(net: BlockNet, x: torch.Tensor, y: torch.Tensor, hs: Sequence[torch.
     return grads
 
 
+def gradient_cosines(net: BlockNet, x: torch.Tensor, y: torch.Tensor, hs: Sequence[torch.Tensor],
+                     lams: Lams, loss_fn: LossFn | None = None) -> list[float]:
+    """Per block, the cosine between the W-step gradient at ``hs`` and backprop's.
+
+    Block ``k``'s W-step gradient ``grad_{B_k} J_k`` (:func:`w_grads`) against
+    the gradient of the plain loss ``ell(y, f(x))`` with respect to the same
+    weights, both at the net's current weights. By Lemma B.1 the W-step is
+    ``grad J`` at the exact joint ``h*``, and ``grad J`` tends to backprop's
+    gradient as the penalties grow (Theorem 5.1), so values near 1 say a
+    block learns as under backprop, values below 0 that its W-step climbs
+    the loss. BatchNorm running statistics are left as they were.
+    """
+    fn = loss_fn if loss_fn is not None else task_loss
+    K = len(net)
+    with frozen_running_stats(net):
+        wg = w_grads(net, x, y, hs, lams, fn)
+        with torch.enable_grad():
+            params = [p for k in range(1, K + 1) for p in block_params(net, k)]
+            live = [p for p in params if p.requires_grad]
+            g = iter(torch.autograd.grad(fn(net(x), y), live, allow_unused=True))
+    out = []
+    for k in range(1, K + 1):
+        a, b = [], []
+        for p, gw in zip(block_params(net, k), wg[k - 1]):
+            gp = next(g) if p.requires_grad else None
+            a.append(gw.reshape(-1))
+            b.append((torch.zeros_like(p) if gp is None else gp).reshape(-1))
+        a, b = torch.cat(a), torch.cat(b)
+        den = float(a.norm() * b.norm())
+        out.append(float(torch.dot(a, b)) / den if den > 0 else 0.0)
+    return out
+
+
 # ------------------------------------------------------------- trainers
 class BlockPropTrainer(Trainer):
     """BlockProp (Alg. 1) on mini-batches: h-step, then a W-step per block.
@@ -402,15 +549,27 @@ class BlockPropTrainer(Trainer):
     net : a ``BlockNet`` with K >= 2 blocks (MLP or CNN).
     lam : penalty weight(s) ``lambda_k`` > 0, one or ``K - 1``.
     nh : h-steps per gluing variable ``N_h`` (>= 0).
-    lr_h : per-example h-step size, one or ``K - 1``; default ``1 / (4 lam)``
-        (:func:`default_lr_h`).
+    lr_h : per-example h-step size, one or ``K - 1``; default: sized per
+        example to the curvature each ``h_k`` faces (:func:`curvature_step`).
     **kwargs : the ``Trainer`` settings (``lr`` may be one per block).
 
     ``StepResult.local_losses`` are the ``J_k`` (eq. 7) of the W-step and
     ``StepResult.loss`` their sum, ``J(W) ~ L(h*, W)`` (eq. 6), so the
     History's ``train_loss`` is the augmented loss at ``h*``; the test loss
     is the network's ordinary loss.
+
+    ``epoch_extra`` measures, at the end of each epoch on a fixed probe of
+    :attr:`probe_size` training examples, ``grad_cosine`` (per block, the
+    cosine between the W-step gradient after this trainer's h-step and
+    backprop's gradient: :func:`gradient_cosines`) and ``outer_curvature``
+    (per gluing variable ``h_2..h_K``, the median over the probe of
+    :func:`outer_curvature` at the forward activations, the ``mu`` of the
+    step ``1 / (2 lambda_{k-1} + mu)``). The probe changes no weight,
+    statistic or random state.
     """
+
+    #: training examples in the end-of-epoch probe (0: no probe)
+    probe_size = 256
 
     name = "blockprop"
     options = method_keywords(name)
@@ -426,6 +585,31 @@ class BlockPropTrainer(Trainer):
         self.nh = _check_nh(nh)
         self.lr_h = _lr_h_list(lr_h, self.lams, K)
         super().__init__(net, **kwargs)
+
+    def fit(self, train: Any, *args: Any, **kwargs: Any) -> Any:
+        x_all, y_all = train.tensors[0], train.tensors[1]
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + 999_983)
+        idx = torch.randperm(len(x_all), generator=g)[: self.probe_size]
+        self._probe = (x_all[idx], y_all[idx]) if len(idx) else None
+        return super().fit(train, *args, **kwargs)
+
+    def epoch_extra(self) -> dict[str, Any]:
+        probe = getattr(self, "_probe", None)
+        if probe is None:
+            return {}
+        x, y = probe
+        K = len(self.net)
+        with frozen_running_stats(self.net):
+            hs = BlockPropTrainer._h_step(self, x, y)
+            cos = gradient_cosines(self.net, x, y, hs, self.lams, self.loss)
+            start, a = _forward_init(self.net, x, None)
+            mus = []
+            for k in range(2, K + 1):
+                target = y if k == K else a[k - 1]
+                mu = outer_curvature(block_map(self.net, k), a[k - 2], target,
+                                     None if k == K else self.lams[k - 1], self.loss)
+                mus.append(float(mu.median()))
+        return {"grad_cosine": cos, "outer_curvature": mus}
 
     def _advice(self) -> str:
         return f"use a smaller lr_h (now {self.lr_h}) or a different lam (now {self.lams})"
@@ -553,13 +737,14 @@ class CachedBlockPropTrainer(BlockPropTrainer):
         return self._w_step(x, y, hs)
 
     def epoch_extra(self) -> dict[str, Any]:
+        probe = super().epoch_extra()
         valid = self.refreshed[self.refreshed >= 0]
         if len(valid) == 0:
             return {"cache_size": 0, "staleness_mean": 0.0, "staleness_max": 0,
-                    "hstep_epoch": self.epoch % self.cache_every == 0}
+                    "hstep_epoch": self.epoch % self.cache_every == 0} | probe
         age = self.epoch - valid
         return {"cache_size": int(len(valid)), "staleness_mean": float(age.double().mean()),
-                "staleness_max": int(age.max()), "hstep_epoch": self.epoch % self.cache_every == 0}
+                "staleness_max": int(age.max()), "hstep_epoch": self.epoch % self.cache_every == 0} | probe
 
     def extra_state(self) -> dict[str, Any]:
         return {"cache": [c.clone() for c in self.cache], "refreshed": self.refreshed.clone()}
