@@ -10,8 +10,8 @@ Three numbers say how well the simulator predicts a run:
   (each trace measured from its own first span) divided by the measured
   mean step time (makespan / number of steps).
 
-Traces with negative durations or non-finite times, or with different
-block counts, are refused; traces of different methods are compared with
+Traces with unknown ops, negative steps, negative durations or non-finite
+times, or with different block counts, are refused; traces of different methods are compared with
 a warning (``result["warnings"]``), printed first in the report.
 """
 
@@ -23,7 +23,7 @@ import statistics
 from collections import defaultdict
 from typing import Any
 
-from bpsim.trace import Trace
+from bpsim.trace import OPS, Trace
 
 __all__ = ["compare", "compare_files", "error_table", "format_report"]
 
@@ -35,7 +35,18 @@ def _rel(sim: float, meas: float) -> float:
 
 
 def _check_times(t: Trace, which: str) -> None:
+    """Refuse a span with an unknown op, a negative step, micro-batch or rank,
+    a block below 1, or times that are not finite or run backwards."""
     for r in t.rows:
+        if r[2] not in OPS:
+            raise ValueError(f"the {which} trace has a span of unknown op {r[2]!r} (block "
+                             f"{r[3]}, step {r[4]}); ops are {', '.join(OPS)}; it cannot be "
+                             "compared")
+        for name, v, lo in (("rank", r[0], 0), ("block", r[3], 1), ("step", r[4], 0),
+                            ("microbatch", r[5], 0)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"the {which} trace has a {r[2]} span with {name} {v!r}, not "
+                                 f"an integer >= {lo}; it cannot be compared")
         if not (math.isfinite(r[6]) and math.isfinite(r[7])):
             raise ValueError(f"the {which} trace has a span with a non-finite time: {r[2]} of "
                              f"block {r[3]}, step {r[4]} ({r[6]!r} to {r[7]!r}); it cannot be "

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 if TYPE_CHECKING:  # pragma: no cover
     from bpsim.trace import Trace
 
-__all__ = ["Costs", "COMPUTE_OPS", "CostTable", "JITTER_BINS", "bin_factors"]
+__all__ = ["Costs", "COMPUTE_OPS", "CostTable", "JITTER_BINS", "MAX_SPREAD", "bin_factors"]
 
 COMPUTE_OPS = ("fwd", "bwd", "aux", "update", "hstep")
 # A cost that is not a trace op: ``bwd_in`` is the extra backward work of a
@@ -42,6 +42,8 @@ _KEYS = _COST_OPS + _LINK_KEYS + ("spread",)
 _JITTER_OF = {"bwd+in": "bwd", "loss": "aux"}
 JITTER_BINS = 256   # most relative durations Costs.from_trace keeps in ``jitter``
 _ALIASES = {"latency": "comm", "bw": "bandwidth", "activation_bytes": "bytes"}
+#: the largest lognormal log-standard-deviation ``spread`` (larger draws overflow)
+MAX_SPREAD = 10.0
 
 
 def _number(key: str, value: Any) -> float:
@@ -56,6 +58,10 @@ def _number(key: str, value: Any) -> float:
                          "an infinitely fast link")
     if math.isinf(x) and key != "bandwidth":
         raise ValueError(f"cost {key!r} must be finite, got {value!r}")
+    if key == "spread" and x > MAX_SPREAD:
+        raise ValueError(f"cost 'spread' must be at most {MAX_SPREAD:g} (a log-standard-"
+                         f"deviation: {MAX_SPREAD:g} already spreads a cost over factors "
+                         f"e^-{3 * MAX_SPREAD:g}..e^{3 * MAX_SPREAD:g}), got {value!r}")
     return x
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bpsim import methods
-from bpsim.sim.api import like_kwargs, run_schedule
+from bpsim.sim.api import check_request, like_kwargs, run_schedule
 from bpsim.sim.costs import Costs
 from bpsim.sim.engine import parse_placement
 from bpsim.sim.results import SimResult, buffer_stats
@@ -248,8 +248,9 @@ def replay(trace: Trace) -> ReplayResult:
     kw = like_kwargs(trace)
     method = methods.get(kw["algo"])
     blocks, steps = kw["blocks"], kw["steps"]
-    place = parse_placement(kw.get("placement"), blocks)
     opts = method.resolved_options({k: kw[k] for k in method.options if k in kw})
+    check_request(method, blocks, steps, opts, steps_per_epoch=kw.get("steps_per_epoch"))
+    place = parse_placement(kw.get("placement"), blocks)
     measured = Measured(trace, buffered="buffer" in method.options,
                         flushes=method.protocol == "rendezvous")
     res = run_schedule(method, blocks, steps, Costs(fwd=0.0, bwd=0.0), opts,

@@ -15,7 +15,7 @@ from typing import Any, Callable, Generator
 from bpsim.sim.engine import Engine
 
 __all__ = ["bp", "gpipe", "one_f_one_b", "dgl", "dgl_async", "greedy",
-           "blockprop", "blockprop_cached", "bwbpf"]
+           "blockprop", "blockprop_cached", "bwbpf", "compute_spans"]
 
 _AUX_BWD_UPD = ("aux", "bwd", "update")
 _WSTEP = ("fwd", "bwd", "update")
@@ -334,3 +334,50 @@ def _blockprop_block(e: Engine, j: int, steps: int, nh: int, epoch_steps: int | 
             e.send(j, j - 1, "target", t)
         yield from e.run(j, _WSTEP, t)
         e.updates[j] += 1
+
+
+# ------------------------------------------------------------- span counts
+def compute_spans(schedule: str, blocks: int, steps: int, *, microbatches: int = 1,
+                  nh: int = 1, cache_every: int = 1, steps_per_epoch: int | None = None,
+                  **_: Any) -> int:
+    """How many compute spans (ops, not waits) ``schedule`` records, exactly.
+
+    Every op a schedule runs is recorded, whatever its cost, so the count
+    follows from the sizes alone, in closed form: the simulator checks it
+    against its span limit before it allocates anything. Waits and message
+    spans come on top.
+
+    Parameters
+    ----------
+    schedule : str
+        The name of a schedule of this module (e.g. ``"gpipe"``).
+    blocks, steps : int
+        K and N as :func:`bpsim.sim.simulate` takes them.
+    microbatches, nh, cache_every, steps_per_epoch : int
+        The sizes the schedule reads (others are ignored).
+
+    Returns
+    -------
+    int
+        The number of compute spans (a Python int: no overflow).
+    """
+    K, N = blocks, steps
+    if schedule == "bp":
+        return 3 * K * N                                  # fwd, bwd, update
+    if schedule in ("gpipe", "one_f_one_b"):
+        return K * N * (2 * microbatches + 1)             # m fwd, m bwd, update
+    if schedule in ("dgl", "dgl_async"):
+        return 4 * K * N                                  # fwd, aux, bwd, update
+    if schedule == "bwbpf":
+        return 4 * K * N + N                              # and the output layer's loss
+    if schedule == "greedy":
+        return N * (4 * K + K * (K - 1) // 2)             # stage j: 4 ops, frozen: fwd
+    chain = (K - 1) * (1 + nh)        # per h-step step: forwards and h-steps of blocks 2..K
+    if schedule == "blockprop":
+        return N * (3 * K + chain)
+    if schedule == "blockprop_cached":
+        s = steps_per_epoch or N
+        cycle = s * cache_every
+        hsteps = (N // cycle) * s + min(N % cycle, s)    # steps of epochs 0, E, 2E, ...
+        return 3 * K * N + hsteps * chain
+    raise ValueError(f"no span count for schedule {schedule!r}")
