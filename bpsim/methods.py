@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
-__all__ = ["Method", "METHODS", "NAMES", "OPTIONS", "DEFAULTS", "get", "resolve", "load",
+__all__ = ["Method", "METHODS", "NAMES", "OPTIONS", "DEFAULTS", "AUX_HEADS", "MAX_NH", "get", "resolve", "load",
            "names", "defaults_for"]
 
 #: every method option, with the default used when a method takes it and the
@@ -27,7 +27,7 @@ __all__ = ["Method", "METHODS", "NAMES", "OPTIONS", "DEFAULTS", "get", "resolve"
 DEFAULTS: Mapping[str, Any] = MappingProxyType({
     "lam": 1.0,            # BlockProp penalty weight lambda_k (eq. 4)
     "nh": 4,               # BlockProp h-steps per gluing variable N_h (Alg. 1)
-    "lr_h": None,          # BlockProp h-step size; None: 1 / (4 lam) (blockprop.default_lr_h)
+    "lr_h": None,          # BlockProp h-step size; None: per example, 1 / (2 lam + mu) (blockprop.curvature_step)
     "cache_every": 2,      # blockprop-cached: the h-step runs in epochs 0, E, 2E, ... (Alg. 2)
     "microbatches": 4,     # gpipe / 1f1b: micro-batches per minibatch
     "aux": None,           # auxiliary head of the local-loss methods (per method below)
@@ -37,6 +37,13 @@ DEFAULTS: Mapping[str, Any] = MappingProxyType({
 
 #: the method options in the order the command line lists them
 OPTIONS: tuple[str, ...] = tuple(DEFAULTS)
+
+#: the largest BlockProp N_h: every h-step iteration runs a block forward and
+#: backward on every minibatch, so beyond this a run would only seem to hang
+MAX_NH = 1000
+
+#: the auxiliary heads the ``aux`` option names (built by :func:`bpsim.nets.make_head`)
+AUX_HEADS: tuple[str, ...] = ("linear", "mlp", "mlp-sr", "cnn")
 
 
 @dataclass(frozen=True)
@@ -107,7 +114,15 @@ class Method:
             flags = ", ".join("--" + u.replace("_", "-") for u in unused)
             takes = ", ".join("--" + o.replace("_", "-") for o in self.options) or "no method options"
             raise ValueError(f"{flags} does not apply to {self.name}; it takes {takes}")
-        return {o: given.get(o, self.default(o)) for o in self.options}
+        out = {o: given.get(o, self.default(o)) for o in self.options}
+        nh = out.get("nh")
+        if isinstance(nh, int) and not isinstance(nh, bool) and nh > MAX_NH:
+            raise ValueError(f"--nh {nh} is over the limit of {MAX_NH} h-steps per gluing "
+                             "variable; give a smaller N_h")
+        if "aux" in out and out["aux"] not in AUX_HEADS:
+            raise ValueError(f"--aux {out['aux']}: unknown auxiliary head; choose one of "
+                             f"{', '.join(AUX_HEADS)}")
+        return out
 
 
 _R = "bpsim.runtime.schedules"
