@@ -38,12 +38,14 @@ from _provenance import digest, float64, params_summary, stamp  # noqa: E402
 from _render import provenance_line, render  # noqa: E402
 from bpsim import nets, theory  # noqa: E402
 from bpsim.algorithms.backprop import BackpropTrainer  # noqa: E402
-from bpsim.algorithms.blockprop import BlockPropTrainer  # noqa: E402
+from bpsim.algorithms.blockprop import BlockPropTrainer, fixed_lr_h  # noqa: E402
 from bpsim.nets import BlockNet  # noqa: E402
 from bpsim.trace import atomic_write_text  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 NHS = (0, 1, 2, 4, 8)
+#: h-step sizes timed: the paper's fixed step, which Appendix A prices, and the library's default
+STEPS = ("fixed", "default")
 
 
 def cases() -> list[tuple[str, BlockNet, int]]:
@@ -74,7 +76,8 @@ def measure(name: str, net: BlockNet, batch: int, steps: int, repeat: int,
     idx = torch.arange(batch)
     trainers = {"bp": BackpropTrainer(copy.deepcopy(net), lr=0.01, momentum=0.9)}
     for nh in nhs:
-        trainers[nh] = BlockPropTrainer(copy.deepcopy(net), lam=1.0, nh=nh, lr=0.01, momentum=0.9)
+        for step in STEPS:
+            trainers[(step, nh)] = _blockprop(copy.deepcopy(net), nh, step)
     fwd_net = copy.deepcopy(net)
 
     def forward():
@@ -90,22 +93,31 @@ def measure(name: str, net: BlockNet, batch: int, steps: int, repeat: int,
         for key, fn in jobs.items():
             best[key] = min(best[key], _time(fn, steps))
     rows = []
-    for nh in nhs:
-        c = theory.cost_model(net, nh)
-        measured = best[nh] / best["bp"]
-        rows.append({"case": name, "batch": batch, "blocks": len(net), "n_h": nh,
+    for step in STEPS:
+        for nh in nhs:
+            c = theory.cost_model(net, nh)
+            measured = best[(step, nh)] / best["bp"]
+            rows.append({"case": name, "batch": batch, "blocks": len(net), "n_h": nh, "h_step": step,
                      "block_forward_flops": c["block_forward"], "predicted_ratio": c["ratio"],
                      "measured_ratio": measured, "rel_diff": measured / c["ratio"] - 1,
-                     "step_ms": 1e3 * best[nh], "bp_step_ms": 1e3 * best["bp"],
+                     "step_ms": 1e3 * best[(step, nh)], "bp_step_ms": 1e3 * best["bp"],
                      "forward_over_bp_measured": best["fwd"] / best["bp"], "forward_over_bp_model": 1 / 3})
     return rows
 
 
+def _blockprop(net: BlockNet, nh: int, step: str) -> BlockPropTrainer:
+    """BlockProp at lam = 1 with the paper's fixed h-step size (``fixed``) or the library's default
+    step, sized to each example's curvature (``default``)."""
+    lr_h = fixed_lr_h(1.0, len(net)) if step == "fixed" else None
+    return BlockPropTrainer(net, lam=1.0, nh=nh, lr_h=lr_h, lr=0.01, momentum=0.9)
+
+
 def fingerprint(saved: dict) -> dict[str, str]:
-    """Per case and N_h, in float64 on 8 of the case's examples: the FLOP model's prediction and the losses
-    and weights after two ``train_step`` calls of backprop and of BlockProp (lam = 1, default h-step
-    size), the steps whose times are compared."""
+    """Per case, N_h and h-step size, in float64 on 8 of the case's examples: the FLOP model's prediction
+    and the losses and weights after two ``train_step`` calls of backprop and of BlockProp (lam = 1), the
+    steps whose times are compared."""
     nhs = sorted({r["n_h"] for r in saved["results"]})
+    steps = list(dict.fromkeys(r.get("h_step", "fixed") for r in saved["results"]))
     out = {}
     with float64():
         for name, net, _ in cases():
@@ -113,24 +125,23 @@ def fingerprint(saved: dict) -> dict[str, str]:
             x = torch.rand(8, *net.input_shape, generator=g, dtype=torch.float64)
             y = torch.randint(0, 10, (8,), generator=g)
             idx = torch.arange(8)
-            for key in ["bp", *nhs]:
+            for key in ["bp", *((s, nh) for s in steps for nh in nhs)]:
                 n = copy.deepcopy(net).double()
-                t = (BackpropTrainer(n, lr=0.01, momentum=0.9) if key == "bp" else
-                     BlockPropTrainer(n, lam=1.0, nh=key, lr=0.01, momentum=0.9))
+                t = BackpropTrainer(n, lr=0.01, momentum=0.9) if key == "bp" else _blockprop(n, key[1], key[0])
                 losses = [t.train_step(x, y, idx).loss for _ in range(2)]
-                model = None if key == "bp" else theory.cost_model(net, key)["ratio"]
-                out[f"{name}, {'backprop' if key == 'bp' else f'N_h={key}'}"] = digest(
+                model = None if key == "bp" else theory.cost_model(net, key[1])["ratio"]
+                out[f"{name}, {'backprop' if key == 'bp' else f'N_h={key[1]}, {key[0]} h-step'}"] = digest(
                     [model, losses, params_summary(n)])
     return out
 
 
 def slopes(rows: list[dict]) -> dict[str, dict[str, float]]:
-    """Per case, the least-squares slope of the predicted and measured ratios against N_h."""
+    """Per case and h-step size, the least-squares slope of the predicted and measured ratios against N_h."""
     out = {}
-    for name in dict.fromkeys(r["case"] for r in rows):
-        rs = [r for r in rows if r["case"] == name]
+    for case, step in dict.fromkeys((r["case"], r.get("h_step", "fixed")) for r in rows):
+        rs = [r for r in rows if r["case"] == case and r.get("h_step", "fixed") == step]
         nh = [r["n_h"] for r in rs]
-        out[name] = {"predicted": float(np.polyfit(nh, [r["predicted_ratio"] for r in rs], 1)[0]),
+        out[case if step == "fixed" else f"{case}, {step} h-step"] = {"predicted": float(np.polyfit(nh, [r["predicted_ratio"] for r in rs], 1)[0]),
                      "measured": float(np.polyfit(nh, [r["measured_ratio"] for r in rs], 1)[0])}
     return out
 
@@ -144,18 +155,22 @@ def markdown(saved: dict) -> str:
           "(`time.process_time`, one torch thread) of one `BlockPropTrainer.train_step` over one "
           "`BackpropTrainer.train_step` (same batch, same run, best of "
           f"{info['repeat']} interleaved timings of {info['steps']} steps).", "",
-          "| case | batch | N_h | predicted ratio | measured ratio | measured / predicted "
+          "*h-step*: the paper's fixed step size (`blockprop.fixed_lr_h`), which Appendix A prices, or the "
+          "library's default, sized to each example's curvature by power iteration (work the model does not "
+          "count).", "",
+          "| case | batch | h-step | N_h | predicted ratio | measured ratio | measured / predicted "
           "| BlockProp ms/step | bp ms/step |",
-          "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+          "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        md.append(f"| {r['case']} | {r['batch']} | {r['n_h']} | {r['predicted_ratio']:.2f} | "
+        md.append(f"| {r['case']} | {r['batch']} | {r.get('h_step', 'fixed')} | {r['n_h']} | "
+                  f"{r['predicted_ratio']:.2f} | "
                   f"{r['measured_ratio']:.2f} | {1 + r['rel_diff']:.2f} | {r['step_ms']:.1f} | {r['bp_step_ms']:.1f} |")
     md += ["", "Cost of one more h-step, in units of one backprop step (least-squares slope of the ratio "
                "against N_h), and a forward pass alone over one backprop step (the model says 1/3):", "",
            "| case | slope predicted | slope measured | forward / bp measured |",
            "| --- | ---: | ---: | ---: |"]
     for name, sl in slopes(rows).items():
-        first = next(r for r in rows if r["case"] == name)
+        first = next(r for r in rows if name.startswith(r["case"]))
         md.append(f"| {name} | {sl['predicted']:.3f} | {sl['measured']:.3f} | "
                   f"{first['forward_over_bp_measured']:.2f} |")
     load = info["load_average_1min"]
