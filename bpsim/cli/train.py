@@ -9,7 +9,13 @@ import time
 from bpsim.cli import types as T
 from bpsim.cli.args import add_algo, add_method_options, add_net_and_sgd_args, method_options
 
-__all__ = ["add_parser", "cmd"]
+__all__ = ["add_parser", "cmd", "MAX_PARAMS", "MAX_WIDTH", "MAX_DEPTH"]
+
+#: the most parameters a net ``bpsim train`` builds may have (4 bytes each, and
+#: as much again for their gradients and for the momentum)
+MAX_PARAMS = 500_000_000
+#: the widest layer and the most layers ``bpsim train`` builds
+MAX_WIDTH, MAX_DEPTH = 65_536, 1_000
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -38,6 +44,36 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd)
 
 
+def _check_size(args: argparse.Namespace, desc: object, build: dict) -> None:
+    """Refuse a net of more than :data:`MAX_PARAMS` parameters before allocating it.
+
+    ``--width`` and ``--depth`` are checked against :data:`MAX_WIDTH` and
+    :data:`MAX_DEPTH`; when either is given, the net is then built on torch's
+    ``meta`` device (shapes only, no memory; its first use costs about a
+    second) and its parameters counted. The default sizes of every model
+    stay far below the limit (about 41 million parameters at most)."""
+    import torch
+
+    from bpsim import nets
+
+    for flag, limit in (("width", MAX_WIDTH), ("depth", MAX_DEPTH)):
+        v = getattr(args, flag)
+        if v is not None and v > limit:
+            raise ValueError(f"--{flag} {v} is over the limit of {limit:,}; give a smaller "
+                             f"--{flag}")
+    if args.width is None and args.depth is None:
+        return
+    with torch.device("meta"):
+        net = nets.build(args.model, desc.input_shape, desc.n_classes, args.blocks, **build)
+    n = sum(p.numel() for p in net.parameters())
+    if n > MAX_PARAMS:
+        sizes = "".join(f", --{k} {getattr(args, k)}" for k in ("width", "depth")
+                        if getattr(args, k) is not None)
+        raise ValueError(f"--model {args.model} with --blocks {args.blocks}{sizes} has {n:,} "
+                         f"parameters, over the limit of {MAX_PARAMS:,}; give a smaller "
+                         "--width, --depth or --blocks")
+
+
 def cmd(args: argparse.Namespace) -> int:
     """Run ``bpsim train`` on parsed arguments."""
     from bpsim import data, nets
@@ -60,12 +96,17 @@ def cmd(args: argparse.Namespace) -> int:
         raise ValueError(f"{flags} does not apply to {args.algo}; only dgl-async takes it")
     if args.resume and not args.checkpoint_dir:
         raise ValueError("--resume needs --checkpoint-dir DIR (the folder of the checkpoint)")
+    m = options.get("microbatches")
+    if m is not None and args.batch_size % m:
+        raise ValueError(f"--batch-size {args.batch_size} does not split into {m} equal "
+                         "micro-batches; make it a multiple (as bpsim run asks)")
     kwargs = {k: v for k, v in options.items() if k in cls.options} | extra
     desc = data.describe(args.data)
+    build = dict(width=args.width, depth=args.depth, aux=options.get("aux") or cls.aux_default,
+                 output_layer=cls.output_layer, seed=args.seed)
+    _check_size(args, desc, build)
     train, test = data.load(args.data, n_train=args.n_train, n_test=args.n_test, seed=args.seed)
-    net = nets.build(args.model, desc.input_shape, desc.n_classes, args.blocks, width=args.width,
-                     depth=args.depth, aux=options.get("aux") or cls.aux_default,
-                     output_layer=cls.output_layer, seed=args.seed)
+    net = nets.build(args.model, desc.input_shape, desc.n_classes, args.blocks, **build)
     lr = T.one(args.lr) if args.lr is not None else cls.default_lr
     trainer = cls(net, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay,
                   batch_size=args.batch_size, milestones=args.milestones, gamma=args.gamma,

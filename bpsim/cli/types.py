@@ -17,10 +17,16 @@ from typing import Any
 from bpsim.files import check_writable
 
 __all__ = ["positive_int", "nonneg_int", "h_steps", "seed", "positive_float", "nonneg_float",
-           "positive_floats", "nonneg_floats", "int_list", "slowdown", "slowdowns", "cpus",
-           "host", "nonempty", "out_file", "out_folder", "one"]
+           "positive_floats", "nonneg_floats", "int_list", "slowdown", "slowdowns", "timeout",
+           "cpus", "host", "nonempty", "out_file", "out_folder", "one", "MAX_SLOWDOWN",
+           "MIN_TIMEOUT", "MAX_TIMEOUT"]
 
 _Bad = argparse.ArgumentTypeError
+
+#: the largest --slowdown factor S (S - 1 times each op's time is spent on extra work)
+MAX_SLOWDOWN = 1000.0
+#: the range of --timeout, in seconds
+MIN_TIMEOUT, MAX_TIMEOUT = 1.0, 1e6
 
 
 def _int(s: str, lo: int = 0, hi: int | None = None) -> int:
@@ -114,11 +120,22 @@ def slowdown(s: str) -> list[tuple[int, float]]:
             raise _Bad(f"expected BLOCK:S such as 2:1.5 (blocks start at 1), got {part!r}") from None
         if block < 1:
             raise _Bad(f"blocks are numbered from 1, got {block} in {part!r}")
-        if not (math.isfinite(factor) and factor > 0):
-            raise _Bad(f"the factor S must be a finite number > 0 (S > 1 slows the block down), "
-                       f"got {f!r} in {part!r}")
+        if not (math.isfinite(factor) and 0 < factor <= MAX_SLOWDOWN):
+            raise _Bad(f"the factor S must be a number > 0 and at most {MAX_SLOWDOWN:g} (S > 1 "
+                       f"slows the block down), got {f!r} in {part!r}")
         out.append((block, factor))
     return out
+
+
+def timeout(s: str) -> float:
+    """Seconds to wait for a peer: a number from :data:`MIN_TIMEOUT` to
+    :data:`MAX_TIMEOUT` (a wait near zero ends in a C++ error of torch's
+    store, a huge one overflows its ``timedelta``)."""
+    v = _float(s, strict=True)
+    if not MIN_TIMEOUT <= v <= MAX_TIMEOUT:
+        raise _Bad(f"must be a number of seconds from {MIN_TIMEOUT:g} to {MAX_TIMEOUT:g}, "
+                   f"got {s!r}")
+    return v
 
 
 def slowdowns(items: list[list[tuple[int, float]]] | None) -> dict[int, float]:
