@@ -14,6 +14,10 @@ moments other jobs hold the core; both ratios come from the same run
 
     python benchmarks/costmodel.py [--steps 10] [--repeat 5] [--quick]
 
+BlockProp runs with the paper's fixed h-step size (``results``: the step
+Appendix A prices) and with the library's default step, sized to each
+example's curvature (``default_step``: work the model does not count).
+
 Writes ``benchmarks/results/costmodel.json`` and ``costmodel.md``
 atomically (``--quick``, used by ``make bench``, writes nothing unless
 ``--out`` is given).
@@ -116,8 +120,9 @@ def fingerprint(saved: dict) -> dict[str, str]:
     """Per case, N_h and h-step size, in float64 on 8 of the case's examples: the FLOP model's prediction
     and the losses and weights after two ``train_step`` calls of backprop and of BlockProp (lam = 1), the
     steps whose times are compared."""
-    nhs = sorted({r["n_h"] for r in saved["results"]})
-    steps = list(dict.fromkeys(r.get("h_step", "fixed") for r in saved["results"]))
+    rows = saved["results"] + saved.get("default_step", [])
+    nhs = sorted({r["n_h"] for r in rows})
+    steps = list(dict.fromkeys(r.get("h_step", "fixed") for r in rows))
     out = {}
     with float64():
         for name, net, _ in cases():
@@ -148,7 +153,7 @@ def slopes(rows: list[dict]) -> dict[str, dict[str, float]]:
 
 def markdown(saved: dict) -> str:
     """The Markdown tables of a saved ``costmodel.json``."""
-    rows, info = saved["results"], saved["info"]
+    rows, info = saved["results"] + saved.get("default_step", []), saved["info"]
     md = ["# BlockProp cost model (Appendix A): predicted vs measured", "",
           "Predicted: `C(total) / C(backprop)` in FLOPs from `bpsim.theory.cost_model` "
           "(C(bp) = 3F, C(h-backprop) = 2 x forward FLOPs of blocks 2..K). Measured: CPU time "
@@ -219,8 +224,11 @@ def main(argv: list[str] | None = None) -> int:
             "model": "C(total) = C(bp) + C(fwd) + N_h C(h-bp); C(bp) = 3F, C(h-bp) = 2 sum_{k>=2} F_k",
             "cpus": os.cpu_count(),
             "load_average_1min": [load0, os.getloadavg()[0] if hasattr(os, "getloadavg") else None]}
-    info["slopes"] = slopes(rows)
-    saved = stamp({"results": rows, "info": info}, "costmodel", argv, args.quick, fingerprint)
+    fixed = [r for r in rows if r["h_step"] == "fixed"]
+    default = [r for r in rows if r["h_step"] == "default"]
+    info["slopes"], info["slopes_default_step"] = slopes(fixed), slopes(default)
+    saved = stamp({"results": fixed, "default_step": default, "info": info}, "costmodel", argv, args.quick,
+                  fingerprint)
     md = markdown(saved)
     print(md)
     out = args.out or (None if args.quick else RESULTS)
