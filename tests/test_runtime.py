@@ -478,27 +478,6 @@ def _spools(folder: Path) -> list[Path]:
 
 
 @pytest.mark.slow
-def test_sigterm_stops_the_ranks_and_keeps_the_trace(tmp_path):
-    token = f"BPSIM_TEST_TOKEN_{uuid.uuid4().hex}"
-    out = tmp_path / "term.json"
-    p = _start_run(tmp_path, token, out)
-    try:
-        assert _spools(tmp_path), "the run made no spool folder"
-        p.send_signal(signal.SIGTERM)                  # what kill PID or a scheduler sends
-        _, err = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-    assert p.returncode == 143, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "SIGTERM" in lines[0], err
-    assert not _gone(token), "worker processes were left behind"
-    t = Trace.load(out).check()
-    assert {r[0] for r in t.rows} == {0, 1}
-    assert not _spools(tmp_path)
-
-
-@pytest.mark.slow
 def test_sigkill_of_the_launcher_ends_the_ranks_and_the_next_run_removes_its_spool(tmp_path):
     from bpsim.runtime.launch import clean_stale_spools
 

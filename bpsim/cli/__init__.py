@@ -20,7 +20,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from bpsim.cli import compare, course, run, simulate, train
+from bpsim.cli import compare, course, run, simulate, trace, train
 
 __all__ = ["main", "build_parser"]
 
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"bpsim {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for module in (train, run, simulate, compare, course):
+    for module in (train, run, simulate, compare, course, trace):
         module.add_parser(sub)
     return parser
 

@@ -2,7 +2,13 @@
 
 Bad input ends with one stderr line and exit code 2 before any process
 starts; a failed rank ends the command with one stderr line naming the rank
-and exit code 1 (with ``--json``, the partial summary on stdout).
+and exit code 1 (with ``--json``, the partial summary on stdout). SIGTERM
+ends it with exit code 143, Ctrl-C with 130, each after the partial trace
+is written; a second signal while it stops is absorbed.
+
+Under torchrun, srun or a hand launch (``RANK``, ``WORLD_SIZE``,
+``MASTER_ADDR``, ``MASTER_PORT`` set) the command runs one rank of the job
+(:func:`bpsim.runtime.launch.run_job`).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--blocks", type=T.positive_int, default=None,
                    help="blocks of the net (default: --workers; give it with --workers 1)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="cpu (gloo) or cuda (NCCL; rank k on cuda:(k mod #GPUs))")
+                   help="cpu or cuda (rank k on cuda:(local rank mod #GPUs))")
     p.add_argument("--steps", type=T.positive_int, default=100, metavar="N", help="training steps")
     add_net_and_sgd_args(p)
     add_method_options(p)
@@ -45,12 +51,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "BLOCK-1) S times slower by doing S-1 times each op's duration of extra "
                         "real work (repeatable)")
     r = p.add_argument_group("execution")
+    r.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto",
+                   help="torch.distributed backend: auto (default) is NCCL with --device cuda "
+                        "when this host has a GPU for each of its ranks, else gloo")
     r.add_argument("--threads", type=T.positive_int, default=None,
-                   help="torch threads per worker (default: cores // workers, at least 1)")
+                   help="torch threads per worker (default: the idle cores of this host, by its "
+                        "load average, divided among the ranks on it; at least 1)")
     r.add_argument("--cpus", type=T.cpus, default=None, metavar="IDS",
                    help="run every worker on these CPUs only, e.g. 0,1 or 0-3 (K ranks on fewer "
                         "cores; compare with bpsim simulate --placement)")
-    r.add_argument("--timeout", type=T.positive_float, default=20.0, metavar="SECONDS",
+    r.add_argument("--timeout", type=T.timeout, default=20.0, metavar="SECONDS",
                    help="a rank gives up when a peer sends nothing for this long (default 20)")
     r.add_argument("--host", type=T.host, default="127.0.0.1",
                    help="address the rendezvous binds (default 127.0.0.1)")
@@ -72,6 +82,9 @@ def config_from_args(args: argparse.Namespace) -> Any:
     """
     from bpsim.runtime.launch import RunConfig
 
+    if args.no_spans and args.trace:
+        raise ValueError("--no-spans records no spans, so --trace would have nothing to write; "
+                         "leave out one of them")
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     resolved = method_options(args)
     direct = {k: v for k, v in resolved.items() if k in fields}
@@ -83,7 +96,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
         momentum=args.momentum, weight_decay=args.weight_decay, options=options,
         slowdown=T.slowdowns(args.slowdown), threads=args.threads, cpus=args.cpus,
         timeout=args.timeout, host=args.host, trace=args.trace, record=not args.no_spans,
-        evaluate=not args.no_eval, n_train=args.n_train, n_test=args.n_test, **direct)
+        evaluate=not args.no_eval, n_train=args.n_train, n_test=args.n_test,
+        backend=getattr(args, "backend", None), **direct)
 
 
 def _human(s: dict[str, Any]) -> str:
@@ -104,12 +118,15 @@ def _human(s: dict[str, Any]) -> str:
 
 def cmd(args: argparse.Namespace) -> int:
     """Run ``bpsim run`` on parsed arguments."""
-    from bpsim.runtime.launch import RunFailed, RunStopped, run, run_torchrun, under_torchrun
+    from bpsim.runtime.launch import (RunFailed, RunStopped, _Terminate, hold_signals, job_env,
+                                      run, run_job)
 
+    hold_signals()                     # this process ends after the run: no signal cuts cleanup
     cfg = config_from_args(args)
     try:
-        if under_torchrun():
-            res = run_torchrun(cfg)
+        job = job_env()                # ValueError on a partial set of RANK, WORLD_SIZE, ...
+        if job is not None:
+            res = run_job(cfg, job)
             if res is None:            # ranks other than 0 print nothing
                 return 0
         else:
@@ -122,6 +139,9 @@ def cmd(args: argparse.Namespace) -> int:
     except RunStopped as e:            # SIGTERM: ranks stopped, partial trace written
         print(f"bpsim run: {' '.join(str(e).split())}", file=sys.stderr)
         return e.exit_code
+    except _Terminate:                 # SIGTERM before or after the run itself
+        print("bpsim run: stopped by SIGTERM", file=sys.stderr)
+        return 143
     if args.json:
         print(json.dumps(res.summary, allow_nan=False))
     else:

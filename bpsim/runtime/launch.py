@@ -3,25 +3,45 @@
 :func:`run` is what ``bpsim run`` calls. It checks the configuration
 (building the net and trainer once, so bad options fail fast with a clear
 message), hosts the rendezvous (a ``TCPStore`` bound to ``127.0.0.1`` on a
-free port by default), starts the ranks with ``torch.multiprocessing``
-(``forkserver``: torch is imported once, in the fork server) and waits.
+free port by default; ``--host`` takes IPv4 and IPv6 addresses), starts the
+ranks with ``torch.multiprocessing`` (``forkserver``: torch is imported
+once, in the fork server) and waits.
 
 Faults. The launcher watches every rank. When one exits with an error or is
 killed, it stops the others (SIGTERM, then SIGKILL after a grace period),
 writes the trace recorded so far and raises :class:`RunFailed` naming the
-rank whose failure came first (a rank that fails *because* a peer vanished
-is reported only when nothing else explains the failure). Ranks also time
-out on their own (``--timeout``) if a peer stops sending, and end when the
-launcher disappears. Ctrl-C stops every rank the same way and re-raises
-``KeyboardInterrupt`` after writing the partial trace; SIGTERM does the same
-and raises :class:`RunStopped` (exit code 143). Traces and results are
-written atomically. The spool folder (``bpsim-run-<pid>-*`` in the
-temporary directory) is removed at the end; folders left by launchers
-killed with SIGKILL are removed by the next run (:func:`clean_stale_spools`).
+rank whose failure came first in time (a rank that fails *because* a peer
+vanished is reported only when nothing else explains the failure; a rank
+stopped by a SIGTERM that the launcher did not send is a failure of its
+own). A fork server killed under the ranks is reported as such, and the
+ranks it started are stopped by their pids. Ranks also time out on their
+own (``--timeout``) if a peer stops sending, and end when the launcher
+disappears.
 
-Under ``torchrun`` (:func:`run_torchrun`) there is no launcher of ours: each
-process runs one rank, rank 0 gathers spans, results and weights at the end
-and writes the trace and the summary.
+Signals. Ctrl-C stops every rank the same way and re-raises
+``KeyboardInterrupt`` after writing the partial trace; SIGTERM does the same
+and raises :class:`RunStopped` (exit code 143). A second Ctrl-C or SIGTERM
+while the run stops is absorbed, so the partial trace is still written and
+every temporary is removed.
+
+Temporaries. Every file and folder a run makes for itself carries the pid
+of the process that made it: the spool folder (``bpsim-run-<pid>-*`` in the
+temporary directory), the folder of the fork server's socket
+(``bpsim-run-<pid>-mp-*``, instead of ``multiprocessing``'s ``pymp-*``) and
+the folder a trace is written through (``.bpsim-run-<pid>-*`` beside it).
+The run removes them; those of processes killed with SIGKILL are removed by
+the next run (:func:`clean_stale_spools`).
+
+Jobs started elsewhere. Under ``torchrun``, SLURM's ``srun`` or by hand
+(``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` set;
+:func:`job_env`) there is no launcher of ours: each process runs one rank
+(:func:`run_job`), and rank 0 gathers spans, results and weights at the
+end and writes the trace and the summary. The ranks watch each other over
+the job's store (heartbeats and failure records), so when a rank fails or
+its process vanishes on one host, the ranks on the other hosts stop within
+seconds instead of waiting for ``--timeout``, and every rank names the same
+root cause. Their spans stay in ``<trace>.parts/``; ``bpsim trace merge``
+turns the folders of all hosts into one trace.
 """
 
 from __future__ import annotations
@@ -31,6 +51,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -38,22 +59,30 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from bpsim import methods
 from bpsim.files import check_writable, json_safe
 
-__all__ = ["RunConfig", "RunResult", "RunFailed", "RunStopped", "ALGORITHMS", "run",
-           "run_torchrun", "under_torchrun", "SPOOL_PREFIX", "clean_stale_spools"]
+__all__ = ["RunConfig", "RunResult", "RunFailed", "RunStopped", "ALGORITHMS", "BACKENDS", "run",
+           "run_job", "run_torchrun", "JobEnv", "job_env", "under_torchrun", "SPOOL_PREFIX",
+           "clean_stale_spools", "default_threads", "oversubscription", "hold_signals",
+           "merge_parts", "save_trace"]
 
 #: the methods ``bpsim run`` runs (those with a runtime step in :mod:`bpsim.methods`)
 ALGORITHMS = methods.names(runtime=True)
+
+#: what ``--backend`` accepts; ``auto`` picks NCCL for CUDA when every rank on this host has a GPU
+BACKENDS = ("auto", "gloo", "nccl")
 
 #: temporary folder of a run's spans and results: ``bpsim-run-<launcher pid>-<random>``
 SPOOL_PREFIX = "bpsim-run-"
 
 #: registry options that RunConfig also holds as fields of their own
 _FIELDS = ("aux", "microbatches", "buffer", "max_reuse")
+
+#: the variables that place a process in a job started elsewhere
+_JOB_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 class RunStopped(RuntimeError):
@@ -71,7 +100,8 @@ class _Terminate(Exception):
 
 
 class RunFailed(RuntimeError):
-    """A rank failed; ``rank`` and ``error`` say which and why."""
+    """A rank failed; ``rank`` and ``error`` say which and why (``rank`` is
+    None when no rank is to blame, e.g. the fork server was killed)."""
 
     def __init__(self, message: str, rank: int | None, error: str,
                  result: "RunResult | None" = None) -> None:
@@ -95,8 +125,15 @@ class RunConfig:
     ``max_reuse`` may also be given as fields. :meth:`resolved` fills in the
     registry's defaults: afterwards ``options`` holds every option of the
     method and the four fields hold their resolved values (None where the
-    method does not take them). ``threads`` defaults to ``cores // workers``
-    (at least 1; cores = ``len(cpus)`` when given).
+    method does not take them).
+
+    ``local_workers`` is the number of ranks on this host: ``workers`` with
+    :func:`run`, ``LOCAL_WORLD_SIZE`` in a job started elsewhere
+    (:func:`run_job`). ``threads`` defaults to :func:`default_threads` of
+    the cores (``len(cpus)`` when given) and ``local_workers``. ``backend``
+    is ``auto`` (None), ``gloo`` or ``nccl``; ``auto`` resolves to NCCL for
+    ``device="cuda"`` when this host has a GPU for each of its ranks, else
+    gloo.
     """
 
     algo: str
@@ -129,6 +166,7 @@ class RunConfig:
     n_train: int | None = None
     n_test: int | None = None
     backend: str | None = None
+    local_workers: int | None = None
 
     def resolved(self) -> "RunConfig":
         """A checked copy with every default filled in (ValueError on bad input)."""
@@ -183,33 +221,66 @@ class RunConfig:
         c.slowdown = slow
         if c.cpus is not None:
             c.cpus = _check_cpus(c.cpus)
+        if c.local_workers is None:
+            c.local_workers = c.workers
+        if isinstance(c.local_workers, bool) or not isinstance(c.local_workers, int) \
+                or not 1 <= c.local_workers <= c.workers:
+            raise ValueError(f"local_workers (ranks on this host) must be 1..{c.workers}, "
+                             f"got {c.local_workers!r}")
         if c.threads is None:
-            n_cores = len(c.cpus) if c.cpus is not None else _cores()
-            c.threads = max(1, n_cores // c.workers)
-        if c.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {c.threads}")
-        if c.backend is None:
-            c.backend = "gloo"
-            if c.device == "cuda":
-                import torch
-
-                if not torch.cuda.is_available():
-                    raise ValueError("--device cuda but torch sees no GPU (or was built without "
-                                     "CUDA); use --device cpu")
-                # NCCL needs one GPU per rank; with fewer GPUs, gloo through host memory.
-                if torch.cuda.device_count() >= c.workers:
-                    c.backend = "nccl"
-        if c.device == "cuda" and c.backend != "nccl" and pipelined and c.workers > 1:
-            raise ValueError(f"{c.algo} on CUDA needs NCCL, i.e. one GPU per worker; use "
-                             f"--workers {torch_gpus()} or --device cpu")
-        if c.backend not in ("gloo", "nccl"):
-            raise ValueError(f"backend must be gloo or nccl, got {c.backend!r}")
+            c.threads = default_threads(len(c.cpus) if c.cpus is not None else _cores(),
+                                        c.local_workers)
+        if isinstance(c.threads, bool) or not isinstance(c.threads, int) or c.threads < 1:
+            raise ValueError(f"--threads must be an integer >= 1, got {c.threads!r}")
+        c.backend = _resolve_backend(c, pipelined)
         if c.trace:
             check_writable(c.trace, "--trace")
         if pipelined and c.batch_size % c.microbatches:
             raise ValueError(f"--batch-size {c.batch_size} does not split into "
                              f"{c.microbatches} equal micro-batches; make it a multiple")
         return c
+
+
+def _resolve_backend(c: RunConfig, pipelined: bool) -> str:
+    """The backend of a resolved config (see :class:`RunConfig`).
+
+    NCCL puts one rank on one GPU and cannot share a GPU between ranks, so
+    ``auto`` asks whether *this host* has a GPU per rank on it (other hosts
+    decide the same for theirs); gloo carries CUDA tensors through host
+    memory.
+    """
+    b = "auto" if c.backend is None else c.backend
+    if b not in BACKENDS:
+        raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {b!r}")
+    if c.device == "cpu":
+        if b == "nccl":
+            raise ValueError("--backend nccl carries CUDA tensors only; use it with --device cuda, "
+                             "or use --backend gloo (the default on CPU)")
+        return "gloo"
+    gpus = torch_gpus()
+    if gpus == 0:
+        raise ValueError("--device cuda but torch sees no GPU (or was built without CUDA); "
+                         "use --device cpu")
+    here = c.local_workers or c.workers
+    enough = gpus >= here
+    if b == "nccl":
+        import torch.distributed as dist
+
+        if not dist.is_nccl_available():
+            raise ValueError("--backend nccl but this torch was built without NCCL; use "
+                             "--backend gloo")
+        if not enough:
+            raise ValueError(f"--backend nccl needs one GPU per rank on this host: {here} "
+                             f"rank(s) here, {gpus} GPU(s); start at most {gpus} rank(s) per "
+                             "host or use --backend gloo")
+    backend = "nccl" if b == "nccl" or (b == "auto" and enough) else "gloo"
+    if backend != "nccl" and pipelined and c.workers > 1:
+        fix = ("drop --backend gloo" if b == "gloo" else
+               f"start at most {gpus} rank(s) on each host (torchrun --nproc-per-node {gpus})")
+        raise ValueError(f"{c.algo} on CUDA needs NCCL between its ranks, i.e. one GPU per rank "
+                         f"on each host ({here} rank(s) here, {gpus} GPU(s)); {fix}, or use "
+                         "--device cpu")
+    return backend
 
 
 @dataclass
@@ -223,9 +294,10 @@ class RunResult:
 
 
 def torch_gpus() -> int:
+    """The number of CUDA devices torch sees (0 without CUDA)."""
     import torch
 
-    return torch.cuda.device_count()
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def _check_cpus(cpus: Any) -> list[int]:
@@ -253,9 +325,124 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
+def _idle_cores() -> float:
+    """Cores of this machine not already busy, by the 1-minute load average."""
+    total = os.cpu_count() or _cores()
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return float(total)
+    return max(0.0, total - load)
+
+
+def default_threads(cores: int, ranks_here: int) -> int:
+    """Torch threads per rank that do not oversubscribe this machine.
+
+    The cores this process may use (``cores``), less those the 1-minute
+    load average says are busy, shared among the ``ranks_here`` ranks on
+    this host; at least 1. A torch thread that waits for a busy core stalls
+    every other thread of its op, so on a loaded machine one thread per rank
+    is far faster than two.
+    """
+    usable = min(float(cores), _idle_cores())
+    return max(1, int(usable + 0.5) // max(1, ranks_here))
+
+
+def oversubscription(cfg: RunConfig) -> str | None:
+    """A one-line warning when the threads of the ranks on this host exceed
+    its cores (``cfg`` resolved), else None."""
+    cores = len(cfg.cpus) if cfg.cpus is not None else _cores()
+    here = cfg.local_workers or cfg.workers
+    want = here * (cfg.threads or 1)
+    if want <= cores:
+        return None
+    return (f"{here} rank(s) x {cfg.threads} torch thread(s) = {want} threads on {cores} core(s) "
+            "oversubscribe them: a thread waiting for a core stalls its op, and steps can be many "
+            f"times slower; use --threads {max(1, cores // here)} or fewer ranks per host")
+
+
+@dataclass(frozen=True)
+class JobEnv:
+    """This process's place in a job started by torchrun, srun or by hand."""
+
+    rank: int
+    world: int
+    local_rank: int
+    local_world: int
+    addr: str
+    port: int
+    launcher: str          # "torchrun", "srun" or "environment"
+
+
+def _env_int(env: Any, name: str, lo: int, hi: int | None = None) -> int:
+    text = env.get(name, "").strip()
+    try:
+        v = int(text)
+    except ValueError:
+        v = None
+    if v is None or v < lo or (hi is not None and v > hi):
+        rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name}={text!r} must be an integer {rng}; fix the job script that "
+                         "sets it")
+    return v
+
+
+def _leading_int(text: str | None) -> int | None:
+    """``2`` of SLURM's ``2(x3)`` or ``2,1``; None when ``text`` does not start with one."""
+    digits = ""
+    for ch in (text or "").strip():
+        if not ch.isdigit():
+            break
+        digits += ch
+    return int(digits) if digits else None
+
+
+def job_env(env: Any = None) -> JobEnv | None:
+    """Where this process stands in a job started elsewhere, or None.
+
+    None when neither ``RANK`` nor ``WORLD_SIZE`` is set (``bpsim run``
+    then starts every rank itself). When either is set, ``RANK``,
+    ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` must all be
+    (``ValueError`` naming the missing ones otherwise). The rank on this
+    host is ``LOCAL_RANK`` (torchrun), else ``SLURM_LOCALID`` (srun), else
+    0; the number of ranks on this host is ``LOCAL_WORLD_SIZE``, else
+    ``SLURM_NTASKS_PER_NODE``, else 1 (one rank per host).
+    """
+    env = os.environ if env is None else env
+    if not (env.get("RANK", "").strip() or env.get("WORLD_SIZE", "").strip()):
+        return None
+    missing = [k for k in _JOB_VARS if not env.get(k, "").strip()]
+    if missing:
+        have = [k for k in _JOB_VARS if k not in missing]
+        raise ValueError(f"{', '.join(have)} set but {', '.join(missing)} not: a job started by "
+                         "hand or by a scheduler needs RANK, WORLD_SIZE, MASTER_ADDR and "
+                         "MASTER_PORT (rank 0's address and a free port on it); set the missing "
+                         "ones, or unset RANK and WORLD_SIZE to start every rank on this host")
+    world = _env_int(env, "WORLD_SIZE", 1)
+    rank = _env_int(env, "RANK", 0, world - 1)
+    port = _env_int(env, "MASTER_PORT", 1, 65535)
+    if env.get("LOCAL_RANK", "").strip():
+        local_rank = _env_int(env, "LOCAL_RANK", 0)
+    elif env.get("SLURM_LOCALID", "").strip():
+        local_rank = _env_int(env, "SLURM_LOCALID", 0)
+    else:
+        local_rank = 0
+    if env.get("LOCAL_WORLD_SIZE", "").strip():
+        local_world = _env_int(env, "LOCAL_WORLD_SIZE", 1, world)
+    else:
+        local_world = min(world, _leading_int(env.get("SLURM_NTASKS_PER_NODE")) or 1)
+    local_world = max(local_world, min(local_rank + 1, world))
+    launcher = ("torchrun" if env.get("TORCHELASTIC_RUN_ID") else
+                "srun" if env.get("SLURM_PROCID") else "environment")
+    return JobEnv(rank, world, local_rank, min(local_world, world), env["MASTER_ADDR"].strip(),
+                  port, launcher)
+
+
 def under_torchrun() -> bool:
-    """Whether this process was started by ``torchrun`` (its env variables are set)."""
-    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"))
+    """Whether this process is one rank of a job started elsewhere (torchrun,
+    srun or by hand; see :func:`job_env`, which raises on a partial set of
+    variables)."""
+    return job_env() is not None
 
 
 # ------------------------------------------------------------ the launcher
@@ -287,12 +474,19 @@ def run(cfg: RunConfig) -> RunResult:
         print(f"bpsim run: warning: --host {cfg.host} binds every interface: the rendezvous "
               "(and the ranks' links) can be reached from the network; use 127.0.0.1 on one "
               "host", file=sys.stderr)
+    warn = oversubscription(cfg)
+    if warn:
+        print(f"bpsim run: warning: {warn}", file=sys.stderr)
     clean_stale_spools()
-    spool = tempfile.mkdtemp(prefix=f"{SPOOL_PREFIX}{os.getpid()}-")
+    if cfg.trace:
+        clean_stale_spools(str(Path(cfg.trace).absolute().parent))
     procs: list[Any] = []
     listener = None
-    restore = _on_sigterm()
+    spool = None
+    restore = _catch_signals()
     try:
+        _own_mp_tempdir()
+        spool = tempfile.mkdtemp(prefix=f"{SPOOL_PREFIX}{os.getpid()}-")
         # Our own listening socket, bound to --host only (TCPStore alone would
         # listen on every interface), on a free port chosen by the OS.
         listener = _listen(cfg.host)
@@ -326,18 +520,19 @@ def run(cfg: RunConfig) -> RunResult:
             raise RunStopped(_stopped_text(cfg), 143, res)
         if failure is not None:
             rank, err = failure
-            if _diverged(spool, rank):     # bad settings, not a broken run: as bpsim train
+            if rank is not None and _diverged(spool, rank):   # bad settings: as bpsim train
                 e = DivergenceError(f"rank {rank} failed: {err}")
                 e.result = res             # type: ignore[attr-defined]
                 raise e
-            raise RunFailed(f"rank {rank} failed: {err}", rank, err, res)
+            raise RunFailed(err if rank is None else f"rank {rank} failed: {err}", rank, err, res)
         return res
     except _Terminate:                 # SIGTERM before the ranks ran or while finishing
         _stop(procs)
         raise RunStopped(_stopped_text(cfg), 143) from None
     finally:
         _stop(procs)
-        shutil.rmtree(spool, ignore_errors=True)
+        if spool is not None:
+            shutil.rmtree(spool, ignore_errors=True)
         if listener is not None:
             listener.close()
         restore()
@@ -345,11 +540,17 @@ def run(cfg: RunConfig) -> RunResult:
 
 def _diverged(spool: str, rank: int) -> bool:
     """Whether rank ``rank`` stopped because training diverged."""
+    rec = _read_record(Path(spool) / f"rank{rank}.error.json")
+    return bool(rec and rec.get("divergence"))
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    """A rank's JSON record (error or result), or None when missing or cut short."""
     try:
-        return bool(json.loads((Path(spool) / f"rank{rank}.error.json").read_text())
-                    .get("divergence"))
+        rec = json.loads(path.read_text())
     except (OSError, ValueError):
-        return False
+        return None
+    return rec if isinstance(rec, dict) else None
 
 
 def _stopped_text(cfg: RunConfig) -> str:
@@ -357,51 +558,116 @@ def _stopped_text(cfg: RunConfig) -> str:
     return f"stopped by SIGTERM: every rank was stopped{kept}"
 
 
-def _on_sigterm() -> Any:
-    """Make SIGTERM raise :class:`_Terminate` in this (main) thread, once;
-    returns a function that puts the previous handler back."""
+# ---------------------------------------------------------------- signals
+_stopping = False     # a stop signal reached this process: later ones are absorbed
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    global _stopping
+    if _stopping:                      # a second signal while stopping: absorbed
+        return
+    _stopping = True
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise _Terminate()
+
+
+def _catch_signals() -> Callable[[], None]:
+    """Make the first SIGTERM raise :class:`_Terminate` and the first SIGINT
+    ``KeyboardInterrupt`` in this (main) thread, and absorb later ones;
+    returns a function that puts the previous handlers back."""
+    global _stopping
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
+    _stopping = False
+    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
-    def handler(signum: int, frame: Any) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)   # a second SIGTERM waits for the first
-        raise _Terminate()
+    def restore() -> None:
+        for s, h in old.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
 
-    old = signal.signal(signal.SIGTERM, handler)
-    return lambda: signal.signal(signal.SIGTERM, old)
+    return restore
+
+
+def hold_signals() -> None:
+    """For a command whose process ends after the run: until it exits, the
+    first SIGTERM raises :class:`_Terminate` and the first SIGINT
+    ``KeyboardInterrupt``, and any signal after the first is absorbed, so
+    that the cleanup after a stop (the trace, the temporaries, the exit
+    handlers of ``multiprocessing``) runs to its end."""
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, _on_signal)
+
+
+# ------------------------------------------------------------ temporaries
+def _own_mp_tempdir() -> None:
+    """Give ``multiprocessing`` (the fork server's socket) a temporary folder
+    named with this process's pid, which :func:`clean_stale_spools` removes
+    when the process was killed; ``pymp-*`` would stay forever."""
+    import multiprocessing.process as mp_process
+    import multiprocessing.util as mp_util
+
+    config = mp_process.current_process()._config    # what mp's get_temp_dir reads
+    if config.get("tempdir") is None:
+        folder = tempfile.mkdtemp(prefix=f"{SPOOL_PREFIX}{os.getpid()}-mp-")
+        mp_util.Finalize(None, shutil.rmtree, args=(folder,), kwargs={"ignore_errors": True},
+                         exitpriority=-100)
+        config["tempdir"] = folder
 
 
 def clean_stale_spools(folder: str | None = None) -> list[str]:
-    """Remove the spool folders of launchers that are gone (killed with
-    SIGKILL, say); returns the folders removed. A spool's name carries its
-    launcher's pid (:data:`SPOOL_PREFIX`), so live runs are left alone."""
+    """Remove the temporaries of bpsim processes that are gone (killed with
+    SIGKILL, say) from ``folder`` (default: the temporary directory); returns
+    the paths removed. Each name carries its maker's pid (``bpsim-run-<pid>-*``,
+    or ``.bpsim-run-<pid>-*`` beside a trace), so live runs are left alone."""
     from bpsim.runtime.record import process_gone
 
     removed = []
-    for d in Path(folder or tempfile.gettempdir()).glob(f"{SPOOL_PREFIX}*"):
-        pid = d.name[len(SPOOL_PREFIX):].split("-")[0]
-        if not pid.isdigit() or not d.is_dir() or not process_gone(int(pid)):
+    base = Path(folder or tempfile.gettempdir())
+    for d in sorted(list(base.glob(f"{SPOOL_PREFIX}*")) + list(base.glob(f".{SPOOL_PREFIX}*"))):
+        pid = d.name.lstrip(".")[len(SPOOL_PREFIX):].split("-")[0]
+        if not pid.isdigit() or not d.is_dir() or d.is_symlink() or not process_gone(int(pid)):
             continue
         shutil.rmtree(d, ignore_errors=True)
         removed.append(str(d))
     return removed
 
 
-def _listen(host: str) -> Any:
-    import socket
-
+def save_trace(trace: Any, path: str | os.PathLike[str]) -> None:
+    """Write ``trace`` to ``path`` through a folder beside it whose name holds
+    this process's pid (``.bpsim-run-<pid>-*``), then rename it into place:
+    a write cut short by SIGKILL leaves only that folder, which the next
+    run writing there removes (:func:`clean_stale_spools`)."""
+    target = Path(path)
+    folder = target.absolute().parent
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{SPOOL_PREFIX}{os.getpid()}-", dir=folder)
     try:
-        return socket.create_server((host, 0), backlog=128)
+        inner = Path(tmp) / target.name
+        trace.save(inner)
+        os.replace(inner, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _listen(host: str) -> Any:
+    h = host.strip().strip("[]")
+    family = socket.AF_INET6 if ":" in h else socket.AF_INET
+    try:
+        return socket.create_server((h, 0), family=family, backlog=128)
     except OSError as e:
         raise ValueError(f"cannot listen on --host {host!r} ({e}); give an address of this "
-                         "machine, e.g. 127.0.0.1") from None
+                         "machine, e.g. 127.0.0.1 or ::1") from None
 
 
+# ------------------------------------------------------------- the ranks
 def _watch(procs: list[Any], spool: str, grace: float = 0.5
-           ) -> tuple[tuple[int, str] | None, BaseException | None]:
+           ) -> tuple[tuple[int | None, str] | None, BaseException | None]:
     """Wait for every rank; on the first failure stop the rest. Returns
-    ``(failure, stop)`` with ``failure = (rank, one-line error)`` and ``stop``
-    the ``KeyboardInterrupt`` or SIGTERM that ended the wait (else None)."""
+    ``(failure, stop)`` with ``failure = (rank or None, one-line error)``
+    and ``stop`` the ``KeyboardInterrupt`` or SIGTERM that ended the wait
+    (else None)."""
     from multiprocessing.connection import wait
 
     alive = {p.sentinel: (r, p) for r, p in enumerate(procs)}
@@ -428,34 +694,82 @@ def _watch(procs: list[Any], spool: str, grace: float = 0.5
         return None, e
     if not failed:
         return None, None
+    server = None
+    if any(procs[r].exitcode == 255 for r in failed):   # what a lost fork server reads as
+        deadline = time.monotonic() + 2.0                 # its exit may still be under way
+        while server is None and time.monotonic() < deadline:
+            server = _fork_server_gone()
+            time.sleep(0.05)
+    if server is not None:
+        _stop_pids([p.pid for p in procs if p.pid is not None])
+        return (None, f"the fork server that starts the ranks (pid {server}) ended while they "
+                      "ran (killed?); every rank was stopped; run again"), None
     _stop(procs)
     return _root_cause(procs, failed, spool), None
 
 
+def _fork_server_gone() -> int | None:
+    """The pid of this process's fork server when it has ended, else None.
+    (Its ranks' exit codes then read 255: the fork server reports them.)"""
+    from multiprocessing import forkserver
+
+    from bpsim.runtime.record import process_gone
+
+    pid = getattr(getattr(forkserver, "_forkserver", None), "_forkserver_pid", None)
+    return pid if pid is not None and process_gone(pid) else None
+
+
+def _stop_pids(pids: Sequence[int], grace: float = 3.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds, processes that are not
+    our children (ranks whose fork server is gone)."""
+    from bpsim.runtime.record import process_gone
+
+    for sig, wait_s in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        live = [p for p in pids if not process_gone(p)]
+        for p in live:
+            try:
+                os.kill(p, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + wait_s
+        while live and time.monotonic() < deadline:
+            time.sleep(0.05)
+            live = [p for p in live if not process_gone(p)]
+        if not live:
+            return
+
+
+def _signal_name(code: int) -> str:
+    try:
+        return signal.Signals(code).name
+    except ValueError:
+        return f"signal {code}"
+
+
 def _root_cause(procs: list[Any], failed: dict[int, float], spool: str) -> tuple[int, str]:
-    """The rank whose failure explains the others (see the module docstring)."""
+    """The rank whose failure came first and explains the others.
+
+    ``failed`` holds the ranks that ended with an error *before* the
+    launcher stopped anyone (rank -> when the launcher saw it). A rank that
+    reported an error of its own comes first, by the time it recorded;
+    then one that was killed without a word (by the time it was seen); a
+    rank whose error is a consequence of a peer's loss (a closed link, a
+    timeout) only when nothing else is there. A rank that was stopped by
+    SIGTERM here was stopped from outside: the launcher had sent none.
+    """
     cands = []
     for r, seen in failed.items():
         code = procs[r].exitcode
-        path = Path(spool) / f"rank{r}.error.json"
-        rec = None
-        if path.exists():
-            try:
-                rec = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
-                rec = None
-        if rec is not None and rec.get("terminated"):
-            continue
+        rec = _read_record(Path(spool) / f"rank{r}.error.json")
         if rec is None:
-            if code is not None and code < 0:
-                try:
-                    name = signal.Signals(-code).name
-                except ValueError:
-                    name = f"signal {-code}"
-                err = f"killed by {name}"
-            else:
-                err = f"exited with code {code} without reporting an error"
+            err = (f"killed by {_signal_name(-code)}" if code is not None and code < 0 else
+                   f"exited with code {code} without reporting an error")
             cands.append((0, seen, r, err))
+        elif rec.get("terminated"):
+            step = rec.get("step")
+            where = f" after {step} steps" if rec.get("phase") == "train" else ""
+            cands.append((0, rec.get("time", seen), r,
+                          f"stopped by a SIGTERM from outside the run{where} (kill, a scheduler)"))
         else:
             step = rec.get("step")
             where = f" (after {step} steps)" if rec.get("phase") == "train" else (
@@ -463,11 +777,8 @@ def _root_cause(procs: list[Any], failed: dict[int, float], spool: str) -> tuple
             if rec.get("divergence"):        # its message says where already
                 where = ""
             cands.append((1 if rec.get("secondary") else 0, rec.get("time", seen), r,
-                          rec["error"] + where))
-    if not cands:
-        r = min(failed, key=failed.get)
-        return r, f"exited with code {procs[r].exitcode}"
-    cands.sort()
+                          str(rec.get("error")) + where))
+    cands.sort(key=lambda c: (c[0], c[1], c[2]))
     _, _, r, err = cands[0]
     return r, err
 
@@ -518,13 +829,13 @@ def _finish(cfg: RunConfig, spool: str, net: Any, trainer: Any, test: Any,
 
 def summarize(cfg: RunConfig, results: dict[int, dict[str, Any]], weights: dict[int, Any],
               rows: list, net: Any, trainer: Any, test: Any,
-              failure: tuple[int, str] | None, trace_of: Any) -> RunResult:
+              failure: tuple[int | None, str] | None, trace_of: Any) -> RunResult:
     """Merge per-rank results into the run's summary, trace and weights."""
     meta = _meta(cfg, results)
     trace = trace_of(meta) if cfg.record else None
     if trace is not None:
         if cfg.trace:
-            trace.save(cfg.trace)
+            save_trace(trace, cfg.trace)
     done = failure is None and len(results) == cfg.workers
     t0 = min((r["t_start"] for r in results.values()), default=0.0)
     t1 = max((r["t_end"] for r in results.values()), default=0.0)
@@ -643,51 +954,329 @@ def _meta(cfg: RunConfig, results: dict[int, dict[str, Any]]) -> dict[str, Any]:
     return json_safe(meta)
 
 
-# ------------------------------------------------------------- torchrun
-def run_torchrun(cfg: RunConfig) -> RunResult | None:
-    """Run this process's rank under ``torchrun``; rank 0 returns the result.
+# ------------------------------------------------- jobs started elsewhere
+class _JobWatch:
+    """The ranks of a job watching each other over the job's store.
 
-    ``--workers`` must equal torchrun's world size. Rank k computes on
-    ``cuda:(LOCAL_RANK mod GPUs)`` with ``--device cuda``.
+    A thread beats (``beat/<rank>``, every ``beat`` seconds) and reads the
+    other ranks' beats. This rank is stopped (SIGTERM to itself, then, if
+    its main thread is stuck in a collective, the process ends after
+    ``grace`` seconds with its partial trace written) when another rank
+    posted a failure (``abort``), when a peer's beat stood still for
+    ``stale`` seconds (its process or host is gone), or when the store stops
+    answering (the process hosting it ended). Failures are recorded as
+    ``fail/<rank>`` with the time they happened, so every rank can name the
+    one that failed first (:meth:`blame`).
+    """
+
+    def __init__(self, job: JobEnv, prefix: str, beat: float = 0.5, stale: float = 5.0,
+                 grace: float = 3.0, on_give_up: Callable[[], None] | None = None) -> None:
+        import torch.distributed as dist
+
+        self.job, self.beat, self.stale, self.grace = job, beat, stale, grace
+        self.on_give_up = on_give_up
+        self.store = dist.PrefixStore(prefix, dist.TCPStore(
+            job.addr, job.port, is_master=False, timeout=timedelta(seconds=10)))
+        self.lock = threading.Lock()
+        self.cause: str | None = None           # why the watch stopped this rank
+        self.vanished: dict[int, float] = {}    # peer -> when its beat was found stale
+        self.reported = threading.Event()
+        self._end = threading.Event()
+        self._store_set("pid/" + str(job.rank), f"{socket.gethostname()} {os.getpid()}")
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="bpsim-jobwatch")
+        self._thread.start()
+
+    def _store_set(self, key: str, value: str) -> bool:
+        try:
+            with self.lock:
+                self.store.set(key, value)
+            return True
+        except Exception:  # noqa: BLE001 - the store may be gone
+            return False
+
+    def _store_get(self, key: str) -> str | None:
+        try:
+            with self.lock:
+                if not self.store.check([key]):
+                    return None
+                return self.store.get(key).decode()
+        except Exception:  # noqa: BLE001
+            return None
+
+    def _loop(self) -> None:
+        me, peers = self.job.rank, [r for r in range(self.job.world) if r != self.job.rank]
+        last: dict[int, tuple[int, float]] = {}
+        while not self._end.wait(self.beat):
+            try:
+                with self.lock:
+                    self.store.add(f"beat/{me}", 1)
+                    abort = self.store.get("abort").decode() if self.store.check(["abort"]) \
+                        else None
+                    beats = {p: self.store.add(f"beat/{p}", 0) for p in peers}
+            except Exception as e:  # noqa: BLE001 - the store is gone
+                if not self._end.is_set():
+                    self._trip(f"the job's store at {self.job.addr}:{self.job.port} stopped "
+                               f"answering ({' '.join(str(e).split())[:120]}): the process "
+                               "hosting it (rank 0, or torchrun on the first host) has ended")
+                return
+            if abort is not None:
+                self._trip(abort)
+                return
+            now = time.monotonic()
+            for p, n in beats.items():
+                prev = last.get(p)
+                if prev is None or prev[0] != n:
+                    last[p] = (n, now)
+                elif n > 0 and now - prev[1] >= self.stale:
+                    self.vanished[p] = time.time() - self.stale
+                    cause = (f"rank {p} stopped answering for {self.stale:.0f} s (its process "
+                             "or its host is gone)")
+                    self._store_set("abort", cause)
+                    self._trip(cause)
+                    return
+
+    def _trip(self, cause: str) -> None:
+        """Stop this rank: SIGTERM to itself, the hard way if that does not work."""
+        with self.lock:
+            if self._end.is_set():
+                return
+            self.cause = cause
+            os.kill(os.getpid(), signal.SIGTERM)
+        if not self.reported.wait(self.grace) and not self._end.is_set():
+            if self.on_give_up is not None:      # the main thread is stuck in a collective
+                try:
+                    self.on_give_up()
+                finally:
+                    os._exit(1)
+            os._exit(1)
+
+    def fail(self, record: dict[str, Any]) -> None:
+        """Post this rank's failure (and, unless the watch stopped it, ``abort``)."""
+        self._store_set(f"fail/{self.job.rank}", json.dumps(record))
+        if self.cause is None:
+            self._store_set("abort", f"rank {self.job.rank} failed: {record.get('error')}")
+
+    def blame(self, own: dict[str, Any]) -> tuple[int, str]:
+        """The rank whose failure came first, by the same rules as
+        :func:`_root_cause`, from the records posted and the peers that
+        vanished (a peer on this host whose process is gone, or whose beat
+        stood still)."""
+        from bpsim.runtime.record import process_gone
+
+        host = socket.gethostname()
+        cands = []
+        for r in range(self.job.world):
+            rec = own if r == self.job.rank else None
+            if rec is None:
+                text = self._store_get(f"fail/{r}")
+                try:
+                    rec = json.loads(text) if text else None
+                except ValueError:
+                    rec = None
+            if rec is not None:
+                if rec.get("watch"):
+                    continue                    # stopped by its watch: a consequence
+                step = rec.get("step")
+                where = f" (after {step} steps)" if rec.get("phase") == "train" else ""
+                if rec.get("terminated"):
+                    cands.append((3, rec.get("time", 0.0), r,
+                                  f"stopped by SIGTERM{where} (from torchrun after another "
+                                  "rank on its host failed, a scheduler or kill)"))
+                else:
+                    cands.append((2 if rec.get("secondary") else 0, rec.get("time", 0.0), r,
+                                  str(rec.get("error")) + ("" if rec.get("divergence") else where)))
+                continue
+            if r in self.vanished:
+                cands.append((1, self.vanished[r], r, "its process or host vanished without "
+                              f"reporting an error (its beat stood still for {self.stale:.0f} s)"))
+                continue
+            where = (self._store_get(f"pid/{r}") or "").split()
+            if len(where) == 2 and where[0] == host and where[1].isdigit() \
+                    and process_gone(int(where[1])):
+                cands.append((1, time.time(), r, "its process ended without reporting an error "
+                              "(killed?)"))
+        if not cands:
+            return self.job.rank, str(own.get("error"))
+        cands.sort(key=lambda c: (c[0], c[1], c[2]))
+        return cands[0][2], cands[0][3]
+
+    def stand_down(self) -> None:
+        """Stop beating and judging: this rank is reporting its own end."""
+        with self.lock:
+            self._end.set()
+            self.reported.set()
+
+    def close(self) -> None:
+        """Stop beating (the rank is done or reporting)."""
+        self._end.set()
+        self.reported.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=2 * self.beat + 10)
+
+
+def _job_prefix(job: JobEnv) -> str:
+    """Store keys of this job (torchrun's store outlives restarts)."""
+    rid = os.environ.get("TORCHELASTIC_RUN_ID", "job")
+    return f"bpsim/{rid}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+
+
+def merge_parts(folders: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str] | None,
+                meta: dict[str, Any] | None = None) -> Any:
+    """Merge the span files of one or more ``.parts`` folders (a job's hosts)
+    into one trace; write it to ``out`` when given; return the trace.
+
+    ``meta`` defaults to the ``run.json`` that rank 0 leaves in its folder
+    (the run's settings), marked ``partial``. ``ValueError`` when no folder
+    holds any span file.
+    """
+    from bpsim.runtime.record import merge_rows, read_spool
+
+    rows: list[tuple] = []
+    found = False
+    for f in folders:
+        p = Path(f)
+        if not p.is_dir():
+            raise ValueError(f"{f} is not a folder; give the <trace>.parts folder(s) a run "
+                             "left behind")
+        found = found or any(p.glob("rank*.spans.jsonl"))
+        rows.extend(read_spool(p))
+        if meta is None:
+            meta = _read_record(p / "run.json")
+    if not found:
+        raise ValueError(f"no rank*.spans.jsonl in {', '.join(map(str, folders))}; give the "
+                         "<trace>.parts folder(s) a failed run left behind")
+    meta = dict(meta or {})
+    meta["partial"] = True
+    trace = merge_rows(sorted(set(rows), key=lambda r: (r[6], r[0])), meta)
+    if out is not None:
+        save_trace(trace, out)
+    return trace
+
+
+def run_job(cfg: RunConfig, job: JobEnv | None = None) -> RunResult | None:
+    """Run this process's rank of a job started by torchrun, srun or by hand;
+    rank 0 returns the result, the other ranks None.
+
+    ``--workers`` must equal ``WORLD_SIZE``. The rank computes on
+    ``cuda:(local rank mod GPUs)`` with ``--device cuda``. A failure raises
+    :class:`RunFailed` naming the rank that failed first (see
+    :class:`_JobWatch`) and where the spans recorded so far are.
     """
     import torch.distributed as dist
 
     from bpsim import data
     from bpsim.runtime import worker
+    from bpsim.runtime.record import merge_rows, read_spool
 
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if cfg.workers != world:
-        raise ValueError(f"--workers {cfg.workers} but torchrun started {world} processes; make "
-                         "them equal (--nnodes x --nproc-per-node)")
+    job = job or job_env()
+    if job is None:
+        raise ValueError("run_job needs RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; use run()")
+    if cfg.workers != job.world:
+        raise ValueError(f"--workers {cfg.workers} but the job has {job.world} processes "
+                         f"(WORLD_SIZE); make them equal (torchrun: --nnodes x --nproc-per-node)")
+    cfg = RunConfig(**{**asdict(cfg), "local_workers": min(job.local_world, cfg.workers)})
     cfg = cfg.resolved()
+    warn = oversubscription(cfg)
+    if warn and job.local_rank == 0:
+        print(f"bpsim run: warning: {warn}", file=sys.stderr)
     desc = data.describe(cfg.data)
     train, test = data.load(cfg.data, n_train=cfg.n_train, n_test=cfg.n_test, seed=cfg.seed)
     net, trainer = worker.build(cfg, desc.input_shape, desc.n_classes, desc.task)
-    if cfg.trace and rank == 0:
-        check_writable(cfg.trace, "--trace")
-    spool = Path(cfg.trace + ".parts") if cfg.trace else Path(tempfile.mkdtemp(prefix="bpsim-run-"))
-    spool.mkdir(parents=True, exist_ok=True)
-    status: dict[str, Any] = {"step": 0, "phase": "start"}
-    signal.signal(signal.SIGTERM, worker._on_sigterm)
-    try:
-        result = worker.run_rank(rank, cfg, (train.tensors[0], train.tensors[1]), str(spool),
-                                 None, local_rank=local_rank, status=status)
-    except BaseException as e:  # noqa: BLE001
-        worker._write_error(str(spool), rank, e, status,
-                            terminated=isinstance(e, worker.Terminated))
-        raise RunFailed(f"rank {rank} failed: {worker._error_record(rank, e, status)['error']}"
-                        f" (its spans so far are in {spool})", rank, str(e)) from None
-    from bpsim.runtime.record import merge_rows, read_spool
+    clean_stale_spools()
+    if cfg.trace:
+        clean_stale_spools(str(Path(cfg.trace).absolute().parent))
+        parts = Path(cfg.trace + ".parts")
+        parts.mkdir(parents=True, exist_ok=True)
+    else:
+        parts = Path(tempfile.mkdtemp(prefix=f"{SPOOL_PREFIX}{os.getpid()}-"))
+    status: dict[str, Any] = {"step": 0, "phase": "rendezvous"}
+    watch: _JobWatch | None = None
+    stopping = {"n": 0}
 
-    own_rows = [r for r in read_spool(spool) if r[0] == rank] if cfg.record else []
+    def on_term(signum: int, frame: Any) -> None:
+        stopping["n"] += 1
+        if stopping["n"] == 1:           # later signals, during the cleanup, are absorbed
+            raise worker.Terminated(f"stopped by {_signal_name(signum)}")
+
+    old = {s: signal.signal(s, on_term) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def partial_trace() -> str:
+        """Write what this host's parts hold into the trace; say where things are."""
+        if not cfg.trace:
+            return ""
+        try:
+            merge_parts([parts], cfg.trace, meta=_meta(cfg, {}))
+            kept = f"; the spans of this host are in {parts} and merged into {cfg.trace}"
+        except (ValueError, OSError):
+            kept = f"; the spans of this host are in {parts}"
+        return kept + (f" (merge all hosts' folders with: bpsim trace merge PARTS... -o "
+                       f"{cfg.trace})" if job.world > job.local_world else "")
+
+    try:
+        worker.pick_device(cfg.device, job.local_rank)
+        if cfg.trace and job.rank == 0:
+            from bpsim.files import atomic_write_text
+
+            atomic_write_text(parts / "run.json", json.dumps(_meta(cfg, {})))
+        worker._gloo_on_loopback(job.addr)
+        if not dist.is_initialized():
+            dist.init_process_group(cfg.backend, init_method="env://", rank=job.rank,
+                                    world_size=job.world, timeout=timedelta(seconds=cfg.timeout))
+        if job.world > 1:
+            def give_up() -> None:
+                spool = status.get("spool")
+                if spool is not None:
+                    try:
+                        spool.flush()
+                    except Exception:  # noqa: BLE001
+                        pass
+                print(f"bpsim run: error: {watch.cause if watch else 'stopped'}"
+                      f"{partial_trace()}", file=sys.stderr, flush=True)
+
+            watch = _JobWatch(job, _job_prefix(job), stale=5.0,
+                              on_give_up=give_up)
+        result = worker.run_rank(job.rank, cfg, (train.tensors[0], train.tensors[1]),
+                                 str(parts), None, local_rank=job.local_rank, status=status)
+    except BaseException as e:  # noqa: BLE001 - reported as one line
+        stopping["n"] += 1               # signals from here on are absorbed
+        if watch is not None:
+            watch.stand_down()
+        terminated = isinstance(e, worker.Terminated)
+        worker._write_error(str(parts), job.rank, e, status, terminated=terminated)
+        rec = worker._error_record(job.rank, e, status)
+        rec["terminated"] = terminated
+        if watch is not None and watch.cause is not None:
+            rec["watch"] = True
+        if watch is not None:
+            watch.fail(rec)
+            rank, err = watch.blame(rec)
+            if watch.cause is not None and rank == job.rank:
+                rank, err = None, watch.cause
+            watch.close()
+        else:
+            rank, err = job.rank, rec["error"]
+        if rank == job.rank and rec.get("phase") == "rendezvous" and not terminated:
+            err += (f"; check that {job.addr}:{job.port} (MASTER_ADDR:MASTER_PORT) is rank 0's "
+                    "host and a port open to every rank, and that rank 0 was started")
+        where = partial_trace()
+        if not cfg.trace or not any(parts.glob("rank*.spans.jsonl")):
+            shutil.rmtree(parts, ignore_errors=True)    # nothing worth keeping
+            where = ""
+        head = err if rank is None else f"rank {rank} failed: {err}"
+        if rank is not None and rank != job.rank:
+            head += f"; rank {job.rank} stopped"
+        raise RunFailed(head + where, rank, err) from None
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+    own_rows = [r for r in read_spool(parts) if r[0] == job.rank] if cfg.record else []
     weights = result.pop("_weights")
     final = dist.new_group(backend="gloo", timeout=timedelta(hours=1))
-    gathered: list[Any] = [None] * world if rank == 0 else []
-    dist.gather_object((result, own_rows, weights), gathered if rank == 0 else None, dst=0,
+    gathered: list[Any] = [None] * job.world if job.rank == 0 else []
+    dist.gather_object((result, own_rows, weights), gathered if job.rank == 0 else None, dst=0,
                        group=final)
     res = None
-    if rank == 0:
+    if job.rank == 0:
         results = {g[0]["rank"]: g[0] for g in gathered}
         rows = [r for g in gathered for r in g[1]]
         all_w = {b: w for g in gathered for b, w in g[2].items()}
@@ -696,12 +1285,21 @@ def run_torchrun(cfg: RunConfig) -> RunResult | None:
             return merge_rows(rows, meta)
 
         res = summarize(cfg, results, all_w, rows, net, trainer, test, None, trace_of)
+    if watch is not None:
+        watch.close()                    # from here, a lost peer ends the barrier below
     dist.barrier(group=final)
-    for f in spool.glob(f"rank{rank}.*"):      # the merged trace holds them now
+    for f in parts.glob(f"rank{job.rank}.*"):      # the merged trace holds them now
         f.unlink(missing_ok=True)
+    if job.rank == 0:
+        (parts / "run.json").unlink(missing_ok=True)
     try:
-        spool.rmdir()                            # the last rank out removes the folder
+        parts.rmdir()                            # the last rank out removes the folder
     except OSError:
         pass
     dist.destroy_process_group()
     return res
+
+
+def run_torchrun(cfg: RunConfig) -> RunResult | None:
+    """:func:`run_job` (the name it had when only torchrun started jobs)."""
+    return run_job(cfg)
