@@ -366,7 +366,8 @@ def mlp(
     if blocks < 1 or blocks > in_blocks:
         raise ValueError(
             f"blocks must be between 1 and {in_blocks} for an MLP with {n_layers} layers"
-            f"{' and a separate output layer' if output_layer else ''}, got {blocks}"
+            f"{' and a separate output layer' if output_layer else ''}, got {blocks}; "
+            f"give more hidden layers (depth >= {blocks if output_layer else blocks - 1}) or fewer blocks"
         )
     with _seeded(seed):
         units: list[list[nn.Module]] = []
@@ -507,7 +508,9 @@ def build(
 ) -> BlockNet:
     """Build ``mlp`` / ``cnn`` (DGL's VGG-like net) / ``resnet`` by name (the CLI's path)."""
     if model == "mlp":
-        return mlp(width=width or 256, depth=2 if depth is None else depth, input_shape=input_shape,
+        if depth is None:   # two hidden layers, or as many as the blocks need
+            depth = max(2, blocks if output_layer else blocks - 1)
+        return mlp(width=width or 256, depth=depth, input_shape=input_shape,
                    n_classes=n_classes, blocks=blocks, aux=aux, output_layer=output_layer, seed=seed)
     if model == "cnn":
         return vgg(blocks, width=width or 128, layers=depth or 6, input_shape=input_shape,

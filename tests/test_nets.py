@@ -130,3 +130,11 @@ def test_input_grad_flops_is_the_first_weighted_layer():
     x = torch.zeros(1, 1, 28, 28)
     h = v.blocks[0](x)
     assert v.input_grad_flops()[1] == 2 * conv.in_channels * 9 * conv.out_channels * h.shape[2] * h.shape[3]
+
+
+def test_build_gives_the_default_mlp_enough_layers_for_its_blocks():
+    for K in (2, 3, 4, 6):
+        net = nets.build("mlp", (64,), 10, K, seed=0)
+        assert len(net) == K
+    with pytest.raises(ValueError, match=r"depth >= 3"):
+        nets.build("mlp", (64,), 10, 4, depth=2, seed=0)

@@ -26,7 +26,7 @@ _OPTION_ARGS: dict[str, dict[str, Any]] = {
                help="BlockProp h-steps per gluing variable N_h >= 1"),
     "lr_h": dict(type=T.positive_floats, metavar="LR",
                  help="BlockProp per-example h-step size, or one per gluing variable "
-                      "(default 1 / (4 lam))"),
+                      "(default: per example, 1 / (2 lam + the curvature each h faces))"),
     "cache_every": dict(type=T.positive_int, metavar="E",
                         help="blockprop-cached: the h-step runs every E epochs"),
     "microbatches": dict(type=T.positive_int, metavar="M",
@@ -101,7 +101,7 @@ def add_net_and_sgd_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=T.positive_int,
                    help="hidden width (mlp: 256) or first conv width (cnn: 128)")
     p.add_argument("--depth", type=T.nonneg_int,
-                   help="hidden layers (mlp: 2) or conv layers (cnn: 6)")
+                   help="hidden layers (mlp: 2, or blocks - 1 when more blocks need them) or conv layers (cnn: 6)")
     p.add_argument("--batch-size", type=T.positive_int, default=64)
     p.add_argument("--lr", type=T.positive_floats,
                    help="learning rate, or one per block (comma-separated)")
