@@ -357,9 +357,13 @@ fig.update_layout(title="BlockProp by hand on digits", xaxis_title="epoch", yaxi
 fig
 
 # %%
-# NBVAL_CHECK_OUTPUT
 for name, accs in curves.items():
     print(f"{name}: test accuracy after {epochs} epochs {accs[-1]:.2f}")
+# live runs: their digits depend on this machine's floating-point kernels; asserted is what holds on any machine,
+# N_h = 0 trailing both N_h = 4 runs by more than the test set's noise (about 3 points on 450 images)
+final = {name: accs[-1] for name, accs in curves.items()}
+assert all(0.5 < a <= 1.0 for a in final.values())
+assert min(final["λ = 1.0, N_h = 4"], final["λ = 10.0, N_h = 4"]) - final["λ = 1.0, N_h = 0"] > 0.03
 
 # %% [markdown]
 # With $N_h = 0$ only the output layer learns (block 1 never receives a signal), so the network is a linear classifier

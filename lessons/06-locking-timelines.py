@@ -491,10 +491,12 @@ print(f"DGL / backprop at 2 workers: {rate['dgl', 2] / rate['bp', 2]:.2f}x")
 assert rate["dgl", 2] / rate["bp", 2] > 1.7 and rate["bp", 2] < rate["bp", 1]
 
 # %% [markdown]
-# On two real workers DGL runs 2.2 times as many samples per second as backprop, close to the closed form's promise for
-# $K = 2$, and backprop gets *slower* on two workers than on one (the messages, and nothing overlapping them), as
-# section 3 predicts. The DGL paper reports its wall-clock gain on 4 GPUs against DDG rather than backprop (§4.1: 18 %
-# faster than DDG, itself about 2.3x backprop); ours is a CPU measurement at $K = 2$ (ledger claim C16).
+# On two real workers DGL runs 1.9 times as many samples per second as on one worker, just below the limit of 2 for
+# $K = 2$ blocks on two devices. Backprop gets *slower* on two workers than on one (0.9x: the messages, and nothing
+# overlapping them), as section 3 predicts. That is why DGL's 2.2x over backprop on the same two workers exceeds 2:
+# it is measured against a backprop that the split has slowed down. The DGL paper reports its wall-clock gain on
+# 4 GPUs against DDG rather than backprop (§4.1: 18 % faster than DDG, itself about 2.3x backprop); ours is a CPU
+# measurement at $K = 2$ (ledger claim C16).
 #
 # ## Summary
 #

@@ -394,12 +394,15 @@ fig.update_layout(height=400, title=f"dgl-async on digits, K = 4, {EPOCHS} epoch
 fig
 
 # %%
-# NBVAL_CHECK_OUTPUT
 print(f"synchronous DGL: {sync_acc:.2f}")
 for S_, a, r in zip(S_VALUES, by_S, reuse_by_S):
     print(f"S = {S_:<4g} accuracy {a:.2f}, mean reuse of the buffer after the slow block {r:.1f}")
 for M, a in zip(M_VALUES, by_M):
     print(f"M = {M:<4d} accuracy {a:.2f}")
+# live runs: the accuracies' digits depend on this machine's floating-point kernels, so only a range is asserted; the
+# reuse follows from the drawn schedule alone and is about S
+assert all(0.5 < a <= 1.0 for a in [sync_acc, *by_S, *by_M])
+assert all(abs(r / S_ - 1) < 0.2 for S_, r in zip(S_VALUES, reuse_by_S))
 
 # %% [markdown]
 # These are single runs per setting in fast mode (one seed, only block 2 slowed): differences of a few points are noise.

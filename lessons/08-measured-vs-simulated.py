@@ -101,7 +101,13 @@ print(f"largest |makespan error| of the three replays: {worst:.2%}")
 
 # %% [markdown]
 # Each replay ends within 5 % of its measured run, its ops within a tenth of a step of their measured starts (the cell
-# asserts both). The model's dependency structure is the runtime's; where it was not, the replay located the mechanism:
+# asserts both). An error of exactly 0.00 % is no coincidence: every op, every message and every gap between two ops
+# of a rank is charged as measured, and a wait the model has no reason for is charged too (as untraced time, reported
+# as an unexplained wait). So a replay reproduces its run exactly whenever the model's dependencies are the
+# runtime's; what it can reveal is an op the model holds back longer than the runtime did (a makespan error, a start
+# offset) and a measured wait the model lacks (an unexplained wait). In the committed fidelity run
+# (`benchmarks/results/fidelity.md`) every runtime method replays exactly, and unexplained waits remain only in the
+# pipelines. The model's dependency structure is the runtime's; where it was not, the replay located the mechanism:
 # the pipelines (`gpipe`, `1f1b`) end each step only once their last sends have arrived, which the simulator models
 # (`Engine.flush`), and a runtime span starts where the rank's previous span ended, so a descheduled thread shows up
 # inside the next op (the replay counts only the part after the op's input was delivered).
@@ -129,7 +135,9 @@ viz.timelines([compute_only(runs[name]), compute_only(replays[name].trace)],
 # the FLOP model.
 #
 # A measurement on a shared machine is itself a sample. So each held-out run is measured `R` times, and the prediction
-# is drawn against the median with a band of half the repeats' spread.
+# is drawn against the median with a **band** of half the repeats' spread plus 2 % of the median (a few repeats
+# underestimate the spread), the band `benchmarks/fidelity.py` uses. A prediction inside its band is as good as the
+# measurement allows.
 
 # %%
 R = pick(2, 3)  # repeats of each held-out run
@@ -149,9 +157,12 @@ for label, cfg in held.items():
     spans = sorted(t.makespan for t in reps)
     med = statistics.median(spans)
     pred = sim.simulate_like(reps[0], costs).makespan
-    rows.append((label, med, (spans[-1] - spans[0]) / 2, pred))
-    print(f"{label:18s} measured {1e3 * med:7.1f} ms (+/- {1e3 * (spans[-1] - spans[0]) / 2:.1f} over {R} repeats)"
-          f", predicted {1e3 * pred:7.1f} ms ({pred / med - 1:+.1%})")
+    half = (spans[-1] - spans[0]) / 2
+    rows.append((label, med, half, pred))
+    band = half / med + 0.02
+    print(f"{label:18s} measured {1e3 * med:7.1f} ms (+/- {1e3 * half:.1f} over {R} repeats), predicted "
+          f"{1e3 * pred:7.1f} ms ({pred / med - 1:+.1%}, band {band:.1%}: "
+          f"{'inside' if abs(pred / med - 1) <= band else 'outside'})")
 
 # %% [markdown]
 # **Exercise.** The relative makespan error of a prediction is $(T_{\text{sim}} - T_{\text{meas}})/T_{\text{meas}}$
@@ -168,17 +179,19 @@ checks.makespan_error(T_meas, T_sim, error)
 # %%
 fig = go.Figure()
 fig.add_bar(x=[r[0] for r in rows], y=[1e3 * r[1] for r in rows], name="measured (median)",
-            error_y={"type": "data", "array": [1e3 * r[2] for r in rows]})
+            error_y={"type": "data", "array": [1e3 * (r[2] + 0.02 * r[1]) for r in rows]})
 fig.add_scatter(x=[r[0] for r in rows], y=[1e3 * r[3] for r in rows], mode="markers", name="predicted",
                 marker={"size": 14, "symbol": "diamond"})
-fig.update_layout(title="Predicted from the dgl run, against measured (bars: half the spread of the repeats)",
+fig.update_layout(title="Predicted from the dgl run, against measured (bars: the band, half the spread + 2 %)",
                   yaxis_title="makespan (ms)")
 fig
 
 # %% [markdown]
 # Read each prediction against its band: an error inside the band is no more than the machine's own noise; one well
-# outside it is a cost that did not carry. On a shared CPU an op's cost depends on what else runs beside it: **ranks
-# and their message threads slow each other down** (both ranks compute at once in `dgl` and take turns in `bp`; a
+# outside it is a cost that did not carry. Whether the live predictions above land inside depends on this machine and
+# on what else runs on it (the cell says which): a fast build repeats its short runs only twice, and on a busy machine
+# they may well land outside. On a shared CPU an op's cost depends on what else runs beside it: **ranks and their
+# message threads slow each other down** (both ranks compute at once in `dgl` and take turns in `bp`; a
 # rank's sender thread moves a message out while its next op runs). The simulator's devices are independent, so such a
 # difference shows up here, in the prediction, and not in the replay. `benchmarks/fidelity.py` measures both on every
 # runtime method with 5 repeats per case, and also simulates each held-out case with its *own* calibrated costs. In the
@@ -198,7 +211,8 @@ pipes = [c for c in committed["prediction"]["cases"] if c["algo"] in ("gpipe", "
 assert all(abs(c["self_error"]) <= 0.05 for c in committed["prediction"]["cases"])
 assert all(abs(c["makespan_error"]) > c["half_spread"] + 0.02 for c in pipes)
 assert all(dict(c["cost_moves"]).get("2:update", 1.0) > 1.2 for c in pipes)
-#
+
+# %% [markdown]
 # ## 4. Replay-buffer delays, read by read
 #
 # In the slowed `dgl-async` run, block 1 writes an entry every $S P_1$ and block 2 reads one every $P_2$ (the period
