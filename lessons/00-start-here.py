@@ -125,8 +125,9 @@ history = BackpropTrainer(net, lr=0.05, momentum=0.9, seed=0).fit(train, epochs,
 viz.learning_curves({"backprop, K=2": history}, title="Backprop on digits")
 
 # %%
-# NBVAL_CHECK_OUTPUT
 print(f"test accuracy after {epochs} epochs: {history.final_accuracy:.2f}")
+# a live run: its last digits depend on this machine's floating-point kernels, so only a wide range is asserted
+assert 0.6 < history.final_accuracy <= 1.0, "backprop should learn the digits far above chance (0.10)"
 
 # %% [markdown]
 # ## 3. Explorer: how much does locking cost?
