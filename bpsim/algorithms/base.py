@@ -19,6 +19,7 @@ process or on the rank that holds the block. Subclasses implement only
 from __future__ import annotations
 
 import io
+import inspect
 import math
 import os
 import pickle
@@ -196,10 +197,120 @@ def _per_block(value: float | Sequence[float], k: int, what: str) -> list[float]
     return vals
 
 
-def _flag_value(v: Any) -> str:
+def _flag_value(v: Any, key: str = "") -> str:
+    if v is None:
+        return "(none)"
+    if key == "slowdown" and isinstance(v, list) and len(v) == 2:
+        return f"{v[0]}:{v[1]:g}"
     if isinstance(v, list):
-        return ",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v)
+        if not v:
+            return "(none)"
+        return ",".join(f"{x:g}" if isinstance(x, float) else _flag_value(x) for x in v)
+    if isinstance(v, float):
+        return f"{v:g}"
     return str(v)
+
+
+def _fingerprint(data: TensorDataset) -> str:
+    """A short mark of a training set (its size, example shape and sums), so a
+    checkpoint knows the data it was trained on."""
+    x, y = data.tensors[0], data.tensors[1]
+    return (f"{len(x)}x{'x'.join(map(str, x.shape[1:]))}:"
+            f"{float(x.double().sum()):.12g}:{float(y.double().sum()):.12g}")
+
+
+def _plain(v: Any) -> Any:
+    """A run setting in the form a checkpoint stores and compares: tuples as
+    lists, numbers as they are (so ``(2, 3.0)`` equals its saved copy)."""
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
+def _keyword_defaults(cls: type) -> dict[str, Any]:
+    """The default of every keyword the constructors along ``cls``'s MRO take."""
+    out: dict[str, Any] = {}
+    for c in reversed(cls.__mro__):
+        init = c.__dict__.get("__init__")
+        if init is None:
+            continue
+        for name, p in inspect.signature(init).parameters.items():
+            if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD:
+                if p.default is not p.empty:
+                    out[name] = p.default
+    return out
+
+
+def _check_history(cols: Any, epochs: int) -> None:
+    """``ValueError`` unless ``cols`` is the column dict of ``epochs`` records."""
+    fields = list(EpochRecord.__dataclass_fields__)
+    ok = isinstance(cols, dict) and set(cols) == set(fields) and all(
+        isinstance(cols[k], list) and len(cols[k]) == epochs for k in fields)
+    if ok:
+        ok = list(cols["epoch"]) == list(range(1, epochs + 1))
+    if not ok:
+        raise ValueError(f"the checkpoint's history is not a record of its {epochs} epochs; "
+                         "it is damaged: delete it to start afresh")
+
+
+class _CheckpointLock:
+    """A lock file in a checkpoint folder, so that one run at a time writes it.
+
+    Created with ``O_EXCL`` holding the owner's pid; a lock whose pid is no
+    longer running (or this process's own, left by an interrupted run) is
+    taken over; a live owner is a one-line ``ValueError``.
+    """
+
+    NAME = ".bpsim-train.lock"
+
+    def __init__(self, folder: Path) -> None:
+        self.path = Path(folder) / self.NAME
+
+    def __enter__(self) -> "_CheckpointLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if self._owner() is None:     # being written this moment, or garbage
+                    time.sleep(0.05)
+                owner = self._owner()
+                if owner is not None and owner != os.getpid() and _alive(owner):
+                    raise ValueError(f"another run (pid {owner}) is writing checkpoints in "
+                                     f"{self.path.parent}; wait for it, choose another "
+                                     f"--checkpoint-dir, or delete {self.path} if no run "
+                                     "is") from None
+                self.path.unlink(missing_ok=True)    # stale: its run is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            return self
+        raise ValueError(f"cannot take the lock {self.path}; delete it if no run is writing "
+                         f"checkpoints in {self.path.parent}")
+
+    def _owner(self) -> int | None:
+        """The pid in the lock file (None: no file, or no pid in it)."""
+        try:
+            return int(self.path.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._owner() == os.getpid():
+            self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (one of another user counts as alive)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
 
 
 class Trainer:
@@ -227,6 +338,11 @@ class Trainer:
     default_lr: float = 0.05
     #: method-specific constructor keywords the CLI may pass (argparse dests).
     options: tuple[str, ...] = ()
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "Trainer":
+        obj = super().__new__(cls)
+        obj._given = dict(kwargs)     # the keywords as given: run_settings records them
+        return obj
 
     def __init__(
         self,
@@ -348,11 +464,26 @@ class Trainer:
                 raise ValueError(f"{self.checkpoint_dir / 'last.pt'} is a folder, where the "
                                  "checkpoint goes; remove it or choose another --checkpoint-dir")
             check_writable(self.checkpoint_dir / "last.pt", "checkpoint", parents=True)
+        if resume and self.checkpoint_dir is None:
+            raise ValueError("resume=True needs checkpoint_dir")
+        self._fit_n_train = len(train.tensors[0])
+        self._fit_data = _fingerprint(train)
+        if self.checkpoint_dir is None:
+            return self._fit(train, epochs, test, callbacks, resume)
+        with _CheckpointLock(self.checkpoint_dir):
+            return self._fit(train, epochs, test, callbacks, resume)
+
+    def _fit(self, train: TensorDataset, epochs: int, test: TensorDataset | None,
+             callbacks: Sequence[Callable[[Trainer, EpochRecord], None]],
+             resume: bool) -> History:
+        """``fit`` once its arguments are checked (and its checkpoint folder locked)."""
         if resume:
-            if self.checkpoint_dir is None:
-                raise ValueError("resume=True needs checkpoint_dir")
-            if (self.checkpoint_dir / "last.pt").exists():
-                self.load_checkpoint(self.checkpoint_dir / "last.pt")
+            last = self.checkpoint_dir / "last.pt"
+            if os.path.islink(last) and not last.exists():
+                raise ValueError(f"checkpoint {last} is a symbolic link that leads nowhere (or "
+                                 "to itself); remove it to start afresh")
+            if last.exists():
+                self.load_checkpoint(last)
         from tqdm.auto import tqdm
 
         x_all, y_all = train.tensors[0], train.tensors[1]
@@ -375,6 +506,8 @@ class Trainer:
                 if r.local_losses is not None:
                     local_sum = [0.0] * len(r.local_losses) if local_sum is None else local_sum
                     local_sum = [a + b * n for a, b in zip(local_sum, r.local_losses)]
+            self.check_final_state(f"at epoch {epoch + 1}, step {len(batches)}",
+                                   x_all[batches[-1]], y_all[batches[-1]])
             for s in self.schedulers:
                 s.step()
             wall = time.perf_counter() - t0
@@ -401,11 +534,44 @@ class Trainer:
     #: depends on them, e.g. greedy's shares); others may go on for longer
     resume_needs_epochs: bool = False
 
+    def check_final_state(self, where: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Stop with :class:`DivergenceError` when the weights are not finite,
+        or give a non-finite loss on the minibatch ``x, y`` of the last step
+        (evaluated in eval mode, without gradients): the last step of a run
+        can spoil the weights without a loss to show it. ``where`` says when
+        (``"at epoch 2, step 5"``, ``"after step 100"``)."""
+        advice = f"lower the learning rate (lr={self.lrs})"
+        for name, p in self.net.named_parameters():
+            if not bool(torch.isfinite(p).all()):
+                raise diverged(self.name, where, f"weight {name} is not finite after the update",
+                               advice)
+        was = self.net.training
+        self.net.eval()
+        try:
+            with torch.no_grad():
+                loss = float(self.loss(self.predict(x), y))
+        finally:
+            self.net.train(was)
+        if not _finite(loss):
+            raise diverged(self.name, where, f"the loss after the update is {loss}", advice)
+
     def run_settings(self) -> dict[str, Any]:
-        """What a resumed run must share with the run that wrote the checkpoint
-        (``epochs`` only when :attr:`resume_needs_epochs`)."""
-        return {"epochs": getattr(self, "_fit_epochs", None), "seed": self.seed,
-                "lr": list(self.lrs), "batch_size": self.batch_size}
+        """Every option that shapes the run, as a checkpoint records it: what a
+        resumed run must share with the run that wrote it (``epochs`` only when
+        :attr:`resume_needs_epochs`). The method's keywords (:attr:`options`)
+        are recorded as given, or as their defaults."""
+        out: dict[str, Any] = {
+            "epochs": getattr(self, "_fit_epochs", None), "seed": self.seed,
+            "lr": list(self.lrs), "batch_size": self.batch_size, "momentum": self.momentum,
+            "weight_decay": self.weight_decay, "milestones": list(self.milestones),
+            "gamma": self.gamma, "task": self.task,
+            "n_train": getattr(self, "_fit_n_train", None),
+            "data": getattr(self, "_fit_data", None)}
+        given = getattr(self, "_given", {})
+        defaults = _keyword_defaults(type(self))
+        for k in self.options:
+            out[k] = _plain(given[k] if k in given else defaults.get(k))
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -420,22 +586,49 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state`` after checking it as a whole against this run.
+
+        The method, every run setting (:meth:`run_settings`), the epoch, the
+        history, the number of optimizers and schedulers and the net's
+        architecture must all fit; ``ValueError`` names the first that does
+        not, with both values.
+        """
         if state.get("algorithm") != self.name:
             raise ValueError(f"checkpoint is for {state.get('algorithm')!r}, not {self.name!r}")
         held, mine = state.get("settings"), self.run_settings()
-        done = int(state.get("epoch", 0))
+        if not isinstance(held, dict):
+            raise ValueError("the checkpoint records no run settings (written by another "
+                             "version of bpsim?); delete it to start afresh")
+        done = state.get("epoch")
+        if isinstance(done, bool) or not isinstance(done, int) or done < 0:
+            raise ValueError(f"the checkpoint's epoch is {done!r}, not a count of epochs >= 0; "
+                             "it is damaged: delete it to start afresh")
         if mine["epochs"] is not None and mine["epochs"] < done:
             raise ValueError(f"the checkpoint has done {done} epochs already, more than the "
                              f"{mine['epochs']} asked for; ask for --epochs {done} or more, or "
                              "delete the checkpoint")
-        if held is not None:
-            differ = [k for k in mine if mine[k] is not None and held.get(k) is not None
-                      and held[k] != mine[k] and (k != "epochs" or self.resume_needs_epochs)]
-            if differ:
-                holds = ", ".join(f"--{k.replace('_', '-')} {_flag_value(held[k])}" for k in differ)
-                asked = ", ".join(f"--{k.replace('_', '-')} {_flag_value(mine[k])}" for k in differ)
-                raise ValueError(f"the checkpoint was written by a run with {holds}, not {asked}; "
-                                 "resume with the same values or delete the checkpoint")
+        # epochs and the training set are known only inside fit
+        keys = [k for k in mine if not (k in ("epochs", "n_train", "data") and mine[k] is None)
+                and (k != "epochs" or self.resume_needs_epochs)]
+        lacks = [k for k in keys if k not in held]
+        if lacks:
+            raise ValueError(f"the checkpoint does not record --{lacks[0].replace('_', '-')} "
+                             "(written by another version of bpsim?); delete it to start afresh")
+        differ = [k for k in keys if held[k] != mine[k]]
+        if differ:
+            flags = [f"--{k.replace('_', '-')}" for k in differ]
+            holds = ", ".join(f"{f} {_flag_value(held[k], k)}" for f, k in zip(flags, differ))
+            asked = ", ".join(f"{f} {_flag_value(mine[k], k)}" for f, k in zip(flags, differ))
+            raise ValueError(f"the checkpoint was written by a run with {holds}, not {asked}; "
+                             f"resume with the same {', '.join(flags)} or delete the checkpoint")
+        for key, mine_n in (("optimizers", len(self.optimizers)),
+                            ("schedulers", len(self.schedulers))):
+            theirs_n = state.get(key)
+            if not isinstance(theirs_n, list) or len(theirs_n) != mine_n:
+                got = len(theirs_n) if isinstance(theirs_n, list) else repr(theirs_n)
+                raise ValueError(f"the checkpoint holds {got} {key}, this run has {mine_n}; "
+                                 "it is damaged or of another setup: delete it to start afresh")
+        _check_history(state.get("history"), done)
         ours = self.net.state_dict()
         theirs = state["net"]
         bad = sorted(set(ours) ^ set(theirs)) or [
