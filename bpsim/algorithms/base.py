@@ -12,8 +12,13 @@ process or on the rank that holds the block. Subclasses implement only
   rates, a step schedule (``milestones``, ``gamma``);
 * a tqdm progress bar that switches itself off when stderr is not a terminal;
 * a checkpoint per epoch (written atomically, loaded with
-  ``weights_only=True``) and ``fit(..., resume=True)``;
-* divergence checks: a non-finite loss stops training with an error.
+  ``weights_only=True``) and ``fit(..., resume=True)``; the checkpoint
+  records every setting that shapes the run (:meth:`Trainer.run_settings`)
+  and a resume checks it as a whole; one run at a time writes a checkpoint
+  folder (a lock file holding its pid);
+* divergence checks: a non-finite loss stops training with an error, and so
+  do weights that are not finite, or give a non-finite loss, after the last
+  update of an epoch (:meth:`Trainer.check_final_state`).
 """
 
 from __future__ import annotations
