@@ -429,6 +429,54 @@ def test_host_takes_an_ipv6_address():
         socket.create_server(("::1", 0), family=socket.AF_INET6).close()
     except OSError:
         pytest.skip("no IPv6 loopback here")
+    assert RunConfig("dgl", host=" [::1] ").resolved().host == "::1"   # as in a URL
     res = launch.run(RunConfig("dgl", workers=2, steps=1, host="::1", threads=1,
                                evaluate=False))
     assert res.summary["ok"]
+
+
+def test_job_watch_trips_on_a_stale_beat_and_on_a_posted_failure_and_blames_the_first(
+        monkeypatch):
+    """Two ranks' watches on one store (no processes): a rank whose beat
+    stands still without saying it is done trips its peer; a posted failure
+    trips the others; blame picks the earliest primary failure."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    master = dist.TCPStore("127.0.0.1", 0, None, True, timedelta(seconds=10),
+                           wait_for_workers=False)
+    tripped: dict[int, str] = {}
+    monkeypatch.setattr(launch._JobWatch, "_trip",
+                        lambda self, cause: tripped.setdefault(self.job.rank, cause))
+
+    def watches(prefix: str) -> list:
+        return [launch._JobWatch(launch.JobEnv(r, 3, 0, 1, "127.0.0.1", master.port, "hand"),
+                                 prefix, beat=0.05, stale=0.3) for r in range(3)]
+
+    def wait_for(cond) -> None:
+        deadline = time.monotonic() + 60
+        while not cond():
+            assert time.monotonic() < deadline, "hang"
+            time.sleep(0.02)
+
+    a, b, c = watches("t1/")
+    c.close()                                  # done: never judged stale
+    wait_for(lambda: a.store.add("beat/1", 0) > 2)
+    b._end.set()                               # beat stops, no done: gone
+    wait_for(lambda: 0 in tripped)
+    assert "rank 1 stopped answering" in tripped[0] and 2 not in tripped
+    a.close()
+    tripped.clear()
+    a, b, c = watches("t2/")
+    wait_for(lambda: a.store.add("beat/2", 0) > 2)
+    late = {"error": "RuntimeError: late", "time": 2.0, "secondary": False}
+    first = {"error": "RuntimeError: first", "time": 1.0, "secondary": False}
+    peer = {"error": "PeerError: lost rank 2", "time": 0.5, "secondary": True}
+    c.fail(late)
+    b.fail(first)
+    wait_for(lambda: 0 in tripped)
+    assert tripped[0].startswith("rank ")
+    assert a.blame(peer) == (1, "RuntimeError: first")
+    for w in (a, b, c):
+        w.close()

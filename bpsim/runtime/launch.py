@@ -205,9 +205,10 @@ class RunConfig:
         if isinstance(c.timeout, bool) or not isinstance(c.timeout, (int, float)) \
                 or not math.isfinite(c.timeout) or c.timeout <= 0:
             raise ValueError(f"--timeout must be a finite number of seconds > 0, got {c.timeout}")
-        if not isinstance(c.host, str) or not c.host.strip():
+        if not isinstance(c.host, str) or not c.host.strip().strip("[]"):
             raise ValueError(f"--host must name an address of this machine, e.g. 127.0.0.1; "
                              f"got {c.host!r}")
+        c.host = c.host.strip().strip("[]")          # [::1] as in a URL: ::1
         slow = {}
         for b, s in dict(c.slowdown).items():
             b, s = int(b), float(s)
@@ -525,6 +526,7 @@ def run(cfg: RunConfig) -> RunResult:
                 e.result = res             # type: ignore[attr-defined]
                 raise e
             raise RunFailed(err if rank is None else f"rank {rank} failed: {err}", rank, err, res)
+        _check_final_state(cfg, trainer, train, res)
         return res
     except _Terminate:                 # SIGTERM before the ranks ran or while finishing
         _stop(procs)
@@ -536,6 +538,16 @@ def run(cfg: RunConfig) -> RunResult:
         if listener is not None:
             listener.close()
         restore()
+
+
+def _check_final_state(cfg: RunConfig, trainer: Any, train: Any, res: RunResult) -> None:
+    """``DivergenceError`` when the gathered weights of a finished run are not
+    finite or give a non-finite loss on a training minibatch: the last update
+    can spoil them without a loss of the run to show it."""
+    if res.state_dict is not None:
+        n = cfg.batch_size
+        trainer.check_final_state(f"after step {cfg.steps}", train.tensors[0][:n],
+                                  train.tensors[1][:n])
 
 
 def _diverged(spool: str, rank: int) -> bool:
@@ -1028,6 +1040,9 @@ class _JobWatch:
                 if prev is None or prev[0] != n:
                     last[p] = (n, now)
                 elif n > 0 and now - prev[1] >= self.stale:
+                    if self._store_get(f"done/{p}") is not None:
+                        last[p] = (n, float("inf"))      # finished its part: not judged
+                        continue
                     self.vanished[p] = time.time() - self.stale
                     cause = (f"rank {p} stopped answering for {self.stale:.0f} s (its process "
                              "or its host is gone)")
@@ -1079,9 +1094,10 @@ class _JobWatch:
                 step = rec.get("step")
                 where = f" (after {step} steps)" if rec.get("phase") == "train" else ""
                 if rec.get("terminated"):
+                    how = str(rec.get("error")).removeprefix("Terminated: ")
                     cands.append((3, rec.get("time", 0.0), r,
-                                  f"stopped by SIGTERM{where} (from torchrun after another "
-                                  "rank on its host failed, a scheduler or kill)"))
+                                  f"{how}{where} (from torchrun after another rank on its "
+                                  "host failed, a scheduler or kill)"))
                 else:
                     cands.append((2 if rec.get("secondary") else 0, rec.get("time", 0.0), r,
                                   str(rec.get("error")) + ("" if rec.get("divergence") else where)))
@@ -1107,7 +1123,9 @@ class _JobWatch:
             self.reported.set()
 
     def close(self) -> None:
-        """Stop beating (the rank is done or reporting)."""
+        """Stop beating (the rank is done or reporting); peers no longer judge
+        this rank by its beat."""
+        self._store_set(f"done/{self.job.rank}", "1")
         self._end.set()
         self.reported.set()
         if self._thread is not threading.current_thread():
@@ -1286,7 +1304,7 @@ def run_job(cfg: RunConfig, job: JobEnv | None = None) -> RunResult | None:
 
         res = summarize(cfg, results, all_w, rows, net, trainer, test, None, trace_of)
     if watch is not None:
-        watch.close()                    # from here, a lost peer ends the barrier below
+        watch.close()                    # done: peers no longer judge this rank by its beat
     dist.barrier(group=final)
     for f in parts.glob(f"rank{job.rank}.*"):      # the merged trace holds them now
         f.unlink(missing_ok=True)
@@ -1297,6 +1315,8 @@ def run_job(cfg: RunConfig, job: JobEnv | None = None) -> RunResult | None:
     except OSError:
         pass
     dist.destroy_process_group()
+    if res is not None:                          # rank 0, every rank past the barrier
+        _check_final_state(cfg, trainer, train, res)
     return res
 
 
