@@ -338,10 +338,13 @@ hist_dgl, log_dgl = run(DGLTrainer, E)
 hist_seq, log_seq = run(GreedyTrainer, K * E)
 
 # %%
-# NBVAL_CHECK_OUTPUT
 print("final test accuracy of each block's head")
 print("  DGL (parallel):", [round(a, 2) for a in log_dgl["heads"][-1]])
 print("  sequential:    ", [round(a, 2) for a in log_seq["heads"][-1]])
+# live runs: their digits depend on this machine's floating-point kernels. What holds on any machine: block 1 is
+# trained identically by both solvers for its E epochs (same start, batches and input), and every head learns
+assert [a[0] for a in log_dgl["heads"]] == [a[0] for a in log_seq["heads"][:E]]
+assert all(0.5 < a <= 1.0 for a in log_dgl["heads"][-1] + log_seq["heads"][-1])
 
 # %% [markdown]
 # The per-block view of training, as in DGL Fig. 4: one curve per block, test accuracy of its head after every epoch.
@@ -389,9 +392,10 @@ widgets.explorer(
 
 # %% [markdown]
 # Block 1's two curves coincide exactly: same initialisation, same batches, same input, and no signal from above in
-# either method. Higher up, DGL starts behind (its input is still moving). In the fast run (digits, 5 epochs per block,
-# one seed) it closes only part of the gap by the end (the final accuracies printed above); in full mode (MNIST, 8
-# epochs per block) it ends level with the sequential solver. DGL Fig. 3, with 50 epochs per layer on CIFAR-10, shows
+# either method. Higher up, DGL starts behind (its input is still moving). How much of the gap a run as short as the
+# fast one (digits, 5 epochs per block, one seed) closes is not something it can tell: its final accuracies, printed
+# above, lie a few points apart at most, about the noise of 450 test images, and move by as much from one machine's
+# arithmetic to another's. In full mode (MNIST, 8 epochs per block) DGL ends level with the sequential solver. DGL Fig. 3, with 50 epochs per layer on CIFAR-10, shows
 # it catching up fully. The committed study (`benchmarks/accuracy_dgl.py --data digits --only greedy`: the lesson's
 # kind of CNN, $K = 4$, MLP-aux, constant step, five seeds) measures the final gap at two lengths:
 
@@ -487,23 +491,30 @@ checks.drift_proxy(snaps, c_hat)
 # drops?
 
 # %%
-hist_decay, log_decay = run(DGLTrainer, E, milestones=[pick(2, 5)], gamma=0.1)
+decay_at = pick(2, 5)  # the learning rate is divided by 10 after this many epochs
+hist_decay, log_decay = run(DGLTrainer, E, milestones=[decay_at], gamma=0.1)
 drift = {}
 for label, log in (("constant step", log_dgl), ("step decay", log_decay)):
     lrs = [log["lr"][0]] + log["lr"]  # eta at the initial snapshot, then after every epoch
     drift[label] = [dgl.input_drift([p[j] for p in log["probe"]], lrs=lrs) for j in range(K - 1)]
 
 # %%
-# NBVAL_CHECK_OUTPUT
 for label, d in drift.items():
     print(f"{label}: c_t of block 1's output, epochs 0..{E}:", [round(v, 2) for v in d[0]["c"]])
     print(f"{label}: running sum of c_t at the end, blocks 1..{K - 1}:", [round(v["cumsum"][-1], 2) for v in d])
 for label, log in (("constant step", log_dgl), ("step decay", log_decay)):
     print(f"{label}: squared gradient norm of block 2's objective, epochs 0..{E}:",
           [f"{g[1]:.0e}" for g in log["grad"]])
+# live runs: their digits depend on this machine's floating-point kernels; asserted is what holds with a wide margin.
+# The last snapshot is the reference, so its c_t is 0; after the decay block 1's output moves far less than with a
+# constant step; block 2's gradient falls at least tenfold below its peak
+after = slice(decay_at + 1, E)
+assert all(d[j]["c"][-1] == 0 for d in drift.values() for j in range(K - 1))
+assert sum(drift["step decay"][0]["c"][after]) < 0.5 * sum(drift["constant step"][0]["c"][after])
+for log in (log_dgl, log_decay):
     g2 = [g[1] for g in log["grad"]]
     peak = g2.index(max(g2))
-    assert min(g2[peak:]) < max(g2) / 30, "block 2's gradient should fall well below its peak"
+    assert min(g2[peak:]) < max(g2) / 10, "block 2's gradient should fall well below its peak"
 
 # %% [markdown]
 # ### 🎛️ Explorer: drift at each block boundary
@@ -538,8 +549,9 @@ widgets.explorer(
 #
 # The last printed rows are what the corollary bounds: the squared gradient of block 2's own objective (block 2 and its
 # head, on a fixed batch of 512 training images). It is small at the start, where the outputs are near zero and the
-# loss is flat, peaks while the blocks below move fastest, then falls by about two orders of magnitude, faster after
-# the step decay. On a run this short (one seed) single epochs still jump around; the committed run below is longer.
+# loss is flat, peaks while the blocks below move fastest, then falls at least tenfold below its peak (the cell
+# asserts it) in both runs. On a run this short (one seed) single epochs still jump around, so whether the decay
+# speeds the fall cannot be read from it; the committed run below is longer.
 #
 # Two cautions: our $\hat c$ tracks outputs on a few hundred examples, not an $L^1$ distance between densities; and
 # Corollary 3.1 is an upper bound on the *gradient norm* of block $j$'s own greedy problem, not on the accuracy of the
