@@ -75,12 +75,14 @@ viz.learning_curves({"SGD (backprop)": sgd, **{f"BlockProp λ=1, N_h={nh}": runs
                     title="Fig. 2 (left), rerun: N_h at λ = 1")
 
 # %%
-# NBVAL_CHECK_OUTPUT
 noise_fast = 200 * (0.9 * 0.1 / len(test)) ** 0.5   # twice the standard error of a 90% accuracy, in points
 print(f"single seed, {len(test)} test images: differences below about {noise_fast:.0f} points are noise")
 print(f"SGD (backprop): final test accuracy {sgd.final_accuracy:.2f}")
 for lam in lam_grid:
     print(f"λ = {lam:4.1f}: " + ",  ".join(f"N_h={nh}: {runs[lam, nh].final_accuracy:.2f}" for nh in nh_grid))
+# a live run: its digits depend on this machine's floating-point kernels, so the cell asserts only what holds on any
+# machine: every run learns, and N_h = 0 trails N_h = 4 (by more than the noise in both modes)
+assert all(0.5 < h.final_accuracy <= 1.0 for h in [sgd, *runs.values()])
 assert all(runs[lam, 0].final_accuracy < runs[lam, 4].final_accuracy for lam in lam_grid), "N_h = 0 should trail"
 
 # %% [markdown]
@@ -278,19 +280,29 @@ viz.learning_curves(cache_runs, title="Caching h* (Algorithm 2): accuracy and wa
                     metrics=("test_accuracy", "wall_time"))
 
 # %%
-# NBVAL_CHECK_OUTPUT
+cache_acc = {}
 for name, hist in cache_runs.items():
-    ages = [r.extra.get("staleness_mean", 0.0) for r in hist.records]
-    print(f"{name:18s}: accuracy {hist.final_accuracy:.2f}, cache age per epoch {[round(a) for a in ages]}")
-assert cache_runs["Alg. 2, E=4"].final_accuracy <= cache_runs["Alg. 2, E=1"].final_accuracy
+    ages = [round(r.extra.get("staleness_mean", 0.0)) for r in hist.records]
+    cache_acc[name] = hist.final_accuracy
+    print(f"{name:18s}: accuracy {hist.final_accuracy:.2f}, cache age per epoch {ages}")
+    every = int(name.split("=")[1]) if "E=" in name else 1
+    assert ages == [epoch % every for epoch in range(cache_epochs)], "the age climbs by one, back to 0 every E epochs"
+# live runs: the accuracies' digits depend on this machine's floating-point kernels. In fast mode they differ by less
+# than the noise of 450 test images, so no ordering is asserted; on MNIST a longer interval costs points, far more
+# than the noise of 10,000 test images
+assert all(0.5 < a <= 1.0 for a in cache_acc.values())
+if not FAST:
+    assert cache_acc["Alg. 2, E=4"] < cache_acc["Alg. 2, E=2"] - 0.03 < cache_acc["Alg. 2, E=1"] - 0.06
 
 # %% [markdown]
 # The age climbs by one per epoch and drops to 0 at every h-step epoch. The epochs without an h-step are cheaper (the
 # right panel; timings are noisy on a shared machine). What the staleness costs in accuracy depends on how far the
-# weights move between refreshes: on the 600 digits of fast mode hardly anything, while on all of MNIST (full mode) our
-# run lost about 10 points at $E = 2$ and 20 at $E = 4$. In both, a longer interval never helped, which is the paper's
-# warning (Appendix C) that very stale values may hurt. With $E = 1$ the cache only warm-starts the h-step: the optimum of the last epoch is usually closer to the new optimum
-# than the forward activation is, which also helps the $K > 2$ sweeps of lesson 02 converge across epochs.
+# weights move between refreshes. In the fast run (600 digits) the four accuracies above lie within a point or two of
+# each other, inside the noise of 450 test images (about 3 points): no ordering can be read from them. On all of MNIST
+# (full mode, 6 epochs) the run lost about 10 points at $E = 2$ and 20 at $E = 4$ against $E = 1$, far more than the
+# noise, as the paper warns (Appendix C): very stale values hurt. With $E = 1$ the cache only warm-starts the h-step:
+# the optimum of the last epoch is usually closer to the new optimum than the forward activation is, which also helps
+# the $K > 2$ sweeps of lesson 02 converge across epochs.
 #
 # ## 4. Theorem 5.1: Equilibrium Propagation as a limit
 #
@@ -376,10 +388,11 @@ fig
 # NBVAL_CHECK_OUTPUT
 print(f"free phase: |dF_0/dtheta| at h(0) = {g_free.norm().item():.1e}")
 for beta, move, vs_blockprop, vs_bp in ep_rows:
-    print(f"β = {beta:5.3f}: |h(β) - h(0)| / β = {move:.3f},  EP vs BlockProp(λ = 1/β) {vs_blockprop:.0e},  "
+    # EP and BlockProp agree to rounding, whose digits differ between machines: printed is the bound asserted below
+    print(f"β = {beta:5.3f}: |h(β) - h(0)| / β = {move:.3f},  EP vs BlockProp(λ = 1/β) below 1e-12,  "
           f"EP vs backprop {vs_bp:.1e}")
 print(f"fitted slope of log(error to backprop) vs log(beta): {slope:.2f}")
-assert g_free.norm() == 0 and max(r[2] for r in ep_rows) < 1e-9 and 0.8 < slope < 1.2
+assert g_free.norm() == 0 and max(r[2] for r in ep_rows) < 1e-12 and 0.8 < slope < 1.2
 
 # %% [markdown]
 # Three things to read off:
@@ -509,23 +522,30 @@ costs_from_benchmark(COST)
 # NBVAL_CHECK_OUTPUT
 slopes = COST["info"]["slopes"]
 for case, sl in slopes.items():
-    print(f"{case:32s}: one more h-step costs {sl['measured']:.2f} backprop steps (model {sl['predicted']:.2f})")
+    print(f"{case:32s}: one more h-step costs {sl['measured']:.2f} backprop steps (model {sl['predicted']:.3f}, "
+          f"{sl['measured'] / sl['predicted']:.1f}x)")
+# Appendix A's bounds in units of C(backprop) = 3F: C(bp) + C(fwd) = 4/3 and C(fwd) + (N_h + 1) C(bp) = N_h + 4/3
+outside = [(r["case"], r["n_h"]) for r in COST["results"] if not 4 / 3 <= r["measured_ratio"] <= r["n_h"] + 4 / 3]
+print(f"measured ratios inside the bounds: {len(COST['results']) - len(outside)} of {len(COST['results'])}; "
+      f"outside: N_h = {sorted({n for _, n in outside})} ({len(outside)} cases)")
+assert {n for _, n in outside} <= {0}
 assert slopes["paper MLP 784-256-10, K=2"]["measured"] > 10 * slopes["paper MLP 784-256-10, K=2"]["predicted"]
 assert abs(slopes["VGG-like CNN w=16, 4 conv, K=2"]["measured"] / slopes["VGG-like CNN w=16, 4 conv, K=2"]["predicted"] - 1) < 0.2
 
 # %% [markdown]
 # On the committed run the model holds where the blocks are big: for the CNN one more h-step costs what the FLOPs say,
 # within a few percent. On the paper's small MLP block 2 is a single $256 \times 10$ layer, so its FLOPs are nearly free
-# and the fixed cost of each call dominates: an h-step costs about 40 times what the model predicts. 17 of the 20
-# measured ratios lie inside the paper's bounds; the three outside are $N_h = 0$ cases, where the bounds meet (ledger
-# claim C6: *partly*).
+# and the fixed cost of each call dominates: an h-step costs tens of times what the model predicts. Every measured
+# ratio with $N_h \ge 1$ lies inside the paper's bounds; only $N_h = 0$ cases fall outside (the cell counts them),
+# where the two bounds meet at $4/3$ and a measurement off by a little misses them (ledger claim C6).
 
 # %% [markdown]
 # ## Summary
 #
-# * `BlockPropTrainer(net, lam, nh, lr_h)` is Algorithm 1 on mini-batches. On one hidden layer (Fig. 2) a few h-steps
-#   bring it close to SGD; $N_h = 0$ leaves block 1 untrained; $\lambda$ matters little once the h-step size scales
-#   with $1/\lambda$.
+# * `BlockPropTrainer(net, lam, nh, lr_h)` is Algorithm 1 on mini-batches. On one hidden layer (Fig. 2, all of MNIST)
+#   one h-step brings it close to SGD; $N_h = 0$ leaves block 1 untrained; with the h-step size scaled by
+#   $1/\lambda$, a stiffer spring does better ($\lambda = 10$ beat $\lambda = 0.1$ by close to a point and matched
+#   SGD).
 # * More blocks are possible; each extra cut adds a spring and makes one top-down sweep less exact.
 # * Algorithm 2 caches $h^*$ per example and runs the h-step every $E$ epochs; in between, blocks train on their own
 #   with no communication, on gluing variables up to $E - 1$ epochs old.
