@@ -93,7 +93,7 @@ CLI = [
     ("train-empty-data", ["train", "bp", "--data", ""]),
     ("train-unknown-model", ["train", "bp", "--model", "transformer"]),
     ("train-blocks-0", ["train", "bp", "--blocks", "0"]),
-    ("train-blocks-9", ["train", "bp", "--blocks", "9"]),
+    ("train-blocks-over-depth", ["train", "bp", "--blocks", "9", "--depth", "2"], "depth"),
     ("train-epochs-0", ["train", "bp", "--epochs", "0"]),
     ("train-epochs-word", ["train", "bp", "--epochs", "ten"]),
     ("train-lr-negative", ["train", "bp", "--lr", "-0.1"]),
