@@ -159,3 +159,15 @@ def test_resume_on_other_data_of_the_same_shape_is_refused(tmp_path, capsys):
                         batch_size=32)
     with pytest.raises(ValueError, match="--data"):
         t.fit(_small(), 2, resume=True)
+
+
+def test_resume_with_another_trainer_keyword_is_refused(tmp_path):
+    from bpsim.algorithms.dgl import GreedyTrainer
+
+    def greedy(**kw):
+        net = nets.mlp([64, 16, 16, 10], blocks=2, seed=0, aux="linear")
+        return GreedyTrainer(net, checkpoint_dir=tmp_path, **kw)
+
+    greedy(epochs_per_block=[1, 2]).fit(_small(), 3)
+    with pytest.raises(ValueError, match="--epochs-per-block 1,2, not --epochs-per-block 2,1"):
+        greedy(epochs_per_block=[2, 1]).fit(_small(), 3, resume=True)

@@ -563,8 +563,9 @@ class Trainer:
     def run_settings(self) -> dict[str, Any]:
         """Every option that shapes the run, as a checkpoint records it: what a
         resumed run must share with the run that wrote it (``epochs`` only when
-        :attr:`resume_needs_epochs`). The method's keywords (:attr:`options`)
-        are recorded as given, or as their defaults."""
+        :attr:`resume_needs_epochs`). The method's keywords (:attr:`options`
+        and every other keyword of a subclass's constructor) are recorded as
+        given, or as their defaults."""
         out: dict[str, Any] = {
             "epochs": getattr(self, "_fit_epochs", None), "seed": self.seed,
             "lr": list(self.lrs), "batch_size": self.batch_size, "momentum": self.momentum,
@@ -574,7 +575,8 @@ class Trainer:
             "data": getattr(self, "_fit_data", None)}
         given = getattr(self, "_given", {})
         defaults = _keyword_defaults(type(self))
-        for k in self.options:
+        base = _keyword_defaults(Trainer)
+        for k in dict.fromkeys((*self.options, *(k for k in defaults if k not in base))):
             out[k] = _plain(given[k] if k in given else defaults.get(k))
         return out
 
