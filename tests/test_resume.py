@@ -171,3 +171,17 @@ def test_resume_with_another_trainer_keyword_is_refused(tmp_path):
     greedy(epochs_per_block=[1, 2]).fit(_small(), 3)
     with pytest.raises(ValueError, match="--epochs-per-block 1,2, not --epochs-per-block 2,1"):
         greedy(epochs_per_block=[2, 1]).fit(_small(), 3, resume=True)
+
+
+def test_the_runtime_checks_the_gathered_weights_after_its_last_step():
+    from bpsim.runtime.launch import RunConfig, RunResult, _check_final_state
+
+    cfg = RunConfig(algo="bp", steps=1, batch_size=16)
+    t = BackpropTrainer(nets.mlp([64, 16, 10], blocks=2, seed=0))
+    done = RunResult(summary={}, state_dict=t.net.state_dict())
+    _check_final_state(cfg, t, _small(), done)                  # finite: goes on
+    with torch.no_grad():
+        t.net.blocks[1][0].weight[0, 0] = float("nan")
+    with pytest.raises(DivergenceError, match="bp diverged after step 1"):
+        _check_final_state(cfg, t, _small(), done)
+    _check_final_state(cfg, t, _small(), RunResult(summary={}))  # a failed run: its own error
