@@ -27,7 +27,8 @@ import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 RESULTS = BENCH / "results"
-SCRIPTS = ("accuracy_blockprop", "accuracy_dgl", "costmodel", "fidelity", "memory", "simspeed", "theory", "throughput")
+SCRIPTS = ("accuracy_blockprop", "accuracy_dgl", "blockprop_depth", "costmodel", "fidelity", "memory", "simspeed", "theory",
+           "throughput")
 
 
 def _script(path: Path) -> str:
