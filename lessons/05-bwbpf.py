@@ -246,13 +246,17 @@ for K_ in (2, 4):
         heads[f"{kind}, K={K_}"] = head_accuracies(m, test)
 
 # %%
-# NBVAL_CHECK_OUTPUT
 print(f"test accuracy after {EPOCHS} epochs")
 for label, hist in histories.items():
     print(f"  {label:12} {hist.final_accuracy:.2f}")
 print("test accuracy of each block's head")
 for label, accs in heads.items():
     print(f"  {label:12} {[round(a, 2) for a in accs]}")
+# live runs: their digits depend on this machine's floating-point kernels (backprop's fast-mode accuracy moves by
+# several points from one processor to another), so the cell asserts only what holds on any machine: every network
+# learns, and BWBPF's dense head on block 1 trails DGL's MLP-aux head on the same block
+assert all(0.5 < hist.final_accuracy <= 1.0 for hist in histories.values())
+assert heads["BWBPF, K=4"][0] < heads["DGL, K=4"][0] - 0.03
 
 # %% [markdown]
 # ### 🎛️ Explorer: learning curves by number of blocks
@@ -279,8 +283,9 @@ widgets.explorer(
 viz.learning_curves(histories, title=f"backprop, DGL and BWBPF ({'digits' if FAST else 'Fashion-MNIST'})")
 
 # %% [markdown]
-# The per-block head accuracies show the mechanism both methods share: deeper blocks are better classifiers than the
-# ones below them, although no block ever receives an error signal from above. They also show the price of BWBPF's
+# The per-block head accuracies show what both methods share: in the $K = 4$ rows block 1's head is the weakest and
+# the heads above it classify better, although no block ever receives an error signal from above (neighbouring heads
+# higher up often differ by less than the noise of a few hundred test images). They also show the price of BWBPF's
 # simpler head: on an early, narrow block, global average pooling followed by one linear layer throws away most of the
 # spatial information, so block 1's dense head scores well below DGL's MLP-aux head on the same block (the $K = 4$
 # rows). The block itself is not useless for that: block 2, reading its features, does fine.
@@ -310,9 +315,9 @@ with torch.no_grad():
     after = (bw.output(z_test).argmax(1) == test.tensors[1]).float().mean().item()
 
 # %%
-# NBVAL_CHECK_OUTPUT
 print(f"BWBPF, K=4: block 4's head {heads['BWBPF, K=4'][-1]:.2f}; output layer {before:.2f} after training, "
       f"{after:.2f} after one more epoch on frozen features")
+# live runs (their digits depend on this machine's floating-point kernels); the gain is asserted, not its size
 assert after > before, "the output layer should gain once its input stops moving"
 
 # %% [markdown]
@@ -323,21 +328,25 @@ assert after > before, "the output layer should gain once its input stops moving
 # ### What the committed benchmark says
 #
 # The live runs are one seed on a small data set. `benchmarks/accuracy_dgl.py` ran the same comparison with a 6-layer
-# net on Fashion-MNIST (2,500 training and 2,000 test images, 10 epochs, one seed; differences below the printed noise
-# are not significant):
+# net on Fashion-MNIST (2,500 training and 2,000 test images, 10 epochs; differences below the printed noise are not
+# significant):
 
 # %%
 bench = Path(bpsim.__file__).resolve().parents[1] / "benchmarks" / "results" / "accuracy_dgl.json"
 stored = json.loads(bench.read_text())
-info, rows = stored["info"], stored["results"]["bwbpf"]
-noise = info["noise_points"]
+info = stored["info"]
+seeds = info.get("seeds", [info.get("seed", 0)])
+by_label = {}  # one record per seed
+for r in stored["results"]["bwbpf"]:
+    by_label.setdefault("backprop" if r["algo"] == "bp" else f"{r['algo']}, K={r['blocks']}", []).append(r)
+noise = info["noise_points"] / len(seeds) ** 0.5    # the test set's noise on a mean over the seeds
 print(f"benchmarks/results/accuracy_dgl.json: Fashion-MNIST, {info['n_train']} training images, {info['epochs']} epochs,"
-      f" one seed; noise ±{noise:.1f} points")
+      f" seeds {seeds}; test-set noise ±{noise:.1f} points")
 acc = {}
-for r in rows:
-    label = "backprop" if r["algo"] == "bp" else f"{r['algo']}, K={r['blocks']}"
-    acc[label] = 100 * r["test_accuracy"]
-    per_head = "" if r["head_test_accuracy"] is None else f"   heads {[round(100 * a, 1) for a in r['head_test_accuracy']]}"
+for label, rs in by_label.items():
+    acc[label] = 100 * sum(r["test_accuracy"] for r in rs) / len(rs)
+    per_head = "" if rs[0]["head_test_accuracy"] is None else \
+        f"   heads {[round(100 * sum(h) / len(h), 1) for h in zip(*(r['head_test_accuracy'] for r in rs))]}"
     print(f"  {label:12} test accuracy {acc[label]:.1f}%{per_head}")
 assert acc["bwbpf, K=4"] < acc["backprop"] - noise and abs(acc["bwbpf, K=2"] - acc["backprop"]) < noise
 

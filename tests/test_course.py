@@ -39,6 +39,29 @@ def test_lesson_has_the_fixed_shape(path: Path):
     assert (ROOT / "notebooks" / f"{path.stem}.ipynb").exists(), "run `make notebooks`"
 
 
+# What a live training run produces (a History's accuracies, a fresh fit, head accuracies): its digits depend on the
+# processor's floating-point kernels, so nbval must not compare it as text.
+LIVE_TRAINING = re.compile(r"\.final_accuracy\b|\.test_accuracy\b|\.fit\(|head_accuracies\(")
+
+
+@pytest.mark.parametrize("path", LESSONS, ids=[p.stem for p in LESSONS])
+def test_checked_outputs_do_not_come_from_live_training(path: Path):
+    checked = [c.source for c in build.read_lesson(path).cells
+               if c.cell_type == "code" and "# NBVAL_CHECK_OUTPUT" in c.source]
+    live = [src.splitlines()[1] for src in checked if LIVE_TRAINING.search(src)]
+    assert not live, f"{path.name}: cells that compare live training output as text (print it, assert a range): {live}"
+
+
+def test_make_test_runs_the_notebooks_with_other_kernels():
+    mk = (ROOT / "Makefile").read_text()
+    recipe = mk.split("\ntest:", 1)[1].split("\n\n", 1)[0]
+    assert "test-notebooks-kernels" in recipe
+    target = mk.split("\ntest-notebooks-kernels:", 1)[1].split("\n\n", 1)[0]
+    assert "$(OTHER_KERNELS)" in target and "notebooks" in target
+    for var in ("ATEN_CPU_CAPABILITY=default", "MKL_ENABLE_INSTRUCTIONS=SSE4_2", "ONEDNN_MAX_CPU_ISA=SSE41"):
+        assert var in mk
+
+
 def test_every_check_is_used_by_a_lesson():
     used = "\n".join(p.read_text() for p in LESSONS)
     unused = [name for name in checks.registry() if f"checks.{name}(" not in used]
