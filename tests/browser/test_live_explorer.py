@@ -113,7 +113,7 @@ def test_slider_redraws_figure(lab):
             page.click(".lm-Menu-itemLabel:text-is('Run All Cells')", timeout=30_000)
             box = page.wait_for_selector(EXPLORER, timeout=int(os.environ.get("BPSIM_BROWSER_TIMEOUT", "300")) * 1000)
             box.scroll_into_view_if_needed()
-            time.sleep(2)
+            page.wait_for_function(f"() => ({_PLOT_JS})() !== ''", timeout=120_000)  # the figure has drawn
             readout = page.locator(f"{EXPLORER} .widget-readout").first
             before_value, before_plot = readout.inner_text(), _plot_state(page)
             assert before_plot, "the explorer's figure drew no traces"
