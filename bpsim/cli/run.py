@@ -118,11 +118,15 @@ def _human(s: dict[str, Any]) -> str:
 
 def cmd(args: argparse.Namespace) -> int:
     """Run ``bpsim run`` on parsed arguments."""
+    from bpsim.algorithms import get_trainer
+    from bpsim.cli.train import check_net_size
     from bpsim.runtime.launch import (RunFailed, RunStopped, _Terminate, hold_signals, job_env,
                                       run, run_job)
 
     hold_signals()                     # this process ends after the run: no signal cuts cleanup
     cfg = config_from_args(args)
+    check_net_size(cfg.model, cfg.data, cfg.blocks or cfg.workers, cfg.width, cfg.depth,
+                   cfg.aux, get_trainer(cfg.algo).output_layer)
     try:
         job = job_env()                # ValueError on a partial set of RANK, WORLD_SIZE, ...
         if job is not None:

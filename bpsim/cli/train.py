@@ -9,7 +9,7 @@ import time
 from bpsim.cli import types as T
 from bpsim.cli.args import add_algo, add_method_options, add_net_and_sgd_args, method_options
 
-__all__ = ["add_parser", "cmd", "MAX_PARAMS", "MAX_WIDTH", "MAX_DEPTH"]
+__all__ = ["add_parser", "cmd", "check_net_size", "MAX_PARAMS", "MAX_WIDTH", "MAX_DEPTH"]
 
 #: the most parameters a net ``bpsim train`` builds may have (4 bytes each, and
 #: as much again for their gradients and for the momentum)
@@ -44,32 +44,37 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd)
 
 
-def _check_size(args: argparse.Namespace, desc: object, build: dict) -> None:
+def check_net_size(model: str, data: str, blocks: int, width: int | None, depth: int | None,
+                   aux: str | None, output_layer: bool) -> None:
     """Refuse a net of more than :data:`MAX_PARAMS` parameters before allocating it.
 
-    ``--width`` and ``--depth`` are checked against :data:`MAX_WIDTH` and
+    ``width`` and ``depth`` are checked against :data:`MAX_WIDTH` and
     :data:`MAX_DEPTH`; when either is given, the net is then built on torch's
     ``meta`` device (shapes only, no memory; its first use costs about a
     second) and its parameters counted. The default sizes of every model
-    stay far below the limit (about 41 million parameters at most)."""
+    stay far below the limit (about 41 million parameters at most).
+    ``bpsim train`` and ``bpsim run`` both call it.
+    """
     import torch
 
+    from bpsim import data as datasets
     from bpsim import nets
 
-    for flag, limit in (("width", MAX_WIDTH), ("depth", MAX_DEPTH)):
-        v = getattr(args, flag)
+    for flag, v, limit in (("width", width, MAX_WIDTH), ("depth", depth, MAX_DEPTH)):
         if v is not None and v > limit:
             raise ValueError(f"--{flag} {v} is over the limit of {limit:,}; give a smaller "
                              f"--{flag}")
-    if args.width is None and args.depth is None:
+    if width is None and depth is None:
         return
+    desc = datasets.describe(data)
     with torch.device("meta"):
-        net = nets.build(args.model, desc.input_shape, desc.n_classes, args.blocks, **build)
+        net = nets.build(model, desc.input_shape, desc.n_classes, blocks, width=width,
+                         depth=depth, aux=aux, output_layer=output_layer, seed=0)
     n = sum(p.numel() for p in net.parameters())
     if n > MAX_PARAMS:
-        sizes = "".join(f", --{k} {getattr(args, k)}" for k in ("width", "depth")
-                        if getattr(args, k) is not None)
-        raise ValueError(f"--model {args.model} with --blocks {args.blocks}{sizes} has {n:,} "
+        sizes = "".join(f", --{k} {v}" for k, v in (("width", width), ("depth", depth))
+                        if v is not None)
+        raise ValueError(f"--model {model} with --blocks {blocks}{sizes} has {n:,} "
                          f"parameters, over the limit of {MAX_PARAMS:,}; give a smaller "
                          "--width, --depth or --blocks")
 
@@ -103,10 +108,11 @@ def cmd(args: argparse.Namespace) -> int:
     kwargs = {k: v for k, v in options.items() if k in cls.options} | extra
     desc = data.describe(args.data)
     build = dict(width=args.width, depth=args.depth, aux=options.get("aux") or cls.aux_default,
-                 output_layer=cls.output_layer, seed=args.seed)
-    _check_size(args, desc, build)
+                 output_layer=cls.output_layer)
+    check_net_size(args.model, args.data, args.blocks, **build)
     train, test = data.load(args.data, n_train=args.n_train, n_test=args.n_test, seed=args.seed)
-    net = nets.build(args.model, desc.input_shape, desc.n_classes, args.blocks, **build)
+    net = nets.build(args.model, desc.input_shape, desc.n_classes, args.blocks, **build,
+                     seed=args.seed)
     lr = T.one(args.lr) if args.lr is not None else cls.default_lr
     trainer = cls(net, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay,
                   batch_size=args.batch_size, milestones=args.milestones, gamma=args.gamma,
