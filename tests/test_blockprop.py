@@ -405,3 +405,25 @@ def test_cli_bad_blockprop_options_exit_2_with_one_line(args, capsys):
     assert main(["train", "blockprop", "--epochs", "1", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+# ------------------------------------------------- lesson 03's exercise check
+def test_h_step_limit_check_correct_and_hints():
+    from bpsim.course import checks
+    lam_in, lam_out, s2 = 1.0, 2.0, 3.0
+    limit = 2 / (2 * lam_in + 2 * lam_out * s2)
+    assert checks.h_step_limit(lam_in, lam_out, s2, limit).status == "correct"
+    assert checks.h_step_limit(lam_in, lam_out, s2, None).status == "not attempted"
+    for wrong, words in [(1 / (2 * lam_in + 2 * lam_out * s2), "twice"), (2 / (2 * lam_in), "outgoing"),
+                         (2 / (2 * lam_out * s2), "incoming"), (2 / (lam_in + lam_out * s2), "2 lam"),
+                         (1 / (4 * lam_out), "fixed step")]:
+        fb = checks.h_step_limit(lam_in, lam_out, s2, wrong)
+        assert fb.status != "correct" and words in fb.message, (wrong, fb)
+    # the limit is where the fixed-step iteration on a linear block stops lowering L_k
+    block = torch.nn.Linear(4, 4).double()
+    with torch.no_grad():
+        block.weight.copy_(torch.diag(torch.tensor([s2 ** 0.5, 1.0, 0.5, 0.1], dtype=torch.float64)))
+    a = torch.zeros(1, 4, dtype=torch.float64)
+    target = block(a).detach() + 1.0
+    for factor, rises in ((0.98, False), (1.02, True)):
+        assert (_rises(block, a, target, lam_in, lam_out, factor * limit, 200) > 0) == rises

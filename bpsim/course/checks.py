@@ -485,6 +485,37 @@ def blockprop_cost_ratio(net: Any, n_h: int, answer: Any) -> Feedback:
                         "C(forward) = F and C(h-backprop) = 2 sum_{k>=2} F_k")
 
 
+def h_step_limit(lam_in: float, lam_out: float, sigma2: float, answer: Any) -> Feedback:
+    """Lesson 03: the largest stable fixed h-step for a middle gluing variable ``h_k``.
+
+    ``L_k(h) = lam_in ||h - a||^2 + lam_out ||h_{k+1} - b_k(h)||^2`` (BlockProp
+    eq. 5) curves by at most ``2 lam_in + 2 lam_out sigma2`` (Gauss-Newton,
+    ``sigma2`` the largest squared singular value of block ``k``'s Jacobian),
+    and gradient descent on it is stable for steps below
+    ``2 / (2 lam_in + 2 lam_out sigma2)``. Known mistakes: the curvature step
+    (half the limit), a spring left out, ``sigma`` for ``sigma^2``,
+    ``lam`` for ``2 lam``, the penalty-only fixed step.
+    """
+    if answer is None or answer is Ellipsis:
+        return compare(answer, 0.0)
+    curv = 2 * lam_in + 2 * lam_out * sigma2
+    mistakes = [
+        (1 / curv, "that is the step that reaches the minimum along the steepest direction in one step "
+                   "(1 / curvature); steps up to twice it still lower L_k"),
+        (2 / (2 * lam_in), "the outgoing spring is missing: lam_k ||h_(k+1) - b_k(h)||^2 moves with b_k(h), so it "
+                           "curves by 2 lam_k sigma^2 through block k's Jacobian"),
+        (2 / (2 * lam_out * sigma2), "the incoming spring lam_(k-1) ||h - a||^2 curves too, by 2 lam_(k-1)"),
+        (2 / (2 * lam_in + 2 * lam_out * sigma2 ** 0.5), "the curvature grows with sigma squared: the output "
+                                                          "moves by J dh, and the spring squares that"),
+        (2 / (lam_in + lam_out * sigma2), "lam ||v||^2 has second derivative 2 lam, not lam"),
+        (1 / (4 * max(lam_in, lam_out)), "that is the fixed step 1 / (4 lam), which ignores the Jacobian; the "
+                                         "question asks for the largest step that is still stable"),
+    ]
+    return compare(answer, 2 / curv, rtol=1e-3, close_rtol=3e-2, mistakes=mistakes,
+                   hint="gradient descent on a quadratic with largest curvature c is stable for steps below 2 / c; "
+                        "add the curvatures of both springs")
+
+
 def makespan_error(measured: Any, simulated: Any, answer: Any) -> Feedback:
     """Lesson 08: the relative makespan error of a prediction,
     ``(T_simulated - T_measured) / T_measured``, the convention of
