@@ -1,8 +1,7 @@
 # %% [markdown]
 # # 00 · Start here: why train without end-to-end backprop?
 #
-# **Time:** about 30 minutes; in full mode the code computes for under a minute (one CPU core) ·
-# **Prerequisites:** Python, a first course in neural networks
+# **Time:** about 30 minutes · **Prerequisites:** Python, a first course in neural networks
 #
 # **By the end of this lesson you will be able to**
 # 1. name the three *locking* problems of backpropagation and see them on a device timeline;
@@ -21,12 +20,8 @@
 # * ✍️ **Exercises** — replace the `...` and run the check: it answers *correct*, *close* (with a hint about the likely
 #   mistake) or *not attempted*.
 #
-# Everything runs on a laptop CPU. Set the environment variable `BPSIM_FAST=1` before starting Jupyter to shrink every
-# lesson's computing to about a minute or less (that is how the tests run the course). Each lesson's header gives the
-# time to work through it and how long its code computes in full mode, without `BPSIM_FAST` (on one core of a shared
-# machine: a core of your own is at least as fast). A live run's accuracies differ by a point or more from one processor to
-# another, because floating-point kernels round differently; the prose reads what every machine shows, or says when
-# it describes the fast run.
+# Everything runs on a laptop CPU. Set the environment variable `BPSIM_FAST=1` before starting Jupyter to shrink every lesson to
+# a few seconds (that is how the tests run the course).
 #
 # ## The map of the course
 #
@@ -60,12 +55,16 @@ print("fast mode" if FAST else "full mode")
 #
 # The course tests the papers' claims. The ledger below is read from the committed full-size benchmark results
 # (`benchmarks/results/*.json`, measured by the scripts in `benchmarks/`, not by this notebook); each verdict follows
-# from the numbers by a rule stated in the README. *Noise* is twice the standard error of an accuracy on the test
-# set; a result from one seed is marked so. The lessons run small, fast versions of these experiments beside the
-# committed numbers.
+# from the numbers by the rule listed under the table. Two methods are compared on the same seeds and the same test
+# images, so the rules judge the *paired* difference seed by seed: "± x" is the 95 % half-width of its mean, the
+# noise an effect must clear. *Reproduced* needs the paper's effect, in its direction and roughly its size, beyond
+# that noise, from at least three seeds, against the paper's own baseline and conditions. Each result records the
+# commit, machine and command that made it; one that does not may not come from the current code, and its claims
+# are marked *stale* until `make results` regenerates it. The lessons run small, fast versions of these
+# experiments beside the committed numbers.
 
 # %%
-Markdown(claims.markdown(rules=False))
+Markdown(claims.markdown())
 
 # %% [markdown]
 # ## 1. The three locks of backpropagation
