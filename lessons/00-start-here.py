@@ -1,7 +1,8 @@
 # %% [markdown]
 # # 00 · Start here: why train without end-to-end backprop?
 #
-# **Time:** about 30 minutes · **Prerequisites:** Python, a first course in neural networks
+# **Time:** about 30 minutes; in full mode the code computes for under a minute (one CPU core) ·
+# **Prerequisites:** Python, a first course in neural networks
 #
 # **By the end of this lesson you will be able to**
 # 1. name the three *locking* problems of backpropagation and see them on a device timeline;
@@ -20,8 +21,12 @@
 # * ✍️ **Exercises** — replace the `...` and run the check: it answers *correct*, *close* (with a hint about the likely
 #   mistake) or *not attempted*.
 #
-# Everything runs on a laptop CPU. Set the environment variable `BPSIM_FAST=1` before starting Jupyter to shrink every lesson to
-# a few seconds (that is how the tests run the course).
+# Everything runs on a laptop CPU. Set the environment variable `BPSIM_FAST=1` before starting Jupyter to shrink every
+# lesson's computing to about a minute or less (that is how the tests run the course). Each lesson's header gives the
+# time to work through it and how long its code computes in full mode, without `BPSIM_FAST` (on one core of a shared
+# machine: a core of your own is at least as fast). A live run's accuracies differ by a point or more from one processor to
+# another, because floating-point kernels round differently; the prose reads what every machine shows, or says when
+# it describes the fast run.
 #
 # ## The map of the course
 #
