@@ -86,30 +86,23 @@ def stamp(saved: dict[str, Any], script: str, argv: list[str] | None, quick: boo
     return saved
 
 
-def _round(v: Any) -> Any:
+def _round(v: Any, digits: int) -> Any:
     if isinstance(v, bool) or v is None or isinstance(v, (int, str)):
         return v
     if isinstance(v, float):
-        if not math.isfinite(v):
-            return str(v)
-        return float(f"{v:.{DIGITS - 1}e}")
+        return float(f"{v:.{digits - 1}e}") if math.isfinite(v) else str(v)
     if isinstance(v, torch.Tensor):
-        return _round(v.detach().double().tolist() if v.numel() > 1 else v.item())
+        return _round(v.detach().double().tolist() if v.numel() > 1 else v.item(), digits)
     if isinstance(v, dict):
-        return {str(k): _round(x) for k, x in v.items()}
+        return {str(k): _round(x, digits) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_round(x) for x in v]
+        return [_round(x, digits) for x in v]
     raise TypeError(f"cannot fingerprint a {type(v).__name__}")
 
 
 def digest(values: Any, digits: int = DIGITS) -> str:
     """A 16-hex-digit hash of ``values`` (numbers rounded to ``digits`` significant digits)."""
-    global DIGITS
-    keep, DIGITS = DIGITS, digits
-    try:
-        blob = json.dumps(_round(values), sort_keys=True, separators=(",", ":"))
-    finally:
-        DIGITS = keep
+    blob = json.dumps(_round(values, digits), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
