@@ -1,7 +1,8 @@
 # %% [markdown]
 # # 01 · Backprop as constrained optimization: gluing variables and springs
 #
-# **Time:** about 40 minutes · **Prerequisites:** [00 · Start here](00-start-here.ipynb), gradients with `torch.autograd`
+# **Time:** about 40 minutes; in full mode the code computes for under a minute (one CPU core) ·
+# **Prerequisites:** [00 · Start here](00-start-here.ipynb), gradients with `torch.autograd`
 #
 # **By the end of this lesson you will be able to**
 # 1. rewrite "minimise the loss of a network" as a *constrained* problem over blocks and relax it into BlockProp's
@@ -168,8 +169,10 @@ checks.h_step(net, x, y, lam=1.0, n_h=10, lr_h=0.05, answer=my_h_step(net, x, y,
 
 # %% [markdown]
 # From here on we use the library's `blockprop.h_step(net, x, y, lams, n_h, lr_h)`, which does the same for any $K$
-# (top block first) and returns the list `[h*_2, ..., h*_K]`. With `lr_h=None` it picks the step $1/(4\lambda)$, which
-# halves the stretch of a spring at every step.
+# (top block first) and returns the list `[h*_2, ..., h*_K]`. With `lr_h=None` it sizes the step of every example to
+# the curvature of $\mathcal{L}_2$ there, $1/(2\lambda + \mu)$ with $\mu$ the loss's curvature in $h$ (lesson 03 says
+# why), which nearly relaxes the spring in a single step. The explorer below takes the fixed step $1/(4\lambda)$
+# instead, which halves the stretch of a spring at every step, so that the path is visible.
 #
 # ## 3. 🎛️ Explorer: where does $h^*$ settle?
 #
@@ -181,7 +184,7 @@ checks.h_step(net, x, y, lam=1.0, n_h=10, lr_h=0.05, answer=my_h_step(net, x, y,
 # 🔮 **Predict before you move the sliders:**
 # * with $N_h = 0$, where is $h^*$, and what is the loss there?
 # * doubling $\lambda$ roughly does what to the stretch $\|h^* - b_1(x)\|$ once the h-step has converged?
-# * for which $\lambda$ does the h-step need the most steps to settle, with the default step $1/(4\lambda)$?
+# * for which $\lambda$ does the h-step need the most steps to settle, with the fixed step $1/(4\lambda)$?
 #
 # **Left:** the path of the h-step in the plane (spring energy $\lambda\|h - b_1(x)\|^2$, loss $\ell(y, b_2(h))$), both
 # batch means. It starts at $b_1(x)$ on the vertical axis; the grey curve joins the converged $h^*$ of every $\lambda$;
@@ -254,7 +257,7 @@ widgets.explorer(
 #   loss with spring energy.
 # * Once converged, the stretch falls like $1/\lambda$ for stiff springs (the grey and dashed lines merge on the right).
 #   For slack springs the loss saturates and the linear prediction overshoots.
-# * With the default step $1/(4\lambda)$ the spring alone converges in a few steps for every $\lambda$; slack springs
+# * With the fixed step $1/(4\lambda)$ the spring alone converges in a few steps for every $\lambda$; slack springs
 #   take longer because then the *loss* decides the curvature.
 #
 # The numbers behind the grey curve:

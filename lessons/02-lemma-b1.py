@@ -1,7 +1,8 @@
 # %% [markdown]
 # # 02 · Lemma B.1: the W-step follows a true gradient
 #
-# **Time:** about 40 minutes · **Prerequisites:** [01 · Backprop as constrained optimization](01-lagrangian.ipynb)
+# **Time:** about 40 minutes; in full mode the code computes for under a minute (one CPU core) ·
+# **Prerequisites:** [01 · Backprop as constrained optimization](01-lagrangian.ipynb)
 #
 # **By the end of this lesson you will be able to**
 # 1. derive the envelope theorem (BlockProp Appendix B, Lemma B.1) and say which assumption it rests on;
@@ -198,33 +199,37 @@ widgets.explorer(
 #
 # * Small steps crawl: with $\gamma_h = 0.01$ and $\lambda \le 1$, even 64 steps leave a fifth or more of the gradient
 #   wrong.
-# * The fastest step is near $\gamma_h \approx 1/(2\lambda)$, where the spring relaxes in one step; `bpsim`'s default
+# * The fastest step is near $\gamma_h \approx 1/(2\lambda)$, where the spring relaxes in one step; the fixed step
 #   $1/(4\lambda)$ is a safer version of it. Far past $1/\lambda$ the h-step diverges and the "gradient" is garbage.
 # * The error bottoms out near $10^{-11}$: the accuracy of the reference $\nabla\mathcal{J}$ itself.
 #
-# With `bpsim`'s default step $1/(4\lambda)$ the spring's factor is $1/2$ whatever $\lambda$. The paper's ResNet run on
-# CIFAR-10 (§4.2, Fig. 3) took a single h-step of size $\gamma_h = 0.01$, where the spring's factor is
-# $|1 - 2\lambda\gamma_h| = 0.98$ for $\lambda = 1$.
+# With the fixed step $1/(4\lambda)$ the spring's factor is $1/2$ whatever $\lambda$. `bpsim`'s default step
+# (`lr_h=None`) goes further: it sizes each example's step to the whole curvature of $\mathcal{L}_2$ there,
+# $\gamma_h = 1/(2\lambda + \mu)$ with $\mu$ the largest curvature of the loss in $h$ (lesson 03 explains why), which
+# for $K = 2$ is close to the one-step step $1/(2\lambda)$. The paper's ResNet run on CIFAR-10 (§4.2, Fig. 3) took a
+# single h-step of size $\gamma_h = 0.01$, where the spring's factor is $|1 - 2\lambda\gamma_h| = 0.98$ for
+# $\lambda = 1$.
 #
-# 🔮 **Predict before you run:** how much of the W-step gradient's error is left after one h-step, at each of the two
+# 🔮 **Predict before you run:** how much of the W-step gradient's error is left after one h-step, at each of the three
 # step sizes?
 
 # %%
 # NBVAL_CHECK_OUTPUT
 for lam_ in lam_grid:
-    c = theory.lemma_b1_curve(net, x, y, lam_, [0, 1, 2, 4], lr_h=None)
-    print(f"λ = {lam_:.1f}, default step 1/(4λ): " + ",  ".join(
-        f"N_h={n}: {e:.2f}" for n, e in zip(c["n_h"], c["rel_error"])))
+    for name, step in (("fixed step 1/(4λ)", 1 / (4 * lam_)), ("default step     ", None)):
+        c = theory.lemma_b1_curve(net, x, y, lam_, [0, 1, 2, 4], lr_h=step)
+        print(f"λ = {lam_:.1f}, {name}: " + ",  ".join(f"N_h={n}: {e:.2f}" for n, e in zip(c["n_h"], c["rel_error"])))
 paper_step = theory.lemma_b1_curve(net, x, y, 1.0, [0, 1], lr_h=0.01)["rel_error"]
 print(f"λ = 1.0, the paper's step 0.01: N_h=0: {paper_step[0]:.2f},  N_h=1: {paper_step[1]:.2f}")
 assert paper_step[1] > 0.9 * paper_step[0], "one step of 0.01 should leave almost all of the error"
 
 # %% [markdown]
-# With the default step the error roughly halves with every h-step, for every $\lambda$ (first rows above). One step of
-# $0.01$ removes about 2% of it, so the W-step gradient is almost as far from $\nabla\mathcal{J}$ as with no h-step at
-# all (last row, and the explorer at $\gamma_h = 0.01$). The text does not list Fig. 3's values of $\lambda$; unless
-# they reach the tens, the factor stays far above the $1/2$ of `bpsim`'s default step, and those runs trained on
-# targets close to the forward activations.
+# With the fixed step $1/(4\lambda)$ the error roughly halves with every h-step, for every $\lambda$; the default step
+# removes almost all of it in the first step (the rows above). One step of $0.01$ removes about 2% of it, so the
+# W-step gradient is almost as far from $\nabla\mathcal{J}$ as with no h-step at all (last row, and the explorer at
+# $\gamma_h = 0.01$). The text does not list Fig. 3's values of $\lambda$; unless they reach the tens, the factor
+# stays far above the $1/2$ of the fixed step $1/(4\lambda)$, and those runs trained on targets close to the forward
+# activations.
 
 # %% [markdown]
 # ### More than two blocks, and a warning about kinks

@@ -1,7 +1,8 @@
 # %% [markdown]
 # # 04 · Decoupled Greedy Learning: every block learns on its own
 #
-# **Time:** about 60 minutes · **Prerequisites:** lessons [00](00-start-here.ipynb) (locking, blocks, `Trainer.fit`)
+# **Time:** about 60 minutes; in full mode the code computes for about 7 minutes (one CPU core) ·
+# **Prerequisites:** lessons [00](00-start-here.ipynb) (locking, blocks, `Trainer.fit`)
 # and [03](03-blockprop.ipynb) (a method that keeps the *global* objective)
 #
 # **By the end of this lesson you will be able to**

@@ -1,7 +1,8 @@
 # %% [markdown]
 # # 05 · Block-wise BP-free training: local heads, an output layer, and nothing in between
 #
-# **Time:** about 40 minutes · **Prerequisites:** lesson [04](04-dgl.ipynb) (greedy objective, `block_forward`,
+# **Time:** about 40 minutes; in full mode the code computes for about 7 minutes (one CPU core) ·
+# **Prerequisites:** lesson [04](04-dgl.ipynb) (greedy objective, `block_forward`,
 # `local_update`, auxiliary heads)
 #
 # **By the end of this lesson you will be able to**
@@ -335,27 +336,30 @@ assert after > before, "the output layer should gain once its input stops moving
 bench = Path(bpsim.__file__).resolve().parents[1] / "benchmarks" / "results" / "accuracy_dgl.json"
 stored = json.loads(bench.read_text())
 info = stored["info"]
-seeds = info.get("seeds", [info.get("seed", 0)])
-by_label = {}  # one record per seed
+by_label = {}  # label -> {seed: record}
 for r in stored["results"]["bwbpf"]:
-    by_label.setdefault("backprop" if r["algo"] == "bp" else f"{r['algo']}, K={r['blocks']}", []).append(r)
-noise = info["noise_points"] / len(seeds) ** 0.5    # the test set's noise on a mean over the seeds
+    label = "backprop" if r["algo"] == "bp" else f"{r['algo']}, K={r['blocks']}"
+    by_label.setdefault(label, {})[r.get("seed", 0)] = r
+seeds = sorted(by_label["backprop"])
+noise = info["noise_points"]                                # one run's test-set noise (twice its standard error)
 print(f"benchmarks/results/accuracy_dgl.json: Fashion-MNIST, {info['n_train']} training images, {info['epochs']} epochs,"
-      f" seeds {seeds}; test-set noise ±{noise:.1f} points")
-acc = {}
+      f" seeds {seeds}; one run's test-set noise ±{noise:.1f} points")
+acc, gap = {}, {}  # mean accuracy; per-seed difference to backprop on the same seed, in points
 for label, rs in by_label.items():
-    acc[label] = 100 * sum(r["test_accuracy"] for r in rs) / len(rs)
-    per_head = "" if rs[0]["head_test_accuracy"] is None else \
-        f"   heads {[round(100 * sum(h) / len(h), 1) for h in zip(*(r['head_test_accuracy'] for r in rs))]}"
-    print(f"  {label:12} test accuracy {acc[label]:.1f}%{per_head}")
-assert acc["bwbpf, K=4"] < acc["backprop"] - noise and abs(acc["bwbpf, K=2"] - acc["backprop"]) < noise
+    acc[label] = 100 * sum(r["test_accuracy"] for r in rs.values()) / len(rs)
+    gap[label] = [100 * (rs[s]["test_accuracy"] - by_label["backprop"][s]["test_accuracy"]) for s in seeds]
+    heads = [r["head_test_accuracy"] for r in rs.values()]
+    per_head = "" if heads[0] is None else f"   heads {[round(100 * sum(h) / len(h), 1) for h in zip(*heads)]}"
+    minus_bp = "" if label == "backprop" else f"   minus backprop by seed {[round(g, 1) for g in gap[label]]}"
+    print(f"  {label:12} test accuracy {acc[label]:.1f}%{per_head}{minus_bp}")
+assert all(g < -noise for g in gap["bwbpf, K=4"]) and abs(sum(gap["bwbpf, K=2"]) / len(seeds)) < noise
 
 # %% [markdown]
-# **"BWBPF beats backprop" is not reproduced here.** At $K = 2$ BWBPF ties backprop (82.8% against 82.7%, far inside
-# the noise); at $K = 4$ it is almost 5 points behind (77.9% against 82.7%), well outside it. DGL loses less at
-# $K = 4$ (79.7%). The BWBPF summary reports block-wise training beating backprop on CIFAR-10 and Tiny-ImageNet with
+# **"BWBPF beats backprop" is not reproduced here.** At $K = 2$ BWBPF is level with backprop: about a point behind on
+# average, less than one run's test-set noise, and the seeds disagree on the sign. At $K = 4$ it is about 5 points
+# behind, in every seed by more than the noise. DGL loses less at $K = 4$ (about 3 points). The BWBPF summary reports block-wise training beating backprop on CIFAR-10 and Tiny-ImageNet with
 # VGG and ResNet models and error growing with $K$; our smaller net, data and schedule agree with the second part only
-# (ledger claim C15 in lesson 00). In the committed run the output layer trails block 4's head by about a point, within
+# (ledger claim C15 in lesson 00). In the committed runs the output layer trails block 4's head by about a point, within
 # the noise; the live run above shows the mechanism more sharply.
 #
 # ## Summary
@@ -369,8 +373,8 @@ assert acc["bwbpf, K=4"] < acc["backprop"] - noise and abs(acc["bwbpf, K=2"] - a
 #   return.
 # * Compared with DGL, BWBPF gives the last block a head of its own and moves the classifier out into an output layer,
 #   which learns on moving features and trails until they settle.
-# * Accuracy: BWBPF ties backprop at $K = 2$ and falls about 5 points behind at $K = 4$ in the committed benchmark; the
-#   paper's "better than backprop" is not reproduced at this size.
+# * Accuracy: BWBPF is level with backprop at $K = 2$ and about 5 points behind at $K = 4$ in the committed benchmark
+#   (three seeds); the paper's "better than backprop" is not reproduced at this size.
 #
 # **Previous:** [04 · Decoupled Greedy Learning](04-dgl.ipynb) · **Next:**
 # [06 · Locking made visible](06-locking-timelines.ipynb), where the simulator draws the device timelines of every

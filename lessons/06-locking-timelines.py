@@ -1,7 +1,8 @@
 # %% [markdown]
 # # 06 · Locking made visible: simulated timelines of every method
 #
-# **Time:** about 45 minutes · **Prerequisites:** lesson 00 (the three locks), lesson 04 (DGL); lesson 03 helps for BlockProp
+# **Time:** about 45 minutes; in full mode the code computes for under a minute (one CPU core) ·
+# **Prerequisites:** lesson 00 (the three locks), lesson 04 (DGL); lesson 03 helps for BlockProp
 #
 # **By the end of this lesson you will be able to**
 # 1. read a device timeline (a Gantt chart) and point at *forward*, *update* and *backward* locking in

@@ -1,7 +1,8 @@
 # %% [markdown]
 # # 07 · Asynchronous DGL with replay buffers
 #
-# **Time:** about 45 minutes · **Prerequisites:** lesson 04 (DGL), lesson 06 (timelines and the simulator)
+# **Time:** about 45 minutes; in full mode the code computes for up to 5 minutes (one CPU core) ·
+# **Prerequisites:** lesson 04 (DGL), lesson 06 (timelines and the simulator)
 #
 # **By the end of this lesson you will be able to**
 # 1. state DGL's Algorithm 2: replay buffers $B_j$ of size $M$ between blocks, a draw distribution $p$ over blocks, and

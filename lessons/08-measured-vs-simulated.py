@@ -1,7 +1,8 @@
 # %% [markdown]
 # # 08 · Measured vs simulated: replay, prediction and replay-buffer delays
 #
-# **Time:** about 45 minutes · **Prerequisites:** lesson 06 (timelines, closed forms), lesson 07 (dgl-async, slowdowns)
+# **Time:** about 45 minutes; in full mode the code computes for about 3 minutes (two CPU cores) ·
+# **Prerequisites:** lesson 06 (timelines, closed forms), lesson 07 (dgl-async, slowdowns)
 #
 # **By the end of this lesson you will be able to**
 # 1. launch real model-parallel runs (one process per block over `torch.distributed`) and read their traces;
