@@ -1,7 +1,8 @@
 # %% [markdown]
 # # 03 · BlockProp in practice: Algorithm 1, caching, Equilibrium Propagation, cost
 #
-# **Time:** about 50 minutes · **Prerequisites:** [01 · Backprop as constrained optimization](01-lagrangian.ipynb),
+# **Time:** about 50 minutes; in full mode the code computes for about 10 minutes (one CPU core) ·
+# **Prerequisites:** [01 · Backprop as constrained optimization](01-lagrangian.ipynb),
 # [02 · Lemma B.1](02-lemma-b1.ipynb)
 #
 # **By the end of this lesson you will be able to**
@@ -43,7 +44,8 @@ print("fast mode: 8x8 digits" if FAST else "full mode: MNIST")
 # | 20 | W-step: every block takes an SGD step on its own $\mathcal{J}_k$ (eq. 7), all in parallel | `blockprop.w_loss`, `w_grads` |
 #
 # The paper runs it one example at a time; `BlockPropTrainer` runs it on mini-batches, with a *per-example* h-step
-# size `lr_h` (default $1/(4\lambda)$), so each example's $h$ moves exactly as in the one-example algorithm. Its
+# size `lr_h` (by default sized to the curvature each example faces, section 2), so each example's $h$ moves exactly
+# as in the one-example algorithm. Its
 # `History` records, as `train_loss`, the augmented loss at $h^*$ (eq. 6) and, as test accuracy, that of the ordinary
 # forward network $b_K \circ \dots \circ b_1$: the gluing variables are a training device only (§6).
 #
@@ -178,7 +180,7 @@ assert abs(final["BlockProp N_h=2, lam=10"] - final["SGD (backprop)"]) < noise_f
 #   the geometric convergence of lesson 02 seen through training. The paper's Fig. 2 (left) shows the same rise.
 # * Stiffer springs do better: $\lambda = 10$ beats $\lambda = 0.1$ by close to a point at $N_h = 2$ and $4$, more than
 #   the noise, and matches SGD. The paper's Fig. 2 found "no evident pattern" in $\lambda$ on MNIST; its ResNet runs
-#   (Fig. 3) found that higher $\lambda$ helps, to a point. With `bpsim`'s step $1/(4\lambda)$ the h-step converges
+#   (Fig. 3) found that higher $\lambda$ helps, to a point. With this run's h-step size $1/(4\lambda)$ the h-step converges
 #   equally fast for every $\lambda$, so what $\lambda$ changes is how far $h^*$ sits from the forward pass: a stiff
 #   spring keeps the W-step close to backprop's (Theorem 5.1, section 4).
 # * One seed each: a second seed could move any of these numbers by about the noise.
