@@ -228,11 +228,12 @@ def test_compare_refuses_spans_outside_the_vocabulary(change, words, measured, t
     (["train", "bp", "--width", "100000000"], "--width 100000000 is over the limit"),
     (["train", "bp", "--depth", "100000"], "--depth 100000 is over the limit"),
     (["train", "bp", "--width", "60000"], "parameters, over the limit"),
+    (["train", "bp", "--blocks", "100000"], "--blocks 100000 is over the limit"),
     (["run", "dgl", "--width", "60000"], "parameters, over the limit"),
     (["run", "dgl", "--slowdown", "2:1e300"], "--slowdown"),
     (["run", "dgl", "--timeout", "1e-9"], "--timeout"),
     (["run", "dgl", "--timeout", "1e15"], "--timeout"),
-], ids=["train-nh", "train-width", "train-depth", "train-params", "run-params",
+], ids=["train-nh", "train-width", "train-depth", "train-params", "train-blocks", "run-params",
         "run-slowdown", "run-timeout-small", "run-timeout-large"])
 def test_trainer_and_run_sizes_are_refused_first(argv, words, capsys):
     rc, err = _cli(capsys, *argv, "--epochs", "1") if argv[0] == "train" else _cli(capsys, *argv)

@@ -16,6 +16,8 @@ __all__ = ["add_parser", "cmd", "check_net_size", "MAX_PARAMS", "MAX_WIDTH", "MA
 MAX_PARAMS = 500_000_000
 #: the widest layer and the most layers ``bpsim train`` builds
 MAX_WIDTH, MAX_DEPTH = 65_536, 1_000
+#: up to this many blocks the default sizes of every model are known to be small
+_SMALL_BLOCKS = 16
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -49,10 +51,11 @@ def check_net_size(model: str, data: str, blocks: int, width: int | None, depth:
     """Refuse a net of more than :data:`MAX_PARAMS` parameters before allocating it.
 
     ``width`` and ``depth`` are checked against :data:`MAX_WIDTH` and
-    :data:`MAX_DEPTH`; when either is given, the net is then built on torch's
-    ``meta`` device (shapes only, no memory; its first use costs about a
-    second) and its parameters counted. The default sizes of every model
-    stay far below the limit (about 41 million parameters at most).
+    :data:`MAX_DEPTH`, ``blocks`` against :data:`MAX_DEPTH` (a block holds a
+    layer at least); when either size is given, or more than 16 blocks, the
+    net is then built on torch's ``meta`` device (shapes only, no memory; its
+    first use costs about a second) and its parameters counted. The default
+    sizes of every model with up to 16 blocks stay far below the limit.
     ``bpsim train`` and ``bpsim run`` both call it.
     """
     import torch
@@ -60,11 +63,12 @@ def check_net_size(model: str, data: str, blocks: int, width: int | None, depth:
     from bpsim import data as datasets
     from bpsim import nets
 
-    for flag, v, limit in (("width", width, MAX_WIDTH), ("depth", depth, MAX_DEPTH)):
+    for flag, v, limit in (("width", width, MAX_WIDTH), ("depth", depth, MAX_DEPTH),
+                           ("blocks", blocks, MAX_DEPTH)):
         if v is not None and v > limit:
             raise ValueError(f"--{flag} {v} is over the limit of {limit:,}; give a smaller "
                              f"--{flag}")
-    if width is None and depth is None:
+    if width is None and depth is None and blocks <= _SMALL_BLOCKS:
         return
     desc = datasets.describe(data)
     with torch.device("meta"):
