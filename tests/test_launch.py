@@ -345,16 +345,54 @@ def test_sigterm_stops_the_ranks_and_keeps_the_trace(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGTERM, 143, "SIGTERM"),
                                              (signal.SIGINT, 130, "interrupted")])
+def test_a_second_signal_while_starting_is_absorbed(tmp_path, sig, code, word):
+    """Two signals 50 ms apart as soon as the run has its spool (the ranks
+    are starting): the stop is quick, and the second signal lands while the
+    process exits; it must not kill it or leave a temporary behind."""
+    token = f"BPSIM_TEST_TOKEN_{uuid.uuid4().hex}"
+    p = _start(tmp_path, token, tmp_path / "early.json", start_new_session=True)
+    try:
+        deadline = time.monotonic() + HANG
+        while not list(tmp_path.glob("bpsim-run-*")) and time.monotonic() < deadline:
+            assert p.poll() is None, p.communicate()[1][-2000:]
+            time.sleep(0.002)
+        for _ in range(2):
+            os.killpg(p.pid, sig) if sig == signal.SIGINT else p.send_signal(sig)
+            time.sleep(0.05)
+        _, err = p.communicate(timeout=HANG)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == code, err
+    lines = _lines(err)
+    assert len(lines) == 1 and word in lines[0], err
+    assert not _gone(token, 60)
+    assert not _temporaries(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGTERM, 143, "SIGTERM"),
+                                             (signal.SIGINT, 130, "interrupted")])
 def test_a_second_signal_during_cleanup_is_absorbed(tmp_path, sig, code, word):
-    """Two signals 50 ms apart (an impatient user, a scheduler): the first
-    stops the run, the second is absorbed; the partial trace is written, one
-    line is printed, and no temporary (spool, fork server folder) is left."""
+    """More signals while the run stops (an impatient user, a scheduler): the
+    first stops the run; one 50 ms later and one as soon as the trace is
+    written (the launcher then removes its temporaries and exits) are
+    absorbed; the partial trace is written, one line is printed, and no
+    temporary (spool, fork server folder) is left."""
     out = tmp_path / "two.json"
 
     def twice(p: subprocess.Popen, _: str) -> None:
-        for _ in range(2):
+        def send() -> None:
             os.killpg(p.pid, sig) if sig == signal.SIGINT else p.send_signal(sig)
-            time.sleep(0.05)                         # the gap between the two signals
+
+        send()
+        time.sleep(0.05)                             # the gap between the two signals
+        send()
+        deadline = time.monotonic() + HANG
+        while not out.exists() and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if p.poll() is None:
+            send()
 
     got, err, token = _stop_run(tmp_path, twice, out, group=True)
     assert got == code, err

@@ -56,6 +56,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -487,7 +489,8 @@ def run(cfg: RunConfig) -> RunResult:
     restore = _catch_signals()
     try:
         _own_mp_tempdir()
-        spool = tempfile.mkdtemp(prefix=f"{SPOOL_PREFIX}{os.getpid()}-")
+        with _signals_deferred():
+            spool = tempfile.mkdtemp(prefix=f"{SPOOL_PREFIX}{os.getpid()}-")
         # Our own listening socket, bound to --host only (TCPStore alone would
         # listen on every interface), on a free port chosen by the OS.
         listener = _listen(cfg.host)
@@ -530,13 +533,16 @@ def run(cfg: RunConfig) -> RunResult:
         return res
     except _Terminate:                 # SIGTERM before the ranks ran or while finishing
         _stop(procs)
-        raise RunStopped(_stopped_text(cfg), 143) from None
+        raise RunStopped(_stopped_text(cfg, written=False), 143) from None
     finally:
         _stop(procs)
         if spool is not None:
             shutil.rmtree(spool, ignore_errors=True)
         if listener is not None:
-            listener.close()
+            try:
+                listener.close()
+            except OSError:            # the store took the socket before the stop
+                pass
         restore()
 
 
@@ -565,8 +571,8 @@ def _read_record(path: Path) -> dict[str, Any] | None:
     return rec if isinstance(rec, dict) else None
 
 
-def _stopped_text(cfg: RunConfig) -> str:
-    kept = f"; the trace recorded so far is in {cfg.trace}" if cfg.trace else ""
+def _stopped_text(cfg: RunConfig, written: bool = True) -> str:
+    kept = f"; the trace recorded so far is in {cfg.trace}" if cfg.trace and written else ""
     return f"stopped by SIGTERM: every rank was stopped{kept}"
 
 
@@ -579,6 +585,10 @@ def _on_signal(signum: int, frame: Any) -> None:
     if _stopping:                      # a second signal while stopping: absorbed
         return
     _stopping = True
+    # Ignored by the kernel from here on: a Python handler would be reset to
+    # the default at interpreter shutdown, where a late signal would still kill.
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
     if signum == signal.SIGINT:
         raise KeyboardInterrupt
     raise _Terminate()
@@ -595,6 +605,8 @@ def _catch_signals() -> Callable[[], None]:
     old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def restore() -> None:
+        if _stopping and _on_signal in old.values():
+            return                     # the command ends after this stop: keep ignoring
         for s, h in old.items():
             signal.signal(s, h if h is not None else signal.SIG_DFL)
 
@@ -604,15 +616,31 @@ def _catch_signals() -> Callable[[], None]:
 def hold_signals() -> None:
     """For a command whose process ends after the run: until it exits, the
     first SIGTERM raises :class:`_Terminate` and the first SIGINT
-    ``KeyboardInterrupt``, and any signal after the first is absorbed, so
+    ``KeyboardInterrupt``, and every signal after the first is ignored, so
     that the cleanup after a stop (the trace, the temporaries, the exit
-    handlers of ``multiprocessing``) runs to its end."""
+    handlers of ``multiprocessing``, the interpreter's shutdown) runs to its
+    end. (A library caller's handlers are put back after :func:`run`.)"""
     if threading.current_thread() is threading.main_thread():
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, _on_signal)
 
 
 # ------------------------------------------------------------ temporaries
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGTERM and SIGINT back (in this thread) while a temporary is made
+    and registered for removal, so a stop cannot fall between the two."""
+    held = {signal.SIGTERM, signal.SIGINT}
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _own_mp_tempdir() -> None:
     """Give ``multiprocessing`` (the fork server's socket) a temporary folder
     named with this process's pid, which :func:`clean_stale_spools` removes
@@ -621,11 +649,12 @@ def _own_mp_tempdir() -> None:
     import multiprocessing.util as mp_util
 
     config = mp_process.current_process()._config    # what mp's get_temp_dir reads
-    if config.get("tempdir") is None:
-        folder = tempfile.mkdtemp(prefix=f"{SPOOL_PREFIX}{os.getpid()}-mp-")
-        mp_util.Finalize(None, shutil.rmtree, args=(folder,), kwargs={"ignore_errors": True},
-                         exitpriority=-100)
-        config["tempdir"] = folder
+    with _signals_deferred():
+        if config.get("tempdir") is None:
+            folder = tempfile.mkdtemp(prefix=f"{SPOOL_PREFIX}{os.getpid()}-mp-")
+            mp_util.Finalize(None, shutil.rmtree, args=(folder,),
+                             kwargs={"ignore_errors": True}, exitpriority=-100)
+            config["tempdir"] = folder
 
 
 def clean_stale_spools(folder: str | None = None) -> list[str]:
@@ -654,13 +683,16 @@ def save_trace(trace: Any, path: str | os.PathLike[str]) -> None:
     target = Path(path)
     folder = target.absolute().parent
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{SPOOL_PREFIX}{os.getpid()}-", dir=folder)
+    tmp = None
     try:
+        with _signals_deferred():
+            tmp = tempfile.mkdtemp(prefix=f".{SPOOL_PREFIX}{os.getpid()}-", dir=folder)
         inner = Path(tmp) / target.name
         trace.save(inner)
         os.replace(inner, target)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _listen(host: str) -> Any:
