@@ -580,15 +580,21 @@ def _stopped_text(cfg: RunConfig, written: bool = True) -> str:
 _stopping = False     # a stop signal reached this process: later ones are absorbed
 
 
-def _on_signal(signum: int, frame: Any) -> None:
+def _ignore_stop_signals() -> None:
+    """This process is stopping: SIGTERM and SIGINT are ignored by the kernel
+    from here on (a Python handler would be reset to the default at
+    interpreter shutdown, where a late signal would still kill)."""
     global _stopping
+    _stopping = True
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, signal.SIG_IGN)
+
+
+def _on_signal(signum: int, frame: Any) -> None:
     if _stopping:                      # a second signal while stopping: absorbed
         return
-    _stopping = True
-    # Ignored by the kernel from here on: a Python handler would be reset to
-    # the default at interpreter shutdown, where a late signal would still kill.
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, signal.SIG_IGN)
+    _ignore_stop_signals()
     if signum == signal.SIGINT:
         raise KeyboardInterrupt
     raise _Terminate()
@@ -1246,6 +1252,7 @@ def run_job(cfg: RunConfig, job: JobEnv | None = None) -> RunResult | None:
     def on_term(signum: int, frame: Any) -> None:
         stopping["n"] += 1
         if stopping["n"] == 1:           # later signals, during the cleanup, are absorbed
+            _ignore_stop_signals()
             raise worker.Terminated(f"stopped by {_signal_name(signum)}")
 
     old = {s: signal.signal(s, on_term) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -1289,6 +1296,8 @@ def run_job(cfg: RunConfig, job: JobEnv | None = None) -> RunResult | None:
                                  str(parts), None, local_rank=job.local_rank, status=status)
     except BaseException as e:  # noqa: BLE001 - reported as one line
         stopping["n"] += 1               # signals from here on are absorbed
+        if _on_signal in old.values():   # the command ends after this report
+            _ignore_stop_signals()
         if watch is not None:
             watch.stand_down()
         terminated = isinstance(e, worker.Terminated)
@@ -1317,8 +1326,9 @@ def run_job(cfg: RunConfig, job: JobEnv | None = None) -> RunResult | None:
             head += f"; rank {job.rank} stopped"
         raise RunFailed(head + where, rank, err) from None
     finally:
-        for s, h in old.items():
-            signal.signal(s, h if h is not None else signal.SIG_DFL)
+        if not (_stopping and _on_signal in old.values()):
+            for s, h in old.items():
+                signal.signal(s, h if h is not None else signal.SIG_DFL)
     own_rows = [r for r in read_spool(parts) if r[0] == job.rank] if cfg.record else []
     weights = result.pop("_weights")
     final = dist.new_group(backend="gloo", timeout=timedelta(hours=1))
