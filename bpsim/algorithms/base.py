@@ -31,6 +31,7 @@ import pickle
 import sys
 import time
 import warnings
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -685,7 +686,8 @@ class Trainer:
         except ValueError:
             raise
         except pickle.UnpicklingError as e:
-            if "weights only" not in str(e).lower():
+            fh.seek(0)   # torch.save writes a zip archive: anything else is damaged or foreign
+            if "weights only" not in str(e).lower() or not zipfile.is_zipfile(fh):
                 raise ValueError(f"cannot read checkpoint {path} (damaged: "
                                  f"{' '.join(str(e).split())[:120]}); delete it to start "
                                  "afresh") from None
