@@ -291,7 +291,9 @@ def run_rank(rank: int, cfg: Any, data: tuple[torch.Tensor, torch.Tensor] | None
         # block is idle by plan (greedy: until its stage), so the links get
         # --timeout per step of the run; the compute thread's own waits
         # (DistComm) detect a stuck peer within --timeout per step waited.
-        link_timeout = timedelta(seconds=cfg.timeout * (total + 1))
+        # (capped at a year: C++ timeouts and timedelta overflow long before
+        # a run this long could end)
+        link_timeout = timedelta(seconds=min(cfg.timeout * (total + 1), 365 * 86400.0))
         for b in range(1, K):   # collective: every rank creates every group, in order
             groups[(b, b + 1)] = dist.new_group([b - 1, b], timeout=link_timeout)
             groups[(b + 1, b)] = dist.new_group([b - 1, b], timeout=link_timeout)
