@@ -51,7 +51,7 @@ def _render(script: str, saved: dict) -> str:
 SAVED = sorted(RESULTS.rglob("*.json"))
 
 
-#: scripts whose results need not be committed yet (a study that is still running)
+#: scripts that may have no committed result
 OPTIONAL = {"blockprop_depth"}
 
 
