@@ -1,8 +1,8 @@
-"""The ``bpsim`` command: train, run, simulate, compare, course.
+"""The ``bpsim`` command: train, run, simulate, compare, course, trace.
 
 One module per sub-command (:mod:`~bpsim.cli.train`, :mod:`~bpsim.cli.run`,
 :mod:`~bpsim.cli.simulate`, :mod:`~bpsim.cli.compare`,
-:mod:`~bpsim.cli.course`), the argument types in :mod:`~bpsim.cli.types` and
+:mod:`~bpsim.cli.course`, :mod:`~bpsim.cli.trace`), the argument types in :mod:`~bpsim.cli.types` and
 the groups they share in :mod:`~bpsim.cli.args`. The library never imports
 this package.
 
