@@ -21,6 +21,7 @@
 set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT/cuda" "$OUT/cpu" "$OUT/runs"
+rm -f "$OUT"/runs/*.json            # the check below reads this call's traces only
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 PY=${PYTHON:-python3}
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -93,7 +94,7 @@ print("\n".join(bad) or "ok: every wait is a wait span")
 sys.exit(1 if bad else 0)
 EOF
 
-step "torchrun, $W rank(s), one per GPU"
+step "torchrun, $W rank(s) over $BACKEND"
 check timeout 60 $PY -m torch.distributed.run --standalone --nproc-per-node "$W" -m bpsim run \
     dgl --workers "$W" --steps 30 --device cuda --threads 1 --no-eval
 
