@@ -290,21 +290,22 @@ for name, hist in cache_runs.items():
     every = int(name.split("=")[1]) if "E=" in name else 1
     assert ages == [epoch % every for epoch in range(cache_epochs)], "the age climbs by one, back to 0 every E epochs"
 # live runs: the accuracies' digits depend on this machine's floating-point kernels. In fast mode they differ by less
-# than the noise of 450 test images, so no ordering is asserted; on MNIST a longer interval costs points, far more
-# than the noise of 10,000 test images
-assert all(0.5 < a <= 1.0 for a in cache_acc.values())
+# than the noise of 450 test images, so no ordering is asserted; on MNIST the stale caches end tens of points behind
+assert all(0.5 < cache_acc[name] <= 1.0 for name in ("Alg. 1 (no cache)", "Alg. 2, E=1"))
 if not FAST:
-    assert cache_acc["Alg. 2, E=4"] < cache_acc["Alg. 2, E=2"] - 0.03 < cache_acc["Alg. 2, E=1"] - 0.06
+    assert max(cache_acc["Alg. 2, E=2"], cache_acc["Alg. 2, E=4"]) < cache_acc["Alg. 2, E=1"] - 0.1
 
 # %% [markdown]
 # The age climbs by one per epoch and drops to 0 at every h-step epoch. The epochs without an h-step are cheaper (the
 # right panel; timings are noisy on a shared machine). What the staleness costs in accuracy depends on how far the
 # weights move between refreshes. In the fast run (600 digits) the four accuracies above lie within a point or two of
 # each other, inside the noise of 450 test images (about 3 points): no ordering can be read from them. On all of MNIST
-# (full mode, 6 epochs) the run lost about 10 points at $E = 2$ and 20 at $E = 4$ against $E = 1$, far more than the
-# noise, as the paper warns (Appendix C): very stale values hurt. With $E = 1$ the cache only warm-starts the h-step:
-# the optimum of the last epoch is usually closer to the new optimum than the forward activation is, which also helps
-# the $K > 2$ sweeps of lesson 02 converge across epochs.
+# (full mode, 6 epochs) the weights move much further in an epoch: with $E = 2$ and $E = 4$ the test accuracy falls by
+# tens of points in the epochs that reuse the cache and recovers only in part at each refresh, so both runs end far
+# below $E = 1$ (the cell asserts it in full mode), as the paper warns (Appendix C): very stale values hurt. With
+# $E = 1$ the cache only warm-starts the h-step, and the run stays close to Algorithm 1: the optimum of the last epoch
+# is usually closer to the new optimum than the forward activation is, which also helps the $K > 2$ sweeps of lesson
+# 02 converge across epochs.
 #
 # ## 4. Theorem 5.1: Equilibrium Propagation as a limit
 #
