@@ -37,6 +37,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -204,7 +205,7 @@ def markdown(saved: dict) -> str:
                + "; ".join(f"{k}: {'yes' if v else 'no'}" for k, v in acc.items()) + ".", ""]
     md += ["Per-epoch accuracies, cosines and curvatures of every run are in `blockprop_depth.json`. "
            f"The exact h* uses {info.get('exact_iters', EXACT_ITERS)} L-BFGS iterations (strong Wolfe) per batch"
-           + (f" and runs on {info['exact_note']}" if info.get("exact_note") else "") + ".", "",
+           + (f" and runs on {info['exact_note']} only" if info.get("exact_note") else "") + ".", "",
            f"Command(s): {'; '.join('`' + c + '`' for c in info['commands'])} (torch {info['torch']}, 1 thread, "
            f"total {info['wall_s_total']:.0f} s of runs)", "", provenance_line(saved), ""]
     return "\n".join(md)
@@ -257,18 +258,18 @@ def main(argv: list[str] | None = None) -> int:
         info["commands"] = [c for p in parts for c in p["info"]["commands"]]
         for p in parts[1:]:
             info["data"].update(p["info"]["data"])
-            info["exact_note"] = info.get("exact_note") or p["info"].get("exact_note")
+        info["exact_note"] = "; ".join(p["info"]["exact_note"] for p in parts if p["info"].get("exact_note")) or None
         saved = finish(rows, info, argv, False)
         write(saved, args.out or RESULTS)
         print(markdown(saved))
         return 0
     if args.quick:
         args.data, args.seeds, args.digits_epochs = ["digits"], args.seeds[:1], 1
-    command = " ".join(["python benchmarks/blockprop_depth.py"] + list(argv if argv is not None else sys.argv[1:]))
+    command = shlex.join(["python", "benchmarks/blockprop_depth.py", *(argv if argv is not None else sys.argv[1:])])
     info = {"data": {}, "commands": [command], "torch": torch.__version__, "exact_iters": EXACT_ITERS,
             "exact_note": None}
     if "exact h*" in args.variants and (len(args.blocks) < len(BLOCKS) or len(args.data) < 2):
-        info["exact_note"] = f"{', '.join(args.data)}, K = {', '.join(map(str, args.blocks))} only"
+        info["exact_note"] = f"{', '.join(args.data)}, K = {', '.join(map(str, args.blocks))}"
     sets = {}
     for name in args.data:
         if name == "mnist":
