@@ -36,6 +36,7 @@ import errno
 import json
 import math
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -45,7 +46,8 @@ from typing import IO, Any
 
 __all__ = ["MAX_INPUT_BYTES", "check_writable", "check_name", "same_file", "open_output",
            "write_text", "write_bytes", "atomic_write_text", "open_input", "read_bytes",
-           "read_text", "read_json", "json_safe", "jsonable"]
+           "read_text", "read_json", "json_safe", "jsonable", "process_gone",
+           "remove_stale_temporaries"]
 
 #: the largest input file read by default (1 GiB: some 4 million trace spans)
 MAX_INPUT_BYTES = 1 << 30
@@ -224,7 +226,7 @@ def _probe(folder: Path, flag: str, text: str) -> None:
                          f"{folder}; free some space or choose another place")
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".bpsim-probe-", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix("probe"), suffix=".tmp", dir=folder)
         try:
             os.write(fd, b"\n")
             os.fsync(fd)
@@ -235,6 +237,43 @@ def _probe(folder: Path, flag: str, text: str) -> None:
                          f"{e.strerror or e}; {_fix(e)}") from None
     finally:
         _remove(tmp)
+
+
+def process_gone(pid: int) -> bool:
+    """Whether process ``pid`` has ended (a zombie not yet reaped counts as
+    ended): asked about the maker of a temporary file or folder that a killed
+    run left behind, and by a rank about its launcher."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[:1] == ["Z"]
+
+
+def _temp_prefix(kind: str = "") -> str:
+    """Prefix of this process's temporaries: ``.bpsim-[KIND-]PID-``, so the
+    next writer into the folder can tell a killed run's leftovers."""
+    return f".bpsim-{kind + '-' if kind else ''}{os.getpid()}-"
+
+
+def remove_stale_temporaries(folder: PathLike) -> None:
+    """Remove the temporaries in ``folder`` whose maker has ended (a run
+    killed with SIGKILL while writing cannot remove its own)."""
+    with suppress(OSError):
+        for entry in os.scandir(folder):
+            m = _TEMP_NAME.match(entry.name)
+            if m and entry.is_file(follow_symlinks=False) and process_gone(int(m.group(1))):
+                with suppress(OSError):
+                    os.unlink(entry.path)
+
+
+_TEMP_NAME = re.compile(r"^\.bpsim-(?:probe-)?(\d+)-.*\.tmp$")
 
 
 def _remove(path: str | None) -> None:
@@ -285,7 +324,8 @@ def open_output(path: PathLike, flag: str = "output", *, binary: bool = False,
     tmp = None
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".bpsim-", suffix=".tmp", dir=folder)
+        remove_stale_temporaries(folder)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(), suffix=".tmp", dir=folder)
         with (os.fdopen(fd, "wb") if binary else
               os.fdopen(fd, "w", encoding="utf-8", newline="")) as fh:
             yield fh

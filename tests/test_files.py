@@ -258,6 +258,19 @@ def test_writing_replaces_a_file_and_leaves_no_temporary(tmp_path):
     assert p.read_text() == "new" and os.listdir(tmp_path) == ["t.json"]
 
 
+
+def test_a_killed_writers_temporary_is_removed_by_the_next_write(tmp_path):
+    # a process that has ended (reaped) stands for a writer killed with SIGKILL mid-write
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left = tmp_path / f".bpsim-{dead.pid}-abc.tmp"
+    probe = tmp_path / f".bpsim-probe-{dead.pid}-abc.tmp"
+    mine = tmp_path / f".bpsim-{os.getpid()}-live.tmp"    # a live writer's is kept
+    for f in (left, probe, mine):
+        f.write_text("half")
+    files.write_text(tmp_path / "t.json", "new")
+    assert sorted(os.listdir(tmp_path)) == sorted(["t.json", mine.name])
+
 # ------------------------------------------------------- full file systems
 def test_a_full_file_system_is_refused_before_any_work(tmpfs, capsys):
     _fill(tmpfs)

@@ -25,27 +25,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
+from bpsim.files import process_gone
 from bpsim.trace import Trace
 
 __all__ = ["Spool", "read_spool", "merge_spool", "merge_rows", "serialize_comm", "repair_causality",
            "process_gone"]
-
-
-def process_gone(pid: int) -> bool:
-    """Whether process ``pid`` has ended (a zombie not yet reaped counts as
-    ended): a rank's watchdog asks it about its launcher, a new launcher
-    about the owner of a spool folder it finds."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[:1] == ["Z"]
 
 
 class Spool:
