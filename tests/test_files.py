@@ -303,6 +303,20 @@ def test_a_trace_that_does_not_fit_is_one_line(tmpfs, capsys):
     assert p.read_text() == "old" and os.listdir(tmpfs) == ["t.json"]
 
 
+def test_a_run_whose_trace_does_not_fit_keeps_its_summary(tmpfs, capsys):
+    p = tmpfs / "t.json"
+    p.write_text("old")
+    code = main(["run", "dgl", "--workers", "2", "--steps", "30", "--threads", "1",
+                 "--trace", str(p), "--json"])
+    out, err = capsys.readouterr()
+    assert code == 2
+    summary = json.loads(out)           # the run's numbers survive the lost trace
+    assert summary["steps"] == 30 and summary["trace"] is None and "space" in summary["trace_error"]
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("bpsim run: error: --trace ") and str(p) in lines[-1]
+    assert p.read_text() == "old" and os.listdir(tmpfs) == ["t.json"]
+
+
 def test_a_checkpoint_that_does_not_fit_is_one_line(tmpfs):
     import torch
     from torch.utils.data import TensorDataset

@@ -150,4 +150,7 @@ def cmd(args: argparse.Namespace) -> int:
         print(json.dumps(res.summary, allow_nan=False))
     else:
         print(_human(res.summary))
+    if res.summary.get("trace_error"):  # the run's numbers are above; its trace is lost
+        print(f"bpsim run: error: {res.summary['trace_error']}", file=sys.stderr)
+        return 2
     return 0

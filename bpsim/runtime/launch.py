@@ -696,6 +696,12 @@ def save_trace(trace: Any, path: str | os.PathLike[str]) -> None:
         inner = Path(tmp) / target.name
         trace.save(inner)
         os.replace(inner, target)
+    except (OSError, ValueError) as e:   # a full or failing disk: name the user's path
+        why = e.strerror if isinstance(e, OSError) and e.strerror else "the disk refused it"
+        if isinstance(e, ValueError) and "no space" in str(e):
+            why = "no space left on its file system"
+        raise ValueError(f"--trace {path} could not be written ({why}); the old file, if any, "
+                         "is unchanged; free some space or choose another place") from None
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -883,9 +889,12 @@ def summarize(cfg: RunConfig, results: dict[int, dict[str, Any]], weights: dict[
     """Merge per-rank results into the run's summary, trace and weights."""
     meta = _meta(cfg, results)
     trace = trace_of(meta) if cfg.record else None
-    if trace is not None:
-        if cfg.trace:
+    trace_error = None
+    if trace is not None and cfg.trace:
+        try:
             save_trace(trace, cfg.trace)
+        except ValueError as e:        # the disk filled during the write: keep the summary
+            trace_error = str(e)
     done = failure is None and len(results) == cfg.workers
     t0 = min((r["t_start"] for r in results.values()), default=0.0)
     t1 = max((r["t_end"] for r in results.values()), default=0.0)
@@ -928,7 +937,7 @@ def summarize(cfg: RunConfig, results: dict[int, dict[str, Any]], weights: dict[
         "local_losses": local,
         "test_accuracy": None, "test_loss": None,
         "slowdown": {str(k): v for k, v in cfg.slowdown.items()},
-        "trace": cfg.trace if (trace is not None and cfg.trace) else None,
+        "trace": cfg.trace if (trace is not None and cfg.trace and trace_error is None) else None,
         "ok": done,
     }
     if cfg.microbatches is not None:
@@ -938,6 +947,8 @@ def summarize(cfg: RunConfig, results: dict[int, dict[str, Any]], weights: dict[
         summary["buffers"] = bufs
     if failure is not None:
         summary["failed_rank"], summary["error"] = failure
+    if trace_error is not None:
+        summary["trace_error"] = trace_error
     if trace is not None:
         try:
             trace.check()
