@@ -207,7 +207,9 @@ def markdown(saved: dict) -> str:
            f"The exact h* uses {info.get('exact_iters', EXACT_ITERS)} L-BFGS iterations (strong Wolfe) per batch"
            + (f" and runs on {info['exact_note']} only" if info.get("exact_note") else "") + ".", "",
            f"Command(s): {'; '.join('`' + c + '`' for c in info['commands'])} (torch {info['torch']}, 1 thread, "
-           f"total {info['wall_s_total']:.0f} s of runs)", "", provenance_line(saved), ""]
+           f"total {info['wall_s_total']:.0f} s of runs)"
+           + (f"; the runs were made at commit {info['measured_commit'][:10]}, the parts merged and fingerprinted at "
+              "the commit below" if info.get("measured_commit") else ""), "", provenance_line(saved), ""]
     return "\n".join(md)
 
 
