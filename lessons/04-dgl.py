@@ -396,7 +396,8 @@ widgets.explorer(
 # either method. Higher up, DGL starts behind (its input is still moving). How much of the gap a run as short as the
 # fast one (digits, 5 epochs per block, one seed) closes is not something it can tell: its final accuracies, printed
 # above, lie a few points apart at most, about the noise of 450 test images, and move by as much from one machine's
-# arithmetic to another's. In full mode (MNIST, 8 epochs per block) DGL ends level with the sequential solver. DGL Fig. 3, with 50 epochs per layer on CIFAR-10, shows
+# arithmetic to another's. In full mode (MNIST, 8 epochs per block) DGL's last block ends within about a point of the
+# sequential solver's. DGL Fig. 3, with 50 epochs per layer on CIFAR-10, shows
 # it catching up fully. The committed study (`benchmarks/accuracy_dgl.py --data digits --only greedy`: the lesson's
 # kind of CNN, $K = 4$, MLP-aux, constant step, five seeds) measures the final gap at two lengths:
 
