@@ -31,7 +31,7 @@ def test_train_bp_json_meets_the_acceptance_bar():
     ["train", "nope"],
     ["train", "bp", "--data", "imagenet"],
     ["train", "bp", "--blocks", "0"],
-    ["train", "bp", "--blocks", "9"],
+    ["train", "bp", "--blocks", "9", "--depth", "2"],
     ["train", "bp", "--epochs", "0"],
     ["train", "bp", "--lr", "-0.1"],
     ["train", "bp", "--lr", "abc"],
