@@ -121,7 +121,11 @@ RESULT_RUNS := \
   accuracy_blockprop:benchmarks/accuracy_blockprop.py@--epochs@10@--seeds@0@1@2 \
   accuracy_dgl:benchmarks/accuracy_dgl.py@--only@bwbpf@--seeds@0@1@2 \
   accuracy_dgl_vs_bp:benchmarks/accuracy_dgl.py@--only@dgl_vs_bp@aux@--n-train@10000@--n-test@10000@--epochs@12@--weight-decay@5e-4@--seeds@0@1@2@--name@accuracy_dgl_vs_bp \
-  accuracy_dgl_vs_bp_20k:benchmarks/accuracy_dgl.py@--only@dgl_vs_bp@--n-train@20000@--n-test@10000@--epochs@12@--weight-decay@5e-4@--seeds@0@1@2@--name@accuracy_dgl_vs_bp_20k
+  accuracy_dgl_vs_bp_20k:benchmarks/accuracy_dgl.py@--only@dgl_vs_bp@--n-train@20000@--n-test@10000@--epochs@12@--weight-decay@5e-4@--seeds@0@1@2@--name@accuracy_dgl_vs_bp_20k \
+  blockprop_depth:benchmarks/blockprop_depth.py@--variants@default@fixed@decreasing-lam@--mnist-train@20000@--mnist-test@5000@--out@build/blockprop_depth/p1 \
+  blockprop_depth:benchmarks/blockprop_depth.py@--variants@exact-h@--no-bp@--data@digits@--out@build/blockprop_depth/p2 \
+  blockprop_depth:benchmarks/blockprop_depth.py@--variants@exact-h@--no-bp@--data@mnist@--blocks@4@--mnist-train@20000@--mnist-test@5000@--out@build/blockprop_depth/p3 \
+  blockprop_depth:benchmarks/blockprop_depth.py@--merge@build/blockprop_depth/p1@build/blockprop_depth/p2@build/blockprop_depth/p3
 RESULTS ?=
 
 results: $(STAMP)

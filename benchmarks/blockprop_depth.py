@@ -233,12 +233,18 @@ def write(saved: dict, out: str) -> None:
     atomic_write_text(os.path.join(out, "blockprop_depth.md"), markdown(saved))
 
 
+def _variant(name: str) -> str:
+    """A variant's name as given, or with a dash for its space and no star."""
+    return {v.replace(" ", "-").rstrip("*"): v for v in VARIANTS}.get(name, name)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--data", nargs="+", default=["digits", "mnist"])
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
-                    help="which h-steps to run (backprop always runs)")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, type=_variant,
+                    help="which h-steps to run (backprop always runs); in a shell or Makefile, "
+                         "decreasing-lam and exact-h stand for 'decreasing lam' and 'exact h*'")
     ap.add_argument("--blocks", type=int, nargs="+", default=list(BLOCKS))
     ap.add_argument("--digits-epochs", type=int, default=12)
     ap.add_argument("--mnist-epochs", type=int, default=3)
