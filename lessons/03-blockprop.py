@@ -328,8 +328,9 @@ print(f"sigma_3^2 at this example: {sigma2:.2f}")
 # BEGIN SOLUTION
 limit = 2 / (2 * lam4 + 2 * lam4 * sigma2)
 # END SOLUTION: limit = ...
-print(f"largest stable step {limit:.3f}; the fixed step {step_fixed:.3f} is "
-      f"{'inside' if step_fixed < limit else 'past'} it")
+if limit is not ...:
+    print(f"largest stable step {limit:.3f}; the fixed step {step_fixed:.3f} is "
+          f"{'inside' if step_fixed < limit else 'past'} it")
 checks.h_step_limit(lam4, lam4, sigma2, limit)
 
 # %% [markdown]
