@@ -23,7 +23,7 @@ import pytest
 from bpsim.runtime import launch
 from bpsim.runtime.launch import RunConfig, job_env
 from bpsim.trace import Trace
-from test_runtime import _gone, _with_token   # processes by an environment token
+from test_runtime import _gone, _wait_for_spans, _with_token   # processes by an environment token
 
 BIN = Path(sys.executable).parent
 HANG = 240.0                 # seconds: hang detection only, never a measurement
@@ -50,19 +50,6 @@ def _temporaries(folder: Path) -> list[Path]:
     """What bpsim or multiprocessing could leave in ``folder``."""
     return sorted(list(folder.glob("bpsim-run-*")) + list(folder.glob(".bpsim-run-*"))
                   + list(folder.glob("pymp-*")) + list(folder.glob(".bpsim-*.tmp")))
-
-
-def _wait_for_spans(p: subprocess.Popen, tmp_path: Path, ranks: tuple[int, ...] = (0, 1)) -> None:
-    """Wait until every rank in ``ranks`` has spans on disk in the run's spool."""
-    deadline = time.monotonic() + HANG
-    while time.monotonic() < deadline:
-        assert p.poll() is None, p.communicate()[1][-2000:]
-        have = {int(f.name[4:-len(".spans.jsonl")]) for f in tmp_path.glob(
-            "bpsim-run-*/rank*.spans.jsonl") if f.stat().st_size > 0}
-        if set(ranks) <= have:
-            return
-        time.sleep(0.1)
-    raise AssertionError("no spans of every rank appeared (hang)")
 
 
 def _start(tmp_path: Path, token: str, out: Path, *extra: str, **kw) -> subprocess.Popen:

@@ -237,7 +237,22 @@ def _with_token(token: str) -> list[int]:
     return found
 
 
-def _gone(token: str, wait: float = 10.0) -> list[int]:
+def _wait_for_spans(p: subprocess.Popen, tmp_path: Path, ranks: tuple[int, ...] = (0, 1),
+                    hang: float = 240.0) -> None:
+    """Wait until every rank in ``ranks`` has spans on disk in the spool of a
+    run started with ``TMPDIR=tmp_path`` (``hang``: hang detection only)."""
+    deadline = time.monotonic() + hang
+    while time.monotonic() < deadline:
+        assert p.poll() is None, p.communicate()[1][-2000:]
+        have = {int(f.name[4:-len(".spans.jsonl")]) for f in tmp_path.glob(
+            "bpsim-run-*/rank*.spans.jsonl") if f.stat().st_size > 0}
+        if set(ranks) <= have:
+            return
+        time.sleep(0.1)
+    raise AssertionError("no spans of every rank appeared (hang)")
+
+
+def _gone(token: str, wait: float = 60.0) -> list[int]:
     end = time.monotonic() + wait
     while True:
         left = _with_token(token)
@@ -300,13 +315,11 @@ def test_ctrl_c_stops_every_rank(tmp_path):
     out = tmp_path / "int.json"
     p = subprocess.Popen([str(BIN / "bpsim"), "run", "dgl", "--workers", "2", "--steps",
                           "100000", "--trace", str(out)],
-                         env=_env(**{token: "1"}), cwd=tmp_path, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+                         env=_env(TMPDIR=str(tmp_path), **{token: "1"}), cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
     try:
-        deadline = time.monotonic() + 90
-        while len(_with_token(token)) < 4 and time.monotonic() < deadline:  # launcher,
-            time.sleep(0.5)                                  # fork server, 2 ranks
-        time.sleep(2.0)
+        _wait_for_spans(p, tmp_path)
         os.killpg(p.pid, signal.SIGINT)      # what the terminal sends on Ctrl-C
         _, err = p.communicate(timeout=60)
     finally:
@@ -464,10 +477,7 @@ def _start_run(tmp_path, token: str, out: Path) -> subprocess.Popen:
                           "100000", "--trace", str(out)],
                          env=_env(TMPDIR=str(tmp_path), **{token: "1"}), cwd=tmp_path,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 90                  # hang detection only
-    while len(_with_token(token)) < 4 and time.monotonic() < deadline:  # launcher,
-        time.sleep(0.5)                               # fork server, 2 ranks
-    time.sleep(2.0)
+    _wait_for_spans(p, tmp_path)
     return p
 
 

@@ -657,10 +657,24 @@ def _own_mp_tempdir() -> None:
     config = mp_process.current_process()._config    # what mp's get_temp_dir reads
     with _signals_deferred():
         if config.get("tempdir") is None:
-            folder = tempfile.mkdtemp(prefix=f"{SPOOL_PREFIX}{os.getpid()}-mp-")
+            folder = tempfile.mkdtemp(prefix=f"{SPOOL_PREFIX}{os.getpid()}-mp-", dir=_mp_base())
             mp_util.Finalize(None, shutil.rmtree, args=(folder,),
                              kwargs={"ignore_errors": True}, exitpriority=-100)
             config["tempdir"] = folder
+
+
+#: a Unix socket's path holds at most 107 bytes; the fork server's socket is
+#: ``<base>/bpsim-run-<pid>-mp-XXXXXXXX/listener-XXXXXXXX``, about 50 past the base
+_SHORT_TMP = "/tmp"
+
+
+def _mp_base() -> str:
+    """The folder for the fork server's socket folder: the temporary
+    directory, or ``/tmp`` when that is too long a path for a socket."""
+    base = tempfile.gettempdir()
+    if len(os.fsencode(base)) > 50 and os.access(_SHORT_TMP, os.W_OK | os.X_OK):
+        return _SHORT_TMP
+    return base
 
 
 def clean_stale_spools(folder: str | None = None) -> list[str]:
@@ -671,8 +685,9 @@ def clean_stale_spools(folder: str | None = None) -> list[str]:
     from bpsim.runtime.record import process_gone
 
     removed = []
-    base = Path(folder or tempfile.gettempdir())
-    for d in sorted(list(base.glob(f"{SPOOL_PREFIX}*")) + list(base.glob(f".{SPOOL_PREFIX}*"))):
+    bases = {Path(folder)} if folder else {Path(tempfile.gettempdir()), Path(_mp_base())}
+    for d in sorted(d for base in bases for pattern in (f"{SPOOL_PREFIX}*", f".{SPOOL_PREFIX}*")
+                    for d in base.glob(pattern)):
         pid = d.name.lstrip(".")[len(SPOOL_PREFIX):].split("-")[0]
         if not pid.isdigit() or not d.is_dir() or d.is_symlink() or not process_gone(int(pid)):
             continue
