@@ -22,12 +22,14 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from bpsim.methods import AUX_HEADS
+
 __all__ = [
     "BlockNet", "mlp", "vgg", "resnet", "build", "make_head", "count_flops",
     "HEADS", "MODELS", "split_evenly",
 ]
 
-HEADS = ("linear", "mlp", "mlp-sr", "cnn")
+HEADS = AUX_HEADS   # one list, in the registry (which imports no torch)
 MODELS = ("mlp", "cnn", "resnet")
 
 

@@ -664,7 +664,7 @@ def _own_mp_tempdir() -> None:
 
 
 #: a Unix socket's path holds at most 107 bytes; the fork server's socket is
-#: ``<base>/bpsim-run-<pid>-mp-XXXXXXXX/listener-XXXXXXXX``, about 50 past the base
+#: ``<base>/bpsim-run-<pid>-mp-<8 random>/listener-<8 random>``, about 50 past the base
 _SHORT_TMP = "/tmp"
 
 
